@@ -1,0 +1,123 @@
+"""Injecting adapters into a model, freezing everything else, and the adapter-only state.
+
+Trainability is decided by free functions here, never inside a layer: ``inject_adapters`` freezes the
+whole model first, and only adapter parameters (plus whatever a method like BitFit re-enables) train.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from peft_dist.adapters.base import AdaptedLinear, AdapterModule, linear_dims
+from peft_dist.adapters.registry import get_method
+from peft_dist.quant.int8 import Int8Linear
+from peft_dist.targets import LINEAR_TYPES, find_modules, replace_module
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, LINEAR_TYPES)
+
+
+def inject_linear_delta(model: nn.Module, config: Any,
+                        make_delta: Callable[[int, int], AdapterModule]) -> list[str]:
+    """Attach ``make_delta(d_out, d_in)`` under ``config.name`` to every targeted linear.
+
+    A linear already adapted by another method is reused, so methods compose on one layer.
+    """
+    adapted_names = {name for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
+    targets = find_modules(
+        model, config.target_modules,
+        lambda m: _is_linear(m) or isinstance(m, AdaptedLinear), "linear layer",
+        f"adapters[{config.name}].target_modules")
+    names = []
+    for name, module in targets:
+        if any(name.startswith(a + ".") for a in adapted_names):
+            continue  # the base linear inside an AdaptedLinear: the wrapper itself is adapted
+        if not isinstance(module, AdaptedLinear):
+            module = AdaptedLinear(module)
+            replace_module(model, name, module)
+        delta = make_delta(*linear_dims(module.base))
+        module.add_delta(config.name, delta.to(_float_dtype(module.base)))
+        names.append(name)
+    return names
+
+
+def _float_dtype(module: nn.Module) -> torch.dtype:
+    if isinstance(module, Int8Linear):
+        return module.weight_scale.dtype
+    return module.weight.dtype
+
+
+def inject_adapters(model: nn.Module, configs: list) -> dict[str, list[str]]:
+    """Freeze ``model`` and inject every configured adapter; returns adapter name -> adapted modules."""
+    model.requires_grad_(False)
+    injected = {}
+    for config in configs:
+        injected[config.name] = get_method(config.method).inject(model, config)
+    return injected
+
+
+def adapter_modules(model: nn.Module) -> dict[str, AdapterModule]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, AdapterModule)}
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter module's exported tensors plus trainable parameters outside adapters (BitFit).
+
+    Under ZeRO-3 call this inside ``zero3.gathered`` so that partitioned tensors are whole.
+    """
+    modules = adapter_modules(model)
+    state = {}
+    for name, module in modules.items():
+        state.update({f"{name}.{k}": v for k, v in module.adapter_state_dict().items()})
+    inside = tuple(n + "." for n in modules)
+    for name, param in model.named_parameters():
+        if param.requires_grad and not name.startswith(inside):
+            state[name] = param.detach()
+    return state
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Inverse of ``adapter_state_dict``; refuses missing or unexpected tensors."""
+    remaining = dict(state)
+    for name, module in adapter_modules(model).items():
+        prefix = name + "."
+        own = {k[len(prefix):]: remaining.pop(k) for k in list(remaining) if k.startswith(prefix)}
+        module.load_adapter_state_dict(own)
+    params = dict(model.named_parameters())
+    for name in list(remaining):
+        if name in params and params[name].requires_grad:
+            params[name].copy_(remaining.pop(name))
+    if remaining:
+        raise ValueError(f"checkpoint holds tensors this model has no adapter for: {sorted(remaining)[:5]}; "
+                         "was it saved with a different adapter config?")
+
+
+def parameter_summary(model: nn.Module) -> dict[str, float]:
+    """Counts for the summary table: trainable, total, and base bytes as stored vs in bf16."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1),
+            "base_bytes": sum(p.numel() * p.element_size() for p in frozen),
+            "base_bytes_bf16": sum(p.numel() * 2 for p in frozen)}
+
+
+def summary_table(model: nn.Module, injected: dict[str, list[str]]) -> str:
+    s = parameter_summary(model)
+    rows = [("adapters", ", ".join(f"{k} ({len(v)} modules)" for k, v in injected.items()) or "none"),
+            ("trainable params", f"{s['trainable']:,}"),
+            ("total params", f"{s['total']:,}"),
+            ("trainable %", f"{s['trainable_pct']:.4f}%"),
+            ("frozen base bytes (as stored)", f"{s['base_bytes'] / 2**20:,.2f} MiB"),
+            ("frozen base bytes (if bf16)", f"{s['base_bytes_bf16'] / 2**20:,.2f} MiB")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}} | {v}" for k, v in rows)

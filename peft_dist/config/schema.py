@@ -1,0 +1,210 @@
+"""Typed run configuration: one dataclass per section, checked in ``__post_init__``.
+
+Every field has a default so that an empty YAML file is the embedded tiny CPU run. Checks raise
+``ConfigError`` naming the offending key and the fix; the loader adds the section path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, ill-typed or impossible; the message names key and fix."""
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """Raise ``ConfigError`` for ``key`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to adapt.
+
+    name_or_path: a local Hugging Face model directory, a hub id (only if already cached: nothing is
+        downloaded at run time) or ``builtin:tiny-llama`` (a 4-layer Llama built from a config with the
+        tokenizer shipped in ``peft_dist/assets``).
+    dtype: dtype of the weights that stay in floating point (embeddings, norms, lm_head, adapters are
+        trained in the engine's precision).
+    gradient_checkpointing: recompute each decoder layer in backward to save activation memory.
+    """
+
+    name_or_path: str = "builtin:tiny-llama"
+    dtype: str = "float32"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.dtype in ("float32", "bfloat16", "float16"), "dtype",
+                f"got {self.dtype!r}; use float32, bfloat16 or float16")
+
+
+@dataclass
+class QuantizationConfig:
+    """The frozen base in 8 bits.
+
+    enabled: replace frozen linear layers by row-wise absmax int8 linears.
+    target_modules: ``all-linear`` (every linear of the decoder layers; embeddings and lm_head stay in
+        floating point), a list of module-name suffixes, or a regex matched against full names.
+    """
+
+    enabled: bool = True
+    target_modules: Any = "all-linear"
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.target_modules, (str, list)), "target_modules",
+                "use 'all-linear', a list of module-name suffixes or a regex string")
+
+
+@dataclass
+class DataConfig:
+    """Training text.
+
+    path: ``builtin:python-stdlib`` (this Python's own standard library source, no network) or a local
+        file / directory / glob of .txt, .jsonl or .parquet files.
+    format: ``auto`` picks it from the file extension.
+    text_field: jsonl/parquet column holding plain text.
+    prompt_field, response_field: used instead of text_field when both are set; loss only on the response.
+    block_size: tokens per packed training sequence.
+    eval_fraction: share of documents held out for evaluation (deterministic from ``seed``).
+    max_documents: cap on documents read (0 = all), to keep quick runs quick.
+    """
+
+    path: str = "builtin:python-stdlib"
+    format: str = "auto"
+    text_field: str = "text"
+    prompt_field: str = ""
+    response_field: str = ""
+    block_size: int = 128
+    eval_fraction: float = 0.05
+    max_documents: int = 400
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        require(self.format in ("auto", "text", "jsonl", "parquet"), "format",
+                f"got {self.format!r}; use auto, text, jsonl or parquet")
+        require(self.block_size >= 2, "block_size", f"got {self.block_size}; must be at least 2")
+        require(0.0 < self.eval_fraction < 1.0, "eval_fraction",
+                f"got {self.eval_fraction}; must be strictly between 0 and 1")
+        require(self.max_documents >= 0, "max_documents", "must be >= 0 (0 reads all)")
+        require(bool(self.prompt_field) == bool(self.response_field), "prompt_field",
+                "set both prompt_field and response_field, or neither")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. The global batch is micro_batch_size x gradient_accumulation_steps x world size.
+
+    max_steps: optimizer steps (not micro-batches).
+    precision: ``fp32`` or ``bf16`` (DeepSpeed's bf16 mode).
+    warmup_steps, min_lr_ratio: linear warmup then cosine decay to ``lr * min_lr_ratio``.
+    """
+
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 60
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    eval_interval: int = 0
+    eval_batches: int = 8
+    log_interval: int = 5
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "eval_batches",
+                    "log_interval"):
+            require(getattr(self, key) >= 1, key, f"got {getattr(self, key)}; must be >= 1")
+        require(self.lr > 0, "lr", f"got {self.lr}; must be > 0")
+        require(0 <= self.warmup_steps <= self.max_steps, "warmup_steps",
+                f"got {self.warmup_steps}; must be between 0 and max_steps ({self.max_steps})")
+        require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be between 0 and 1")
+        require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        require(self.precision in ("fp32", "bf16"), "precision",
+                f"got {self.precision!r}; use fp32 or bf16")
+        require(self.eval_interval >= 0, "eval_interval", "must be >= 0 (0 = only at the end)")
+
+
+@dataclass
+class DeepSpeedSection:
+    """DeepSpeed engine settings.
+
+    config: a DeepSpeed JSON file (relative paths are looked up from the working directory, then from
+        the repository root); batch sizes, precision and clipping are filled in from ``train``.
+    zero_stage: overrides the file's ZeRO stage when set (0, 1, 2 or 3).
+    overrides: extra keys merged into the DeepSpeed config (dotted keys allowed).
+    """
+
+    config: str = "ds_configs/zero3.json"
+    zero_stage: Any = None
+    overrides: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        require(self.zero_stage in (None, 0, 1, 2, 3), "zero_stage",
+                f"got {self.zero_stage!r}; use 0, 1, 2, 3 or leave unset")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking (rank 0 only).
+
+    backend: ``mlflow`` or ``none``.
+    uri: MLflow tracking URI; empty means ``$MLFLOW_TRACKING_URI`` or, failing that, a SQLite store
+        ``mlflow.db`` in the run directory.
+    """
+
+    backend: str = "mlflow"
+    uri: str = ""
+    experiment: str = "peft-dist"
+    run_name: str = ""
+
+    def __post_init__(self) -> None:
+        require(self.backend in ("mlflow", "none"), "backend",
+                f"got {self.backend!r}; use mlflow or none")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where a run writes.
+
+    output_dir: the run directory; refused if it already holds a run unless ``overwrite`` or ``resume``.
+    save_interval: optimizer steps between adapter checkpoints (0 = only at the end).
+    """
+
+    output_dir: str = "runs/tiny-lora"
+    save_interval: int = 0
+    overwrite: bool = False
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        require(bool(self.output_dir), "output_dir", "must be a directory path")
+        require(self.save_interval >= 0, "save_interval", "must be >= 0 (0 = only at the end)")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "quantization": QuantizationConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "deepspeed": DeepSpeedSection,
+    "tracking": TrackingConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    """The whole run. ``adapters`` holds one method config per injected adapter (see the registry)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    adapters: list = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -1,0 +1,96 @@
+"""Rank, world size and rendezvous from whichever launcher started us; rank-prefixed logging.
+
+One code path for every launcher: ``deepspeed`` and ``torchrun`` set ``RANK``/``WORLD_SIZE``/
+``LOCAL_RANK``/``MASTER_*``; under ``srun`` they are derived from Slurm's variables; a plain
+``python launcher/train.py`` is world size 1 with a free local port.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list: ``gpu[003-005,9],cpu1`` -> ``gpu003``."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if not match:
+        raise ValueError(f"cannot parse SLURM node list {nodelist!r}")
+    prefix, ranges = match.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def slurm_port(job_id: str) -> int:
+    """A rendezvous port every task of a job derives alike (10000-19999, from the job id)."""
+    return 10000 + int(job_id) % 10000
+
+
+def resolve_env(environ: dict[str, str] | None = None) -> DistEnv:
+    """Read the launcher's variables; Slurm's are used only when no torch-style ones are set."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+                       env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"]),
+                       int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", "0"))))
+    return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()))
+
+
+def export_env(dist: DistEnv) -> None:
+    """Write the torch-style variables that ``torch.distributed``'s env:// rendezvous reads."""
+    os.environ.update({"RANK": str(dist.rank), "LOCAL_RANK": str(dist.local_rank),
+                       "WORLD_SIZE": str(dist.world_size), "MASTER_ADDR": dist.master_addr,
+                       "MASTER_PORT": str(dist.master_port)})
+
+
+def init_distributed(dist: DistEnv, timeout_minutes: int = 10) -> None:
+    """Start the process group through DeepSpeed's accelerator-aware initializer (gloo on CPU)."""
+    import datetime
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    export_env(dist)
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(dist.local_rank)
+    deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
+                               auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def setup_logging(rank: int) -> logging.Logger:
+    """``[rank N]``-prefixed logs; ranks other than 0 only report warnings and errors."""
+    logger = logging.getLogger("peft_dist")
+    logger.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.propagate = False
+    for noisy in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return logger

@@ -1,0 +1,82 @@
+"""DeepSpeed config assembly and the few ZeRO-3 helpers the rest of the code needs."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from peft_dist.config.schema import ConfigError, RunConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def resolve_ds_config_path(path: str) -> Path:
+    """A DeepSpeed JSON path, relative to the working directory or else to the repository root."""
+    for candidate in (Path(path), REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"deepspeed.config: no such file {path!r}; see ds_configs/ for maintained configs")
+
+
+def _set_dotted(config: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    node = config
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+
+
+def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
+    """The DeepSpeed config for this run: the JSON file plus batch, precision and clipping from ``train``.
+
+    Batch sizes always come from ``train`` so the global batch is defined in one place.
+    """
+    path = resolve_ds_config_path(cfg.deepspeed.config)
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from None
+    config = copy.deepcopy(config)
+    train = cfg.train
+    config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    config["gradient_accumulation_steps"] = train.gradient_accumulation_steps
+    config["train_batch_size"] = train.micro_batch_size * train.gradient_accumulation_steps * world_size
+    config["gradient_clipping"] = train.grad_clip
+    config["bf16"] = {"enabled": train.precision == "bf16"}
+    config["fp16"] = {"enabled": False}
+    config.setdefault("zero_optimization", {})
+    if cfg.deepspeed.zero_stage is not None:
+        config["zero_optimization"]["stage"] = cfg.deepspeed.zero_stage
+    for dotted, value in cfg.deepspeed.overrides.items():
+        _set_dotted(config, dotted, value)
+    return config
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def is_partitioned(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a ZeRO-3 parameter (it then carries ``ds_id``)."""
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
+    """Make ZeRO-3-partitioned ``params`` whole inside the block (a no-op for ordinary tensors).
+
+    With ``modifier_rank`` set, that rank's in-block writes are broadcast and re-partitioned on exit.
+    """
+    partitioned = [p for p in params if is_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+        yield

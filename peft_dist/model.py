@@ -1,0 +1,77 @@
+"""Building the base causal LM and its tokenizer, without any network access."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig
+
+from peft_dist.config.schema import ConfigError, ModelConfig
+
+BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
+TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tiny_llama_config(vocab_size: int = 512) -> LlamaConfig:
+    """A 4-layer Llama small enough for CPU tests (~0.3M parameters in its linears)."""
+    return LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=176, num_hidden_layers=4,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
+                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+
+def load_tokenizer(name_or_path: str):
+    path = TINY_TOKENIZER if name_or_path == BUILTIN_TINY_LLAMA else name_or_path
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def load_model_config(name_or_path: str) -> PretrainedConfig:
+    """The base model's transformers config; refuses paths that do not hold a causal LM."""
+    if name_or_path == BUILTIN_TINY_LLAMA:
+        return tiny_llama_config()
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path: cannot load a model config from {name_or_path!r} ({err}). "
+                          "Pass a local Hugging Face model directory, an already cached hub id, or "
+                          f"{BUILTIN_TINY_LLAMA}") from None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"model.name_or_path: {name_or_path!r} is a {config.model_type!r} model, "
+                          "not a causal language model; peft-dist adapts causal LMs only")
+    return config
+
+
+def build_model(cfg: ModelConfig):
+    """Return ``(model, tokenizer)``. The builtin model is always initialised from seed 0, so that it
+    is one fixed base that adapter checkpoints can be loaded back onto."""
+    tokenizer = load_tokenizer(cfg.name_or_path)
+    dtype = DTYPES[cfg.dtype]
+    if cfg.name_or_path == BUILTIN_TINY_LLAMA:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(load_model_config(cfg.name_or_path), dtype=dtype)
+    else:
+        load_model_config(cfg.name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, local_files_only=True)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def base_identity(cfg: ModelConfig, model_config: PretrainedConfig) -> dict:
+    """What an adapter checkpoint records about its base, to refuse loading onto another model."""
+    text = json.dumps(model_config.to_diff_dict(), sort_keys=True, default=str)
+    return {"name_or_path": cfg.name_or_path, "model_type": model_config.model_type,
+            "config_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def max_positions(model_config: PretrainedConfig) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if getattr(model_config, key, None):
+            return int(getattr(model_config, key))
+    return None

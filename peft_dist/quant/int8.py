@@ -1,0 +1,92 @@
+"""Frozen 8-bit linear layers: row-wise absmax int8 weights, dequantized just in time.
+
+The int8 weight and its per-row scale are ordinary frozen ``nn.Parameter``s, so DeepSpeed ZeRO-3
+partitions and all-gathers them like any other parameter (as int8: half the bytes of bf16). The
+autograd function receives them as inputs, which is what lets ZeRO-3's hooks gather them again for
+backward; it never saves a dequantized weight and never forms a weight gradient.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise absmax int8 quantization of a ``(d_out, d_in)`` weight.
+
+    Returns ``(w8, scale)`` with ``weight ~= w8 * scale[:, None]`` and ``scale = absmax_row / 127``
+    (bitsandbytes' vector-wise scheme; computed here in float32 so it is exact and device-agnostic).
+    """
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1)
+    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    w8 = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return w8, scale
+
+
+def dequantize_rowwise(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return w8.to(dtype) * scale.to(dtype)[:, None]
+
+
+class Int8MatmulFunction(torch.autograd.Function):
+    """``y = x W^T`` with ``W = w8 * scale``; backward returns only ``grad_x = grad_y W``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w8, scale)
+        return x @ dequantize_rowwise(w8, scale, x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        w8, scale = ctx.saved_tensors
+        grad_x = grad_y @ dequantize_rowwise(w8, scale, grad_y.dtype)  # recomputed, never stored
+        return grad_x, None, None
+
+
+class Int8Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in int8 with one floating-point scale per row."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device),
+                                         requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None,
+                    dtype: torch.dtype = torch.float32) -> "Int8Linear":
+        """Quantize a dense ``(d_out, d_in)`` weight; ``bias`` and the scales are kept in ``dtype``."""
+        d_out, d_in = weight.shape
+        layer = cls(d_in, d_out, bias=bias is not None, dtype=dtype, device=weight.device)
+        w8, scale = quantize_rowwise(weight)
+        layer.weight.data.copy_(w8)
+        layer.weight_scale.data.copy_(scale)
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_rowwise(self.weight, self.weight_scale, self.weight_scale.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = Int8MatmulFunction.apply(x, self.weight, self.weight_scale)
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def to_linear(self) -> nn.Linear:
+        """A frozen float ``nn.Linear`` holding the dequantized weight (used for merging and export)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           dtype=self.weight_scale.dtype, device=self.weight.device)
+        linear.weight.data.copy_(self.dequantized_weight())
+        if self.bias is not None:
+            linear.bias.data.copy_(self.bias.detach())
+        linear.requires_grad_(False)
+        return linear
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 row-wise"

@@ -1,0 +1,53 @@
+"""Finding modules by name and replacing them: the only model surgery peft-dist does."""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peft_dist.config.schema import ConfigError
+from peft_dist.quant.int8 import Int8Linear
+
+LINEAR_TYPES = (nn.Linear, Conv1D, Int8Linear)
+# Output heads are never adapted or quantized by "all-linear": they tie to embeddings and set the logits.
+HEAD_NAMES = ("lm_head", "embed_out", "output")
+
+
+def name_matches(name: str, targets: Any) -> bool:
+    """``targets``: a list of suffixes (``q_proj`` matches ``...self_attn.q_proj``) or a full-name regex."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_modules(model: nn.Module, targets: Any, accept: Callable[[nn.Module], bool],
+                 what: str, key: str) -> list[tuple[str, nn.Module]]:
+    """All ``(name, module)`` pairs whose name matches ``targets`` and that ``accept`` admits.
+
+    ``all-linear`` means every accepted module outside the output head. Raises ``ConfigError`` naming ``key``
+    and listing candidate names when nothing matches, because a silent no-op run wastes a whole job.
+    """
+    found = []
+    for name, module in model.named_modules():
+        if not accept(module):
+            continue
+        if targets == "all-linear":
+            if name.split(".")[-1] not in HEAD_NAMES:
+                found.append((name, module))
+        elif name_matches(name, targets):
+            found.append((name, module))
+    if not found:
+        candidates = sorted({n.split(".")[-1] for n, m in model.named_modules() if accept(m) and n})
+        raise ConfigError(
+            f"{key}: {targets!r} matches no {what} in {type(model).__name__}. "
+            f"Candidate names: {', '.join(candidates[:30]) or 'none'}")
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,1 @@
+"""Training: the loop, the LR schedule and checkpoints."""

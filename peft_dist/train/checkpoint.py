@@ -1,0 +1,120 @@
+"""Adapter-only checkpoints: safetensors of the adapter tensors plus the config that recreates them.
+
+A checkpoint directory holds ``adapter_model.safetensors`` and ``adapter_config.json`` (the adapter
+and quantization configs, the base model's identity, the step). It is written to a temporary
+directory on rank 0 and renamed into place, so a crash never leaves a half-written checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peft_dist import __version__
+from peft_dist.adapters.inject import adapter_state_dict, inject_adapters, load_adapter_state_dict
+from peft_dist.config.load import build_dataclass, config_to_dict
+from peft_dist.config.schema import ModelConfig, QuantizationConfig
+from peft_dist.distributed.zero3 import gathered
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not belong to this model / adapter config."""
+
+
+def write_atomically(directory: Path, write: Any) -> None:
+    """Call ``write(tmp_dir)`` and rename ``tmp_dir`` to ``directory`` (replacing an older one)."""
+    directory = Path(directory)
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        directory.rename(old)
+        tmp.rename(directory)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(directory)
+
+
+def save_adapter(model: nn.Module, directory: str | Path, metadata: dict, is_main: bool) -> None:
+    """Gather adapter tensors (collective under ZeRO-3: every rank must call) and write on rank 0.
+
+    ``metadata`` must hold ``adapters``, ``quantization`` and ``base_model`` (see ``adapter_metadata``).
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    buffers = [b for b in model.buffers()]
+    with gathered(trainable + buffers):
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    if not is_main:
+        return
+
+    def write(tmp: Path) -> None:
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+
+    write_atomically(Path(directory), write)
+
+
+def adapter_metadata(adapters: list, quantization: QuantizationConfig, model_cfg: ModelConfig,
+                     base_identity: dict, step: int) -> dict:
+    return {"peft_dist_version": __version__, "adapters": config_to_dict(adapters),
+            "quantization": config_to_dict(quantization), "model": config_to_dict(model_cfg),
+            "base_model": base_identity, "step": step}
+
+
+def read_metadata(directory: str | Path) -> dict:
+    directory = Path(directory)
+    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+        raise CheckpointError(f"{directory}: not an adapter checkpoint (needs {CONFIG} and {WEIGHTS})")
+    return json.loads((directory / CONFIG).read_text())
+
+
+def check_base(metadata: dict, base_identity: dict, directory: Path) -> None:
+    saved = metadata["base_model"]
+    if saved["config_sha256"] != base_identity["config_sha256"]:
+        raise CheckpointError(
+            f"{directory}: adapter was trained on {saved['name_or_path']!r} ({saved['model_type']}) whose "
+            f"config differs from this base {base_identity['name_or_path']!r}; load it onto the same base model")
+
+
+def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
+    """Load saved tensors into an already injected (not yet DeepSpeed-wrapped) model."""
+    state = load_file(str(Path(directory) / WEIGHTS))
+    try:
+        load_adapter_state_dict(model, state)
+    except (RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{directory}: does not match this adapter config: {err}") from None
+
+
+def load_for_inference(directory: str | Path, dtype: torch.dtype | None = None):
+    """Rebuild base + quantization + adapters from a checkpoint; returns ``(model, tokenizer)`` in eval mode.
+
+    The base is loaded from the ``model.name_or_path`` recorded at training time.
+    """
+    from peft_dist.adapters.registry import build_adapter_config
+    from peft_dist.model import base_identity, build_model
+    from peft_dist.quant.model import quantize_model
+
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    model_cfg = build_dataclass(ModelConfig, metadata["model"], "model")
+    model_cfg.gradient_checkpointing = False
+    model, tokenizer = build_model(model_cfg)
+    check_base(metadata, base_identity(model_cfg, model.config), directory)
+    quant = build_dataclass(QuantizationConfig, metadata["quantization"], "quantization")
+    if quant.enabled:
+        quantize_model(model, quant.target_modules, dtype or next(model.parameters()).dtype)
+    adapters = [build_adapter_config(a, f"adapters.{i}") for i, a in enumerate(metadata["adapters"])]
+    inject_adapters(model, adapters)
+    load_adapter_weights(model, directory)
+    return model.eval(), tokenizer
