@@ -1,0 +1,31 @@
+"""A launcher for real multi-process test runs (CPU, gloo): ``from tests.multiproc import run_distributed``."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_distributed(args: list[str], nprocs: int, env: dict | None = None, timeout: int = 600,
+                    launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` as ``nprocs`` real processes (torchrun or the deepspeed launcher, CPU/gloo).
+
+    Raises with the combined output if the job fails, so a failing test shows every rank's log.
+    """
+    from peft_dist.distributed.env import free_port
+
+    port = str(free_port())
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
+               "--master_addr", "127.0.0.1", "--master_port", port, *args]
+    else:
+        cmd = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", port, *args]
+    full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(key, None)
+    proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-8000:]}"
+                             f"\n--- stderr\n{proc.stderr[-12000:]}")
+    return proc
