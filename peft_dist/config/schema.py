@@ -172,17 +172,22 @@ class CheckpointConfig:
     """Where a run writes.
 
     output_dir: the run directory; refused if it already holds a run unless ``overwrite`` or ``resume``.
-    save_interval: optimizer steps between adapter checkpoints (0 = only at the end).
+    save_interval: optimizer steps between resumable checkpoints (0 = only the final adapter).
+    keep_last: how many resumable checkpoints to keep (older ones are deleted once a newer is complete).
+    overwrite: reuse a run directory that already holds a run (its old checkpoints are deleted).
+    resume: continue from the newest complete checkpoint in ``output_dir`` (a fresh start if none).
     """
 
     output_dir: str = "runs/tiny-lora"
     save_interval: int = 0
+    keep_last: int = 2
     overwrite: bool = False
     resume: bool = False
 
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir", "must be a directory path")
         require(self.save_interval >= 0, "save_interval", "must be >= 0 (0 = only at the end)")
+        require(self.keep_last >= 1, "keep_last", f"got {self.keep_last}; keep at least 1 checkpoint")
 
 
 SECTIONS: dict[str, type] = {

@@ -19,7 +19,7 @@ from torch import nn
 from peft_dist import __version__
 from peft_dist.adapters.inject import adapter_state_dict, inject_adapters, load_adapter_state_dict
 from peft_dist.config.load import build_dataclass, config_to_dict
-from peft_dist.config.schema import ModelConfig, QuantizationConfig
+from peft_dist.config.schema import CheckpointConfig, ConfigError, ModelConfig, QuantizationConfig
 from peft_dist.distributed.zero3 import gathered
 
 WEIGHTS = "adapter_model.safetensors"
@@ -118,3 +118,92 @@ def load_for_inference(directory: str | Path, dtype: torch.dtype | None = None):
     inject_adapters(model, adapters)
     load_adapter_weights(model, directory)
     return model.eval(), tokenizer
+
+
+# --- resumable training checkpoints -------------------------------------------------------------
+
+MANIFEST = "MANIFEST.json"
+TRAINER_STATE = "trainer_state.json"
+
+
+def check_run_dir(run_dir: Path, cfg: CheckpointConfig) -> None:
+    """Refuse to reuse a run directory unless ``overwrite`` or ``resume`` says so (called before init)."""
+    if (run_dir / "run_config.yaml").exists() and not (cfg.overwrite or cfg.resume):
+        raise ConfigError(f"checkpoint.output_dir: {run_dir} already holds a run. Choose another directory, "
+                          "or set checkpoint.resume=true to continue it, or checkpoint.overwrite=true "
+                          "to replace it")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def save_training_checkpoint(engine, run_dir: Path, step: int, hooks: list, tracker_run_id: str | None,
+                             metadata: dict, is_main: bool, keep_last: int) -> Path:
+    """Everything needed to resume exactly, written to a temporary directory and renamed when complete.
+
+    Collective: every rank calls it. DeepSpeed writes each rank's optimizer shard (frozen base
+    parameters are excluded: they come from the base model), rank 0 adds the adapter, the trainer
+    state and a manifest with checksums, then renames ``.step-N.tmp`` to ``step-N``.
+    """
+    root = Path(run_dir) / "checkpoints"
+    final = root / f"step-{step:08d}"
+    tmp = root / f".step-{step:08d}.tmp"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    engine.save_checkpoint(str(tmp / "engine"), tag="state", exclude_frozen_parameters=True, save_latest=False)
+    save_adapter(engine.module, tmp / "adapter", metadata, is_main)
+    _barrier()
+    if is_main:
+        state = {"step": step, "tracker_run_id": tracker_run_id, "hooks": [h.state_dict() for h in hooks]}
+        (tmp / TRAINER_STATE).write_text(json.dumps(state, default=str))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {"step": step, "world_size": torch.distributed.get_world_size() if
+                    torch.distributed.is_initialized() else 1,
+                    "base_model": metadata["base_model"], "adapters": metadata["adapters"],
+                    "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        complete = sorted(p for p in root.glob("step-*") if (p / MANIFEST).is_file())
+        for old in complete[:-keep_last]:
+            shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint whose manifest exists; partial (``.tmp``) directories are ignored."""
+    complete = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step-*") if (p / MANIFEST).is_file())
+    return complete[-1] if complete else None
+
+
+def load_training_checkpoint(engine, run_dir: Path, hooks: list, base_identity: dict) -> dict | None:
+    """Restore engine, optimizer, scheduler and hook state from the newest complete checkpoint."""
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        return None
+    manifest = json.loads((path / MANIFEST).read_text())
+    check_base(manifest, base_identity, path)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if manifest["world_size"] != world:
+        raise CheckpointError(f"{path}: written by {manifest['world_size']} ranks, resumed on {world}. Resume on "
+                              f"{manifest['world_size']} ranks (adapter-only checkpoints load on any number)")
+    engine.load_checkpoint(str(path / "engine"), tag="state", load_module_strict=False)
+    state = json.loads((path / TRAINER_STATE).read_text())
+    for hook, hook_state in zip(hooks, state["hooks"]):
+        hook.load_state_dict(hook_state)
+    return state

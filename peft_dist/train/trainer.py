@@ -1,0 +1,238 @@
+"""The training recipe: setup -> train -> evaluate -> save -> cleanup, one code path for any world size.
+
+World size 1 (``python launcher/train.py``) is the degenerate case of the distributed run, not a
+second script. Every rank runs the same collectives in the same order; only rank 0 writes files,
+prints progress and talks to the tracker.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from peft_dist.adapters.inject import inject_adapters, summary_table, trainable_parameters
+from peft_dist.adapters.registry import get_method
+from peft_dist.config.load import config_to_dict, flatten
+from peft_dist.config.schema import RunConfig
+from peft_dist.data import GlobalBatchSampler, build_blocks
+from peft_dist.distributed.env import DistEnv, init_distributed, resolve_env, setup_logging
+from peft_dist.distributed.zero3 import build_ds_config
+from peft_dist.model import base_identity, build_model, max_positions
+from peft_dist.quant.model import quantize_model
+from peft_dist.train import checkpoint as ckpt
+from peft_dist.train.schedule import warmup_cosine
+from peft_dist.tracking import create_tracker
+
+# torch 2.13 deprecates collectives DeepSpeed's ZeRO uses; one warning per step drowns the progress bar.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint written, requeue me
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # global mean loss of each optimizer step
+    eval_loss: float = float("nan")
+    eval_perplexity: float = float("nan")
+    step: int = 0
+    adapter_dir: str = ""
+    preempted: bool = False
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGUSR1; the trainer agrees on it across ranks once per step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        self.requested = True
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over ranks (one small collective)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def evaluate(engine, ids: torch.Tensor, labels: torch.Tensor, micro: int, batches: int,
+             dist: DistEnv) -> float:
+    """Token-weighted mean loss over the first ``batches`` micro-batches per rank of the eval split."""
+    per_rank = min(batches, len(ids) // (micro * dist.world_size)) or 1
+    engine.eval()
+    total, count = 0.0, 0.0
+    for b in range(per_rank):
+        start = (b * dist.world_size + dist.rank) * micro
+        x = ids[start: start + micro].to(engine.device)
+        y = labels[start: start + micro].to(engine.device)
+        if len(x) == 0:  # eval split smaller than one micro-batch per rank: reuse the first blocks
+            x, y = ids[:micro].to(engine.device), labels[:micro].to(engine.device)
+        tokens = (y[:, 1:] != -100).sum().item()
+        total += engine(input_ids=x, labels=y).loss.float().item() * tokens
+        count += tokens
+    engine.train()
+    total, count = all_reduce_sum([total, count], engine.device)
+    return total / max(count, 1.0)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Run one training job as configured; returns the losses and where the adapter was saved."""
+    dist = resolve_env()
+    log = setup_logging(dist.rank)
+    run_dir = Path(cfg.checkpoint.output_dir)
+    ckpt.check_run_dir(run_dir, cfg.checkpoint)  # before any process group starts
+    init_distributed(dist)
+    ds_config = build_ds_config(cfg, dist.world_size)
+    torch.distributed.barrier()
+    if dist.is_main:
+        if cfg.checkpoint.overwrite and not cfg.checkpoint.resume:
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "run_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+    # --- setup: base model, 8-bit, adapters, data, engine
+    model, tokenizer = build_model(cfg.model)
+    identity = base_identity(cfg.model, model.config)
+    if cfg.quantization.enabled:
+        reports = quantize_model(model, cfg.quantization.target_modules, model.dtype)
+        worst = max(reports, key=lambda r: r.rel_error)
+        log.info("int8 base: %d layers quantized, relative error mean %.4f, worst %.4f (%s)", len(reports),
+                 sum(r.rel_error for r in reports) / len(reports), worst.rel_error, worst.name)
+    torch.manual_seed(cfg.train.seed)  # same adapter init on every rank
+    injected = inject_adapters(model, cfg.adapters)
+    hooks = [get_method(a.method).make_hook(model, a, cfg.train.max_steps)
+             for a in cfg.adapters if get_method(a.method).make_hook]
+    log.info("model summary\n%s", summary_table(model, injected))
+    blocks = build_blocks(cfg.data, tokenizer, max_positions(model.config))
+    sampler = GlobalBatchSampler(len(blocks.train_ids), cfg.train.micro_batch_size,
+                                 cfg.train.gradient_accumulation_steps, dist.world_size, dist.rank, cfg.data.seed)
+    engine = _build_engine(cfg, model, ds_config)
+    metadata = ckpt.adapter_metadata(cfg.adapters, cfg.quantization, cfg.model, identity, 0)
+
+    start_step, run_id = 0, None
+    if cfg.checkpoint.resume:
+        state = ckpt.load_training_checkpoint(engine, run_dir, hooks, identity)
+        if state is not None:
+            start_step, run_id = state["step"], state.get("tracker_run_id")
+            log.info("resumed from step %d", start_step)
+    tracker = create_tracker(cfg.tracking, run_dir, dist.is_main, run_id)
+    if start_step == 0:
+        tracker.log_params(flatten(config_to_dict(cfg)) | {"world_size": dist.world_size})
+    torch.manual_seed(cfg.train.seed + 1000 * dist.rank + start_step)  # dropout differs per rank
+
+    # --- train
+    result = TrainResult(step=start_step)
+    stop = StopFlag()
+    tokens_per_step = sampler.global_batch * cfg.data.block_size
+    bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not dist.is_main, desc="train",
+               dynamic_ncols=True)
+    status = "FINISHED"
+    try:
+        for step in range(start_step + 1, cfg.train.max_steps + 1):
+            began = time.perf_counter()
+            loss_sum = 0.0
+            micro_batches = sampler.micro_batches(step - 1)
+            for index, micro in enumerate(micro_batches):
+                x = blocks.train_ids[micro].to(engine.device)
+                y = blocks.train_labels[micro].to(engine.device)
+                loss = engine(input_ids=x, labels=y).loss
+                loss_sum += loss.detach().float().item()
+                for hook in hooks:
+                    extra = hook.extra_loss(engine.module)
+                    if extra is not None:
+                        loss = loss + extra
+                engine.backward(loss)
+                if index == len(micro_batches) - 1:
+                    for hook in hooks:
+                        hook.before_step(engine, step)
+                engine.step()
+            for hook in hooks:
+                hook.after_step(engine, step)
+            mean_loss, stop_votes = all_reduce_sum([loss_sum / len(micro_batches), float(stop.requested)],
+                                                   engine.device)
+            mean_loss /= dist.world_size
+            result.losses.append(mean_loss)
+            result.step = step
+            elapsed = time.perf_counter() - began
+            bar.update(1)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+            if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
+                metrics = {"train/loss": mean_loss, "train/lr": engine.get_lr()[0],
+                           "train/tokens_per_s": tokens_per_step / elapsed,
+                           "train/samples_per_s": sampler.global_batch / elapsed}
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+                for hook in hooks:
+                    metrics.update(hook.metrics())
+                tracker.log_metrics(metrics, step)
+            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.max_steps:
+                eval_loss = evaluate(engine, blocks.eval_ids, blocks.eval_labels, cfg.train.micro_batch_size,
+                                     cfg.train.eval_batches, dist)
+                tracker.log_metrics({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))},
+                                    step)
+                log.info("step %d eval loss %.4f", step, eval_loss)
+            save_now = cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
+            if stop_votes > 0 or (save_now and step < cfg.train.max_steps):
+                ckpt.save_training_checkpoint(engine, run_dir, step, hooks, tracker.run_id,
+                                              {**metadata, "step": step}, dist.is_main,
+                                              cfg.checkpoint.keep_last)
+            if stop_votes > 0:
+                log.warning("stop signal received: checkpoint at step %d written, exiting for requeue", step)
+                result.preempted = True
+                status = "KILLED"
+                return result
+        bar.close()
+
+        # --- evaluate and save
+        result.eval_loss = evaluate(engine, blocks.eval_ids, blocks.eval_labels, cfg.train.micro_batch_size,
+                                    cfg.train.eval_batches, dist)
+        result.eval_perplexity = math.exp(min(result.eval_loss, 50))
+        tracker.log_metrics({"eval/loss": result.eval_loss, "eval/perplexity": result.eval_perplexity},
+                            result.step)
+        adapter_dir = run_dir / "adapter"
+        ckpt.save_adapter(engine.module, adapter_dir, {**metadata, "step": result.step}, dist.is_main)
+        result.adapter_dir = str(adapter_dir)
+        if dist.is_main:
+            tracker.log_artifact(adapter_dir, "adapter")
+        log.info("done: %d steps, final train loss %.4f, eval loss %.4f (perplexity %.2f), adapter at %s",
+                 result.step, result.losses[-1] if result.losses else float("nan"), result.eval_loss,
+                 result.eval_perplexity, adapter_dir)
+        return result
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        bar.close()
+        tracker.close(status)
+
+
+def _build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict):
+    """Wrap the model in a DeepSpeed engine whose optimizer sees only the adapter parameters."""
+    import deepspeed
+
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    train = cfg.train
+
+    def scheduler(opt):  # built by DeepSpeed around its wrapped optimizer
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
+            s, train.warmup_steps, train.max_steps, train.min_lr_ratio))
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
+                                      lr_scheduler=scheduler, config=ds_config)
+    return engine
