@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peft_dist.config.load import flatten
 from peft_dist.config.schema import ConfigError, RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -52,7 +53,9 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     config.setdefault("zero_optimization", {})
     if cfg.deepspeed.zero_stage is not None:
         config["zero_optimization"]["stage"] = cfg.deepspeed.zero_stage
-    for dotted, value in cfg.deepspeed.overrides.items():
+    # Nested and dotted overrides both merge key by key: {"zero_optimization": {"stage": 2}} keeps the
+    # section's other keys.
+    for dotted, value in flatten(cfg.deepspeed.overrides).items():
         _set_dotted(config, dotted, value)
     return config
 

@@ -6,6 +6,8 @@ prints progress and talks to the tracker.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import shutil
 import signal
@@ -40,7 +42,8 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 @dataclass
 class TrainResult:
-    losses: list[float] = field(default_factory=list)  # global mean loss of each optimizer step
+    losses: list[float] = field(default_factory=list)  # global mean loss of steps first_step, first_step+1, ...
+    first_step: int = 1
     eval_loss: float = float("nan")
     eval_perplexity: float = float("nan")
     step: int = 0
@@ -71,22 +74,48 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
 @torch.no_grad()
 def evaluate(engine, ids: torch.Tensor, labels: torch.Tensor, micro: int, batches: int,
              dist: DistEnv) -> float:
-    """Token-weighted mean loss over the first ``batches`` micro-batches per rank of the eval split."""
-    per_rank = min(batches, len(ids) // (micro * dist.world_size)) or 1
+    """Token-weighted mean loss over the first ``batches`` micro-batches of the eval split.
+
+    The evaluated blocks do not depend on the world size (so a reloaded adapter can be checked in one
+    process). Batches are dealt round-robin; under ZeRO-3 every rank must run the same number of
+    forwards (each gathers parameters), so a rank short of a batch repeats one with weight zero.
+    """
+    chunks = list(zip(ids[: batches * micro].split(micro), labels[: batches * micro].split(micro)))
+    mine = chunks[dist.rank::dist.world_size]
     engine.eval()
     total, count = 0.0, 0.0
-    for b in range(per_rank):
-        start = (b * dist.world_size + dist.rank) * micro
-        x = ids[start: start + micro].to(engine.device)
-        y = labels[start: start + micro].to(engine.device)
-        if len(x) == 0:  # eval split smaller than one micro-batch per rank: reuse the first blocks
-            x, y = ids[:micro].to(engine.device), labels[:micro].to(engine.device)
-        tokens = (y[:, 1:] != -100).sum().item()
-        total += engine(input_ids=x, labels=y).loss.float().item() * tokens
+    for i in range(math.ceil(len(chunks) / dist.world_size)):
+        x, y = mine[i] if i < len(mine) else chunks[0]
+        weight = 1.0 if i < len(mine) else 0.0
+        loss = engine(input_ids=x.to(engine.device), labels=y.to(engine.device)).loss.float().item()
+        tokens = weight * (y[:, 1:] != -100).sum().item()
+        total += loss * tokens
         count += tokens
     engine.train()
     total, count = all_reduce_sum([total, count], engine.device)
     return total / max(count, 1.0)
+
+
+def train_step(engine, blocks, micro_batches: list[torch.Tensor], hooks: list, step: int) -> float:
+    """One optimizer step over this rank's micro-batches; returns this rank's mean micro-batch loss."""
+    loss_sum = 0.0
+    for index, micro in enumerate(micro_batches):
+        x = blocks.train_ids[micro].to(engine.device)
+        y = blocks.train_labels[micro].to(engine.device)
+        loss = engine(input_ids=x, labels=y).loss
+        loss_sum += loss.detach().float().item()
+        for hook in hooks:
+            extra = hook.extra_loss(engine.module)
+            if extra is not None:
+                loss = loss + extra
+        engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+        if index == len(micro_batches) - 1:  # gradients of the whole step are reduced now
+            for hook in hooks:
+                hook.before_step(engine, step)
+        engine.step()  # steps the optimizer and the LR schedule only at the accumulation boundary
+    for hook in hooks:
+        hook.after_step(engine, step)
+    return loss_sum / len(micro_batches)
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -132,10 +161,9 @@ def train(cfg: RunConfig) -> TrainResult:
     tracker = create_tracker(cfg.tracking, run_dir, dist.is_main, run_id)
     if start_step == 0:
         tracker.log_params(flatten(config_to_dict(cfg)) | {"world_size": dist.world_size})
-    torch.manual_seed(cfg.train.seed + 1000 * dist.rank + start_step)  # dropout differs per rank
 
     # --- train
-    result = TrainResult(step=start_step)
+    result = TrainResult(step=start_step, first_step=start_step + 1)
     stop = StopFlag()
     tokens_per_step = sampler.global_batch * cfg.data.block_size
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not dist.is_main, desc="train",
@@ -144,26 +172,10 @@ def train(cfg: RunConfig) -> TrainResult:
     try:
         for step in range(start_step + 1, cfg.train.max_steps + 1):
             began = time.perf_counter()
-            loss_sum = 0.0
-            micro_batches = sampler.micro_batches(step - 1)
-            for index, micro in enumerate(micro_batches):
-                x = blocks.train_ids[micro].to(engine.device)
-                y = blocks.train_labels[micro].to(engine.device)
-                loss = engine(input_ids=x, labels=y).loss
-                loss_sum += loss.detach().float().item()
-                for hook in hooks:
-                    extra = hook.extra_loss(engine.module)
-                    if extra is not None:
-                        loss = loss + extra
-                engine.backward(loss)
-                if index == len(micro_batches) - 1:
-                    for hook in hooks:
-                        hook.before_step(engine, step)
-                engine.step()
-            for hook in hooks:
-                hook.after_step(engine, step)
-            mean_loss, stop_votes = all_reduce_sum([loss_sum / len(micro_batches), float(stop.requested)],
-                                                   engine.device)
+            # Seeded per step and rank: dropout differs across ranks and a resumed run draws the same masks.
+            torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank + step)
+            local_loss = train_step(engine, blocks, sampler.micro_batches(step - 1), hooks, step)
+            mean_loss, stop_votes = all_reduce_sum([local_loss, float(stop.requested)], engine.device)
             mean_loss /= dist.world_size
             result.losses.append(mean_loss)
             result.step = step
@@ -196,7 +208,6 @@ def train(cfg: RunConfig) -> TrainResult:
                 result.preempted = True
                 status = "KILLED"
                 return result
-        bar.close()
 
         # --- evaluate and save
         result.eval_loss = evaluate(engine, blocks.eval_ids, blocks.eval_labels, cfg.train.micro_batch_size,
@@ -208,6 +219,7 @@ def train(cfg: RunConfig) -> TrainResult:
         ckpt.save_adapter(engine.module, adapter_dir, {**metadata, "step": result.step}, dist.is_main)
         result.adapter_dir = str(adapter_dir)
         if dist.is_main:
+            (run_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
             tracker.log_artifact(adapter_dir, "adapter")
         log.info("done: %d steps, final train loss %.4f, eval loss %.4f (perplexity %.2f), adapter at %s",
                  result.step, result.losses[-1] if result.losses else float("nan"), result.eval_loss,
