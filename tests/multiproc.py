@@ -20,7 +20,8 @@ def run_distributed(args: list[str], nprocs: int, env: dict | None = None, timeo
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nprocs),
                "--master_addr", "127.0.0.1", "--master_port", port, *args]
     else:
-        cmd = ["deepspeed", "--num_gpus", str(nprocs), "--master_port", port, *args]
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nprocs),
+               "--master_port", port, *args]
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)

@@ -1,5 +1,6 @@
 """Adapter methods. Importing this package registers every method with the registry."""
 from peft_dist.adapters import lora  # noqa: F401
+from peft_dist.adapters import adalora  # noqa: F401
 from peft_dist.adapters import krona  # noqa: F401
 from peft_dist.adapters import bottleneck  # noqa: F401
 from peft_dist.adapters.base import AdaptedLinear, AdapterConfig, AdapterModule

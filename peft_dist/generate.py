@@ -1,0 +1,35 @@
+"""Generate text with a trained adapter on a fresh base:
+
+    python -m peft_dist.generate runs/tiny-lora/adapter --prompt "def main(" --max-new-tokens 40
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from peft_dist.train.checkpoint import load_for_inference
+
+
+def generate(adapter_dir: str, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0) -> str:
+    model, tokenizer = load_for_inference(adapter_dir)
+    inputs = tokenizer(prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                temperature=temperature if temperature > 0 else None,
+                                pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("adapter_dir", help="an adapter checkpoint directory (e.g. runs/tiny-lora/adapter)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    args = parser.parse_args()
+    print(generate(args.adapter_dir, args.prompt, args.max_new_tokens, args.temperature))
+
+
+if __name__ == "__main__":
+    main()

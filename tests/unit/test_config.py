@@ -1,0 +1,74 @@
+"""Config loading: every bad input fails before any process starts, naming the key and the fix."""
+from pathlib import Path
+
+import pytest
+
+from peft_dist.config import ConfigError, config_to_dict, load_config
+from peft_dist.config.load import default_config_dict
+from peft_dist.distributed.zero3 import build_ds_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_embedded_default_equals_the_shipped_tiny_config():
+    assert config_to_dict(load_config()) == config_to_dict(load_config(REPO / "configs" / "tiny-lora.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert cfg.adapters, "every example config adapts something"
+
+
+def test_overrides_parse_yaml_values_and_index_lists():
+    cfg = load_config(None, ["train.lr=1e-3", "adapters.0.r=4", "adapters.0.target_modules=[q_proj]",
+                             "deepspeed.zero_stage=2"])
+    assert cfg.train.lr == 0.001 and cfg.adapters[0].r == 4
+    assert cfg.adapters[0].target_modules == ["q_proj"] and cfg.deepspeed.zero_stage == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=1", r"train.learning_rate: unknown key. Valid keys of 'train' are: .*lr"),
+    ("trian.lr=1", r"trian: unknown section"),
+    ("train.max_steps=ten", r"train.max_steps: expected int, got 'ten'"),
+    ("train.micro_batch_size=0", r"train.micro_batch_size: got 0; must be >= 1"),
+    ("train.precision=fp8", r"train.precision: got 'fp8'; use fp32 or bf16"),
+    ("adapters.0.r=0", r"adapters.0.r: got 0; the rank must be >= 1"),
+    ("adapters.0.rank=8", r"adapters.0.rank: unknown key"),
+    ("adapters.0.method=loraa", r"adapters.0.method: unknown adapter method 'loraa'; known: .*lora"),
+    ("data.eval_fraction=1.5", r"data.eval_fraction: got 1.5"),
+    ("deepspeed.zero_stage=4", r"deepspeed.zero_stage: got 4"),
+    ("train", r"expected KEY=VALUE"),
+    ("adapters.3.r=8", r"indexes a list of 1 items"),
+])
+def test_bad_values_name_the_key_and_the_fix(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_duplicate_adapter_names_are_refused():
+    data = default_config_dict()
+    with pytest.raises(ConfigError, match="name 'lora' is used twice"):
+        from peft_dist.config import build_run_config
+        build_run_config({**data, "adapters": data["adapters"] * 2})
+
+
+def test_missing_config_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_deepspeed_config_takes_batch_and_precision_from_train_and_merges_overrides():
+    cfg = load_config(None, ["train.micro_batch_size=2", "train.gradient_accumulation_steps=3",
+                             "train.precision=bf16",
+                             "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0"])
+    ds = build_ds_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 24 and ds["bf16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3  # an override of one key keeps the section's others
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    with pytest.raises(ConfigError, match="deepspeed.config: no such file"):
+        build_ds_config(load_config(None, ["deepspeed.config=ds_configs/nope.json"]), 1)
