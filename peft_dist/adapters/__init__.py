@@ -3,6 +3,7 @@ from peft_dist.adapters import lora  # noqa: F401
 from peft_dist.adapters import adalora  # noqa: F401
 from peft_dist.adapters import krona  # noqa: F401
 from peft_dist.adapters import bottleneck  # noqa: F401
+from peft_dist.adapters import prefix  # noqa: F401
 from peft_dist.adapters.base import AdaptedLinear, AdapterConfig, AdapterModule
 from peft_dist.adapters.inject import (adapter_state_dict, inject_adapters, load_adapter_state_dict,
                                        parameter_summary, summary_table, trainable_parameters)
