@@ -4,6 +4,8 @@ from peft_dist.adapters import adalora  # noqa: F401
 from peft_dist.adapters import krona  # noqa: F401
 from peft_dist.adapters import bottleneck  # noqa: F401
 from peft_dist.adapters import prefix  # noqa: F401
+from peft_dist.adapters import bitfit  # noqa: F401
+from peft_dist.adapters import mam  # noqa: F401
 from peft_dist.adapters.base import AdaptedLinear, AdapterConfig, AdapterModule
 from peft_dist.adapters.inject import (adapter_state_dict, inject_adapters, load_adapter_state_dict,
                                        parameter_summary, summary_table, trainable_parameters)

@@ -115,11 +115,18 @@ def _float_dtype(module: nn.Module) -> torch.dtype:
     return next(p.dtype for p in module.parameters() if p.is_floating_point())
 
 
+def outside_adapters(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Drop matches inside injected adapters (a prefix's ``mlp`` is not the FFN block)."""
+    inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, AdapterModule))
+    return [(n, m) for n, m in targets if not n.startswith(inside)]
+
+
 def attach_to_sublayers(model: nn.Module, config: Any, make_adapter: Any, sequential: bool) -> list[str]:
     """Wrap every targeted sub-layer in ``AdaptedSublayer`` (reusing an existing wrapper, so methods
     compose) and attach ``make_adapter(hidden_size)`` under ``config.name``."""
-    targets = find_modules(model, config.target_modules, _is_sublayer, "attention or FFN sub-layer",
-                           f"adapters[{config.name}].target_modules")
+    targets = outside_adapters(model, find_modules(
+        model, config.target_modules, _is_sublayer, "attention or FFN sub-layer",
+        f"adapters[{config.name}].target_modules"))
     d = model.config.hidden_size
     names = []
     for name, module in targets:

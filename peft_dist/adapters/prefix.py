@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from peft_dist.adapters.base import AdapterConfig, AdapterModule
-from peft_dist.adapters.bottleneck import AdaptedSublayer
+from peft_dist.adapters.bottleneck import AdaptedSublayer, outside_adapters
 from peft_dist.adapters.registry import register
 from peft_dist.config.schema import ConfigError, require
 from peft_dist.targets import find_modules, replace_module
@@ -189,8 +189,8 @@ def inject_prefix(model: nn.Module, config: PrefixConfig) -> list[str]:
         raise ConfigError(f"{key}: prefix tuning supports the {' and '.join(SUPPORTED_ATTENTION)} attention "
                           f"implementations, this model uses {implementation!r}; load it with "
                           "attn_implementation='sdpa'")
-    targets = find_modules(model, config.target_modules, _is_self_attention, "self-attention module",
-                           f"{key}.target_modules")
+    targets = outside_adapters(model, find_modules(model, config.target_modules, _is_self_attention,
+                                                   "self-attention module", f"{key}.target_modules"))
     kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
     names = []
     for name, module in targets:
