@@ -1,16 +1,21 @@
 """The tracker protocol the trainer uses, and the factory that picks a backend."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Protocol
 
 from peft_dist.config.schema import TrackingConfig
 
+log = logging.getLogger("peft_dist")
+
 
 class Tracker(Protocol):
-    """What the trainer calls. Implementations must never raise into the training loop."""
+    """What the trainer calls. Implementations never raise into the training loop and never wait on
+    the network, except ``close`` (bounded)."""
 
-    run_id: str | None
+    @property
+    def run_id(self) -> str | None: ...
 
     def log_params(self, params: dict[str, Any]) -> None: ...
 
@@ -20,7 +25,11 @@ class Tracker(Protocol):
 
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
-    def close(self, status: str = "FINISHED") -> None: ...
+    def append_tag(self, key: str, value: str) -> None: ...
+
+    def metric_history(self) -> dict[str, list[tuple[int, float]]]: ...
+
+    def close(self, status: str | None = "FINISHED") -> None: ...
 
 
 class NullTracker:
@@ -40,15 +49,30 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
-    def close(self, status: str = "FINISHED") -> None:
+    def append_tag(self, key: str, value: str) -> None:
+        pass
+
+    def metric_history(self) -> dict[str, list[tuple[int, float]]]:
+        return {}
+
+    def close(self, status: str | None = "FINISHED") -> None:
         pass
 
 
-def create_tracker(cfg: TrackingConfig, run_dir: Path, is_main: bool,
+def create_tracker(cfg: TrackingConfig, run_dir: str | Path, is_main: bool,
                    resume_run_id: str | None = None) -> Tracker:
-    """An MLflow tracker on rank 0 (resuming ``resume_run_id`` if given), a null tracker elsewhere."""
+    """An MLflow tracker on rank 0 (reopening ``resume_run_id`` if given), a null tracker elsewhere.
+
+    One MLflow run per job, not per process. If the tracker cannot even be built (e.g. the run
+    directory is not writable) the run goes on untracked, with a warning.
+    """
     if not is_main or cfg.backend == "none":
         return NullTracker()
-    from peft_dist.tracking.mlflow import MlflowTracker
+    try:
+        from peft_dist.tracking.mlflow import MlflowTracker
 
-    return MlflowTracker(cfg, run_dir, resume_run_id)
+        return MlflowTracker(cfg, run_dir, resume_run_id)
+    except Exception as err:
+        log.warning("tracking: cannot start the MLflow tracker (%s: %s); this run is not tracked",
+                    type(err).__name__, err)
+        return NullTracker()

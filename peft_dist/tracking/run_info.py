@@ -1,0 +1,194 @@
+"""What a run records about itself: parameters (config, DeepSpeed config, code, packages, hardware,
+Slurm), per-rank peak memory, and estimated model FLOPs utilization (MFU).
+
+Everything here is a plain function of its inputs (``environ`` is passed in so tests need no real
+Slurm job), except ``gather_peak_memory``, a collective every rank must call.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peft_dist.config.load import flatten
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("torch", "deepspeed", "transformers", "bitsandbytes", "mlflow", "peft-dist")
+SLURM_JOB_IDS_TAG = "slurm.job_ids"
+SLURM_VARIABLES = {"SLURM_JOB_ID": "job_id", "SLURM_JOB_NAME": "job_name", "SLURM_JOB_PARTITION": "partition",
+                   "SLURM_JOB_NUM_NODES": "num_nodes", "SLURM_JOB_NODELIST": "nodelist", "SLURM_NTASKS": "ntasks",
+                   "SLURM_CPUS_PER_TASK": "cpus_per_task", "SLURM_SUBMIT_DIR": "submit_dir"}
+
+
+def run_params(cfg_dict: dict, ds_config: dict, world_size: int,
+               environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Everything that defines the run, as flat MLflow params.
+
+    Keys: the resolved config (``train.lr``, ``adapters.0.r``...), the DeepSpeed config under
+    ``ds_config.``, ``world_size``, ``git.commit``/``git.dirty``, ``version.<package>``, ``hardware.*``
+    and, on Slurm, ``slurm.*`` of the job that started the run (later jobs go to the
+    ``slurm.job_ids`` tag: params cannot change once logged).
+    """
+    env = os.environ if environ is None else environ
+    params = flatten(cfg_dict)
+    params.update(flatten(ds_config, "ds_config"))
+    params["world_size"] = world_size
+    params.update(git_info())
+    params.update({f"version.{name}": version for name, version in package_versions().items()})
+    params.update(hardware_info())
+    params.update({f"slurm.{short}": env[var] for var, short in SLURM_VARIABLES.items() if var in env})
+    return params
+
+
+def git_info(repo: Path = REPO_ROOT) -> dict[str, str]:
+    """The commit the code ran from, and whether the checkout had uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        return {"git.commit": git("rev-parse", "HEAD"), "git.dirty": str(bool(git("status", "--porcelain")))}
+    except (OSError, subprocess.SubprocessError):
+        return {"git.commit": "unknown (not a git checkout)"}
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def hardware_info() -> dict[str, Any]:
+    import psutil
+
+    info: dict[str, Any] = {"hardware.host": socket.gethostname(), "hardware.platform": platform.platform(),
+                            "hardware.cpu_count": os.cpu_count(),
+                            "hardware.memory_gib": round(psutil.virtual_memory().total / 2**30, 1)}
+    if torch.cuda.is_available():
+        info["hardware.accelerator"] = torch.cuda.get_device_name(0)
+        info["hardware.accelerators_per_node"] = torch.cuda.device_count()
+    else:
+        info["hardware.accelerator"] = "cpu"
+    return info
+
+
+def slurm_job_entry(environ: dict[str, str] | None = None) -> str | None:
+    """This job's entry in the ``slurm.job_ids`` tag: ``123``, or ``123 (restart 2)`` after a requeue
+    (a requeued job keeps its id); None when not on Slurm."""
+    env = os.environ if environ is None else environ
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    restarts = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    return f"{job} (restart {restarts})" if restarts else job
+
+
+def sbatch_script(environ: dict[str, str] | None = None) -> str | None:
+    """The batch script of the running Slurm job, as Slurm stored it (None when unavailable)."""
+    env = os.environ if environ is None else environ
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        proc = subprocess.run(["scontrol", "write", "batch_script", job, "-"], capture_output=True, text=True,
+                              timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 and proc.stdout.strip() else None
+
+
+def write_run_files(run_dir: str | Path, ds_config: dict, environ: dict[str, str] | None = None) -> list[Path]:
+    """Write the DeepSpeed config (and, on Slurm, the sbatch script) into the run directory; returns
+    the files to log as artifacts, next to ``run_config.yaml``."""
+    run_dir = Path(run_dir)
+    files = [run_dir / "ds_config.json"]
+    files[0].write_text(json.dumps(ds_config, indent=2, default=str))
+    script = sbatch_script(environ)
+    if script is not None:
+        files.append(run_dir / "sbatch_script.sh")
+        files[1].write_text(script)
+    return files
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if platform.system() == "Darwin" else peak * 1024
+
+
+def gather_peak_memory(device: torch.device | str = "cpu") -> dict[str, float]:
+    """Peak host memory (and accelerator memory, if any) of every rank, as metrics.
+
+    Collective: every rank must call it (the result is the same on all). ``device`` is where the
+    communication backend wants tensors (``engine.device``: CPU for gloo, the GPU for NCCL).
+    """
+    accelerator = torch.cuda.is_available()
+    local = [float(peak_rss_bytes()), float(torch.cuda.max_memory_allocated()) if accelerator else 0.0]
+    mine = torch.tensor(local, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        rows = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(rows, mine)
+    else:
+        rows = [mine]
+    metrics: dict[str, float] = {}
+    for rank, row in enumerate(rows):
+        metrics[f"memory/peak_rss_gib/rank{rank}"] = row[0].item() / 2**30
+        if accelerator:
+            metrics[f"memory/peak_accelerator_gib/rank{rank}"] = row[1].item() / 2**30
+    metrics["memory/peak_rss_gib/max"] = max(row[0].item() for row in rows) / 2**30
+    return metrics
+
+
+# --- model FLOPs utilization ------------------------------------------------------------------------
+
+def matmul_parameters(model: nn.Module) -> int:
+    """Parameters that take part in a matmul per token: all of them, less an untied input embedding
+    (a lookup). Counts full sizes under ZeRO-3 (``ds_numel``), where local tensors are empty."""
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    output = model.get_output_embeddings()
+    if output is None or output.weight is not embedding:
+        total -= getattr(embedding, "ds_numel", embedding.numel())
+    return total
+
+
+def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> float:
+    """Training FLOPs per token: ``6 N + 12 L d s`` (PaLM, appendix B).
+
+    6N: 2N in the forward matmuls, 4N in the backward (input and weight gradients). With a frozen base
+    the weight gradients of the base are never computed, so the real work is nearer 4N; we keep the
+    standard 6N so MFU stays comparable with other systems and across adapter methods. 12 L d s is
+    attention's score and value matmuls (forward and backward) at sequence length s.
+    """
+    return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
+
+
+def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """``flops_per_token`` for a Hugging Face decoder (reads layers and hidden size from its config)."""
+    config = model.config
+    return flops_per_token(matmul_parameters(model), config.num_hidden_layers, config.hidden_size, seq_len)
+
+
+def throughput_metrics(tokens_per_s: float, flops_per_token: float, world_size: int,
+                       peak_tflops: float = 0.0) -> dict[str, float]:
+    """Achieved TFLOP/s per device and, given the device's peak (``peak_tflops`` > 0), MFU in [0, 1]."""
+    achieved = tokens_per_s * flops_per_token / world_size / 1e12
+    metrics = {"train/tflops_per_device": achieved}
+    if peak_tflops > 0:
+        metrics["train/mfu"] = achieved / peak_tflops
+    return metrics
