@@ -71,7 +71,8 @@ class KronaBlock(KronaDelta):
 
     def __init__(self, d: int, a1: int, a2: int, scale: float, residual: bool) -> None:
         super().__init__(d, d, a1, a2, scale)
-        self.residual_scale = nn.Parameter(torch.ones(())) if residual else None
+        # Shape (1,), not a 0-dim scalar: DeepSpeed ZeRO-3 cannot partition 0-dim parameters.
+        self.residual_scale = nn.Parameter(torch.ones(1)) if residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
