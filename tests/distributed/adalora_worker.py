@@ -26,7 +26,7 @@ from peft_dist.model import build_model
 from peft_dist.quant.model import quantize_model
 from peft_dist.train.trainer import train_step
 
-GLOBAL_BATCH, SEQ = 4, 16
+GLOBAL_BATCH, SEQ, LR, CLIP = 4, 16, 2e-2, 0.05
 ADALORA = {"method": "adalora", "init_r": 4, "target_r": 2, "alpha": 8.0, "tinit": 1, "tfinal": 2,
            "delta_t": 1, "orth_reg_weight": 0.5, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 
@@ -53,12 +53,44 @@ def check_lam_copies(hook, world: int) -> None:
             assert (lam.data[~hook.keep[offset: offset + r0]] == 0).all(), "a pruned lam is live in forward"
 
 
+def build(steps: int):
+    """The tiny int8 Llama with AdaLoRA, identical on every rank and in every run, and its hook."""
+    model, _ = build_model(ModelConfig(name_or_path="builtin:tiny-llama"))
+    quantize_model(model)
+    torch.manual_seed(0)
+    config = build_adapter_config(ADALORA, "adapters.0")
+    inject_adapters(model, [config])
+    return model, get_method("adalora").make_hook(model, config, steps)
+
+
+def plain_reference(data: torch.Tensor, steps: int, micro: int) -> list[dict]:
+    """The same training in plain PyTorch (no DeepSpeed): AdamW, clip_grad_norm_, hook with engine=None."""
+    model, hook = build(steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR)
+    records = []
+    for step in range(1, steps + 1):
+        batch = data[step - 1]
+        for x in batch.split(micro):
+            loss = model(input_ids=x, labels=x).loss + hook.extra_loss(model)
+            (loss / (len(batch) // micro)).backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        hook.before_step(None, step)
+        optimizer.step()
+        hook.after_step(None, step)
+        optimizer.zero_grad()
+        masked = bool(hook.history) and hook.history[-1]["step"] == step
+        records.append({"scores": hook.scores.tolist() if masked else None, "keep": hook.keep.tolist()})
+    return records
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--micro", type=int, required=True)
     parser.add_argument("--gas", type=int, required=True)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--reference", action="store_true", help="also train a plain PyTorch replica")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
 
@@ -67,22 +99,17 @@ def main() -> None:
     world = env.world_size
     assert args.micro * args.gas * world == GLOBAL_BATCH, "every run must use the same global batch"
 
-    model, _ = build_model(ModelConfig(name_or_path="builtin:tiny-llama"))
-    quantize_model(model)
-    torch.manual_seed(0)  # same adapter init on every rank and in every run
-    config = build_adapter_config(ADALORA, "adapters.0")
-    inject_adapters(model, [config])
-    hook = get_method("adalora").make_hook(model, config, args.steps)
+    model, hook = build(args.steps)
 
     import deepspeed
 
     ds_config = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": args.gas,
-                 "train_batch_size": GLOBAL_BATCH, "gradient_clipping": 0.5, "steps_per_print": 10 ** 9,
+                 "train_batch_size": GLOBAL_BATCH, "gradient_clipping": CLIP, "steps_per_print": 10 ** 9,
                  "zero_allow_untested_optimizer": True,
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                                        "overlap_comm": False, "contiguous_gradients": True}}
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=2e-2),
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=LR),
                                       model_parameters=params, config=ds_config)
 
     data = torch.randint(1, 512, (args.steps, GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
@@ -100,10 +127,13 @@ def main() -> None:
         masked = bool(hook.history) and hook.history[-1]["step"] == step
         records.append({"step": step, "loss": loss.item() / world, "mask_step": masked, "hashes": hashes,
                         "scores": hook.scores.tolist() if masked else None, "keep": hook.keep.tolist(),
-                        "bytes": hook.bytes_reduced if masked else 0})
+                        "bytes": hook.bytes_reduced if masked else 0,
+                        "grad_norm": float(engine.get_global_grad_norm())})
     result = {"world": world, "steps": records, "updates": hook.updates, "rank_pattern": hook.rank_pattern(),
               "b0": hook.b0, "full_gather_bytes": importance.full_gather_bytes([p for p, *_ in hook.params()]),
               "state": hook.state_dict()}
+    if args.reference:
+        result["reference"] = plain_reference(data, args.steps, args.micro)
     if env.rank == 0:
         with open(args.out, "w") as handle:
             json.dump(result, handle)
