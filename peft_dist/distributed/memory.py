@@ -1,0 +1,116 @@
+"""Per-rank model-state memory under ZeRO-3: the analytic formula and what an engine really holds.
+
+Model state = parameters + gradients + optimizer state (activations, communication buckets and
+prefetch buffers are not model state and are not counted). With a frozen int8 base and adapters, the
+formula per rank for ``N`` ranks is (derived from DeepSpeed 0.19.8 ``runtime/zero/stage3.py``, see
+docs/MEMORY.md)::
+
+    frozen:   sum over frozen parameters of numel x bytes(dtype at run time) / N
+              (int8 weights 1 byte; scales, biases, embeddings, lm_head, norms 4 in fp32, 2 in bf16)
+    adapters: numel x (param + grad + fp32 master + Adam m and v) / N
+              bf16: 2 + 2 + 4 + 8 = 16 bytes; fp32: 4 + 4 + 4 + 8 = 20 bytes. DeepSpeed keeps a
+              separate fp32 master even for fp32 parameters: its no-copy branch compares
+              ``tensor.device == self.device`` with ``self.device`` a string, never equal to a
+              ``torch.device``. With the optimizer offloaded it also keeps a persistent fp32 gradient
+              partition for the CPU optimizer: +4 bytes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+PARAM_BYTES = {"fp32": 4, "bf16": 2}  # what DeepSpeed casts floating-point parameters to
+MASTER_BYTES = 4  # DeepSpeed's fp32 master partition
+ADAM_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32 each
+
+
+@dataclass(frozen=True)
+class ModelStateBytes:
+    """Bytes of model state one rank holds, by kind."""
+
+    frozen: float  # local partitions of frozen parameters (int8 base, scales, embeddings, norms, ...)
+    adapter_params: float  # local partitions of trainable parameters, in the training precision
+    gradients: float  # gradient partitions of trainable parameters
+    master: float  # fp32 master partitions that are separate tensors from the parameters
+    optimizer: float  # optimizer state tensors (Adam: exp_avg, exp_avg_sq)
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+
+def _tensor_bytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+def analytic_model_state_bytes(model: nn.Module, world_size: int, precision: str,
+                               offload_optimizer: bool = False) -> ModelStateBytes:
+    """Expected per-rank model-state bytes of ``model`` (adapters injected, before DeepSpeed) under ZeRO-3.
+
+    Args:
+        model: the model whose ``requires_grad`` parameters are the adapters.
+        world_size: number of ranks ``N`` every tensor is partitioned over.
+        precision: ``fp32`` or ``bf16`` (the trainer's ``train.precision``).
+        offload_optimizer: ZeRO-3 with ``offload_optimizer`` (ds_configs/zero3_offload.json).
+    Returns:
+        Exact fractions ``numel x bytes / N`` (DeepSpeed pads each tensor to a multiple of ``N``).
+    Raises:
+        ValueError: an unknown precision or a world size below 1.
+    """
+    if precision not in PARAM_BYTES:
+        raise ValueError(f"precision: got {precision!r}; use one of {sorted(PARAM_BYTES)}")
+    if world_size < 1:
+        raise ValueError(f"world_size: got {world_size}; must be >= 1")
+    param_bytes = PARAM_BYTES[precision]
+    frozen, trainable = 0, 0
+    for param in model.parameters():
+        if param.requires_grad:
+            trainable += param.numel()
+        else:
+            size = param_bytes if param.is_floating_point() else param.element_size()
+            frozen += param.numel() * size
+    grad = param_bytes + (4 if offload_optimizer else 0)
+    return ModelStateBytes(frozen=frozen / world_size,
+                           adapter_params=trainable * param_bytes / world_size,
+                           gradients=trainable * grad / world_size,
+                           master=trainable * MASTER_BYTES / world_size,
+                           optimizer=trainable * ADAM_STATE_BYTES / world_size)
+
+
+def measured_model_state_bytes(engine) -> ModelStateBytes:
+    """The model-state bytes this rank's ZeRO-3 engine actually holds, read from its tensors.
+
+    Walks every parameter's local partition (``ds_tensor``, plus the whole tensor of a persistent
+    parameter and any secondary partition), the optimizer's gradient partitions, its fp32 partitions
+    where they are not the parameters themselves, and the inner optimizer's state. Call it after at
+    least one ``engine.step()``: torch's Adam creates its state lazily.
+
+    Raises:
+        ValueError: the engine is not ZeRO stage 3.
+    """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    optimizer = engine.optimizer
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+        raise ValueError(f"measured_model_state_bytes reads ZeRO-3 partitions; this engine's optimizer is "
+                         f"{type(optimizer).__name__}. Set zero_optimization.stage=3 (ds_configs/zero3.json)")
+    frozen, adapter = 0, 0
+    for param in engine.module.parameters():
+        local = _tensor_bytes(param.ds_tensor) + _tensor_bytes(getattr(param, "ds_secondary_tensor", None))
+        if param.ds_persist:  # resident whole on every rank besides its partition
+            local += _tensor_bytes(param.data)
+        if param.requires_grad:
+            adapter += local
+        else:
+            frozen += local
+    gradients = _tensor_bytes(optimizer.grad_partitions_flat_buffer)
+    gradients += sum(_tensor_bytes(flat.grad) for flat in optimizer.fp32_partitioned_groups_flat)
+    master = sum(_tensor_bytes(flat) for flat, low in zip(optimizer.fp32_partitioned_groups_flat,
+                                                          optimizer.fp16_partitioned_groups_flat)
+                 if low is None or flat.data_ptr() != low.data_ptr())
+    state = sum(_tensor_bytes(value) for per_param in optimizer.optimizer.state.values()
+                for value in per_param.values() if torch.is_tensor(value))
+    return ModelStateBytes(frozen=frozen, adapter_params=adapter, gradients=gradients, master=master,
+                           optimizer=state)
