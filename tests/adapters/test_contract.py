@@ -124,3 +124,22 @@ def test_merge_equals_unmerged(method: str, model_kind: str) -> None:
         if isinstance(m, AdaptedLinear):
             m.merge()
     torch.testing.assert_close(logits(model64, IDS), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_methods_compose_and_round_trip_under_their_own_names() -> None:
+    configs = [adapter_config("prefix", name="attn_prefix"),
+               adapter_config("krona", name="kron", target_modules=["q_proj", "v_proj"]),
+               adapter_config("parallel_adapter", name="ffn_pa"),
+               adapter_config("sequential_adapter", name="seq", placement="houlsby"),
+               adapter_config("bitfit", name="norms")]
+    model = tiny_llama()
+    injected = inject_adapters(model, configs)
+    assert all(injected.values())
+    randomize_adapters(model)
+    state = adapter_state_dict(model)
+    for name in ("attn_prefix", "kron", "ffn_pa", "seq"):
+        assert any(f".{name}." in key for key in state), name
+    fresh = tiny_llama()
+    inject_adapters(fresh, configs)
+    load_adapter_state_dict(fresh, state)
+    torch.testing.assert_close(logits(fresh, IDS), logits(model, IDS), rtol=0, atol=0)
