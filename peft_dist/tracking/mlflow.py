@@ -6,7 +6,7 @@ records stay buffered and the thread retries with exponential backoff (capped), 
 training loop microseconds whether or not the server is up. ``close`` waits a bounded time for the
 last flush; whatever could not be sent is written to ``<run_dir>/tracking_backlog.jsonl`` with a
 warning, and the next tracker opened on that run directory (a resume, or ``python -m
-peft_dist.tracking.mlflow RUN_DIR``) sends it.
+peft_dist.tracking.offline RUN_DIR``) sends it.
 
 Default store: SQLite ``<run_dir>/mlflow.db`` with artifacts in ``<run_dir>/mlartifacts``; ``tracking.uri``
 or ``MLFLOW_TRACKING_URI`` selects a server.
@@ -94,7 +94,7 @@ class MlflowTracker:
     """
 
     def __init__(self, cfg: TrackingConfig, run_dir: str | Path, resume_run_id: str | None = None, *,
-                 flush_interval: float = 1.0, max_backoff: float = 10.0, close_timeout: float = 30.0,
+                 flush_interval: float = 1.0, max_backoff: float = 10.0, close_timeout: float = 15.0,
                  start_timeout: float = 20.0, max_buffer: int = 20_000, reopen: bool = True) -> None:
         # MLflow's REST client retries 7 times over minutes by default; we retry ourselves, with backoff.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -202,7 +202,7 @@ class MlflowTracker:
         if unsent:
             self._write_backlog(unsent, append=True)
             log.warning("tracking: MLflow at %s unreachable at close; %d unsent records (%s) written to %s. "
-                        "They are sent on resume, or now with: python -m peft_dist.tracking.mlflow %s",
+                        "They are sent on resume, or now with: python -m peft_dist.tracking.offline %s",
                         self.uri, len(unsent), _summary(unsent), self.run_dir / BACKLOG, self.run_dir)
 
     # --- internals ------------------------------------------------------------------------------
@@ -311,11 +311,11 @@ class MlflowTracker:
             with self._lock:
                 if self._abandoned:
                     return
-                replayed = any(r.replayed for r in batch)
                 while self._buffer and self._buffer[0].seq <= batch[-1].seq:
                     self._buffer.popleft()
-                if replayed and not any(r.replayed for r in self._buffer):
-                    self._write_backlog([], append=False)  # the loaded backlog is sent: keep only the rest
+                replayed_all = any(r.replayed for r in batch) and not any(r.replayed for r in self._buffer)
+            if replayed_all:
+                self._write_backlog([], append=False)  # the loaded backlog is sent: keep only the rest
 
     def _next_batch(self) -> list[Record]:
         """A prefix of the buffer that fits one request: batchable records of one run, or one other."""
@@ -428,30 +428,3 @@ def _summary(records: list[Record]) -> str:
     for record in records:
         counts[record.kind] = counts.get(record.kind, 0) + 1
     return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m peft_dist.tracking.mlflow RUN_DIR [--uri URI]``: send a run directory's backlog."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Send the unsent MLflow records of a run directory")
-    parser.add_argument("run_dir")
-    parser.add_argument("--uri", default="", help="tracking URI (default: the one recorded in tracking.json)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run_dir = Path(args.run_dir)
-    if not (run_dir / BACKLOG).exists():
-        print(f"{run_dir / BACKLOG}: nothing to send")
-        return 0
-    recorded = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else {}
-    cfg = TrackingConfig(uri=args.uri or recorded.get("tracking_uri", ""),
-                         experiment=recorded.get("experiment", TrackingConfig.experiment))
-    tracker = MlflowTracker(cfg, run_dir, recorded.get("run_id"), reopen=False)
-    tracker.close(status=None)
-    left = (run_dir / BACKLOG).exists()
-    print(f"{run_dir / BACKLOG}: {'some records remain (see warnings)' if left else 'all records sent'}")
-    return 1 if left else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

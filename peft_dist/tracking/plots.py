@@ -4,8 +4,9 @@ Input is ``{metric: [(step, value), ...]}`` (``tracker.metric_history()``), so t
 exactly what was logged and can be redrawn from MLflow later. Figures are drawn with the Agg canvas
 directly (no pyplot state, no display needed, safe next to the tracker thread).
 
-Metric names read: ``train/loss`` and ``eval/loss``; for rank allocation, per-module ranks named
-``<adapter>/rank/<module>`` and the total ``<adapter>/total_rank`` (what AdaLoRA's hook logs).
+Metric names read: ``train/loss`` and ``eval/loss``; for rank allocation, what AdaLoRA's hook logs:
+per-module ranks ``<adapter>/rank/<module>``, the total ``<adapter>/rank_total`` and the scheduled
+``<adapter>/budget``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from matplotlib.figure import Figure
 History = dict[str, list[tuple[int, float]]]
 LOSS_CURVES = {"train/loss": "train", "eval/loss": "eval"}
 RANK_MARK = "/rank/"
-TOTAL_RANK_SUFFIX = "/total_rank"
+TOTAL_SUFFIXES = {"/rank_total": "-", "/budget": "--"}  # line styles
 
 
 def _natural_key(name: str) -> list:
@@ -62,9 +63,11 @@ def rank_matrix(history: History) -> tuple[list[str], list[int], list[list[float
 
 
 def plot_rank_allocation(history: History, path: str | Path) -> Path | None:
-    """Heat map of each module's rank over time, above the total rank; None when no ranks were logged."""
+    """Heat map of each module's rank over time, above the total rank and the budget; None when no
+    ranks were logged."""
     modules, steps, matrix = rank_matrix(history)
-    totals = {key: sorted(points) for key, points in history.items() if key.endswith(TOTAL_RANK_SUFFIX) and points}
+    totals = {key: (sorted(points), style) for key, points in history.items() if points
+              for suffix, style in TOTAL_SUFFIXES.items() if key.endswith(suffix)}
     if not modules and not totals:
         return None
     figure = Figure(figsize=(9, 3 + 0.18 * len(modules)), layout="constrained")
@@ -78,9 +81,9 @@ def plot_rank_allocation(history: History, path: str | Path) -> Path | None:
         heat_axes.invert_yaxis()
         figure.colorbar(mesh, ax=heat_axes, label="rank")
     heat_axes.set_title("Rank allocation per module")
-    for key, points in totals.items():
+    for key, (points, style) in sorted(totals.items()):
         x, y = zip(*points)
-        total_axes.step(x, y, where="post", label=key)
+        total_axes.step(x, y, style, where="post", label=key)
     total_axes.set_xlabel("optimizer step")
     total_axes.set_ylabel("total rank")
     total_axes.grid(alpha=0.3)

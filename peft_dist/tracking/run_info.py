@@ -117,8 +117,8 @@ def write_run_files(run_dir: str | Path, ds_config: dict, environ: dict[str, str
     files = [run_dir / "ds_config.json"]
     files[0].write_text(json.dumps(ds_config, indent=2, default=str))
     script = sbatch_script(environ)
-    if script is not None:
-        files.append(run_dir / "sbatch_script.sh")
+    if script is not None:  # one file per job: a resubmission may use another script
+        files.append(run_dir / f"sbatch_{(os.environ if environ is None else environ)['SLURM_JOB_ID']}.sh")
         files[1].write_text(script)
     return files
 
