@@ -35,7 +35,7 @@ SETTINGS = {
     "sequential_adapter": {"r": 16, "placement": "houlsby"},
     "krona_block": {"residual": True},
     "prefix": {"length": 8, "hidden": 64},
-    "mam": {"prefix_length": 8, "r": 16, "scale": 2.0, "hidden": 64},
+    "mam": {"prefix_length": 8, "r": 16, "scale": 2.0, "reparameterize": False},  # prefix above covers the MLP
     "bitfit": {"norm": True},
 }
 BASES = {
@@ -91,7 +91,8 @@ def run_cell(method: str, base: str, stage: int, out: Path, corpus: Path) -> dic
     try:
         cfg = build_run_config(cell_config(method, base, stage, out, corpus))
         result = train(cfg)
-        record.update(first_loss=result.losses[0], last_loss=result.losses[-1], eval_loss=result.eval_loss)
+        record.update(losses=result.losses, first_loss=result.losses[0], last_loss=result.losses[-1],
+                      eval_loss=result.eval_loss)
         record["loss_fell"] = result.losses[-1] < result.losses[0]
         if resolve_env().rank == 0:
             reloaded = reloaded_eval_loss(result.adapter_dir, cfg)

@@ -3,8 +3,8 @@ with fp32 training, bf16 base with bf16 training) x ZeRO stage (2, 3), each a sh
 
 One process group runs all cells (tests/distributed/compat_worker.py), so the matrix costs one launch.
 The test writes docs/COMPATIBILITY.md from the results (that file is generated: never edit it by hand),
-then asserts that every cell trained (loss fell) and that its adapter checkpoint reloads onto a fresh base
-with the same eval loss.
+then asserts that every cell trained (loss fell), that its adapter checkpoint reloads onto a fresh base
+with the same eval loss, and that ZeRO-2 and ZeRO-3 give the same fp32 loss curve.
 """
 from __future__ import annotations
 
@@ -83,3 +83,9 @@ def test_every_method_base_and_stage(tmp_path):
               for c in cells if not verdict(c).startswith("✓")}
     assert not failed, failed
     assert len(cells) == len(methods()) * len(BASES) * len(STAGES)
+    # ZeRO-2 keeps whole parameters on every rank; ZeRO-3 partitions and gathers them. In fp32 the loss
+    # curves must agree, which checks that every method's parameters are gathered where they are used.
+    for method in methods():
+        zero2, zero3 = (next(c for c in cells if c["method"] == method and c["base"] == "int8" and c["stage"] == s)
+                        for s in STAGES)
+        assert zero3["losses"] == pytest.approx(zero2["losses"], rel=1e-5), method
