@@ -35,8 +35,9 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def _own(module: nn.Module, name: str) -> nn.Parameter | None:
-    param = module._parameters.get(name)
-    return param if isinstance(param, nn.Parameter) and param.is_floating_point() else None
+    """The module's own floating-point parameter ``name`` (not a child's), if any."""
+    param = dict(module.named_parameters(recurse=False)).get(name)
+    return param if param is not None and param.is_floating_point() else None
 
 
 @register("bitfit", BitFitConfig)
