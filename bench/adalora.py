@@ -7,7 +7,7 @@ The communication figures compare what peft-dist all-reduces per mask step (``4 
 what gathering every adapter gradient whole needs (``safe_get_full_grad``, what peft does), for this
 model and for LLaMA-7B with r0 = 12 on its 7 projections x 32 layers.
 
-    python bench/adalora.py [--steps 12] [--rank 12] [--tokens 256]
+    python bench/adalora.py [--steps 12] [--rank 12] [--tokens 256] [--threads 1]
 """
 from __future__ import annotations
 
@@ -41,20 +41,27 @@ def build(method: dict, steps: int):
     return model, hook, params, torch.optim.AdamW(params, lr=1e-3)
 
 
-def train_step(model, hook, optimizer, ids: torch.Tensor, step: int) -> float:
-    """One step as the trainer runs it (plain PyTorch: ``engine=None``); returns seconds."""
+def train_step(model, hook, optimizer, ids: torch.Tensor, step: int) -> tuple[float, float]:
+    """One step as the trainer runs it (plain PyTorch: ``engine=None``); returns (step, hook) seconds."""
     began = time.perf_counter()
     loss = model(input_ids=ids, labels=ids).loss
+    hook_s = 0.0
     if hook is not None:
+        t = time.perf_counter()
         loss = loss + hook.extra_loss(model)
+        hook_s += time.perf_counter() - t
     loss.backward()
+    t = time.perf_counter()
     if hook is not None:
         hook.before_step(None, step)
+    hook_s += time.perf_counter() - t
     optimizer.step()
+    t = time.perf_counter()
     if hook is not None:
         hook.after_step(None, step)
+    hook_s += time.perf_counter() - t
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - began
+    return time.perf_counter() - began, hook_s
 
 
 def llama7b_bytes(r0: int) -> tuple[int, int]:
@@ -70,25 +77,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per method (after 2 warm-up)")
     parser.add_argument("--rank", type=int, default=12, help="LoRA r = AdaLoRA init_r")
     parser.add_argument("--tokens", type=int, default=256, help="sequence length of the single sequence")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 keeps timings stable on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     lora = build({"method": "lora", "r": args.rank, "alpha": 16}, args.steps)
     adalora = build({"method": "adalora", "init_r": args.rank, "target_r": args.rank // 2, "alpha": 16,
                      "tinit": 0, "tfinal": 0, "delta_t": 1}, args.steps)
     ids = torch.randint(1, 512, (1, args.tokens), generator=torch.Generator().manual_seed(0))
-    times = {"lora": [], "adalora": []}
+    times, hook_times = {"lora": [], "adalora": []}, []
     for step in range(1, args.steps + 3):
         for name, (model, hook, _, optimizer) in (("lora", lora), ("adalora", adalora)):
-            seconds = train_step(model, hook, optimizer, ids, step)
+            seconds, hook_seconds = train_step(model, hook, optimizer, ids, step)
             if step > 2:
                 times[name].append(seconds)
+                if hook is not None:
+                    hook_times.append(hook_seconds)
     lora_s, adalora_s = statistics.median(times["lora"]), statistics.median(times["adalora"])
     hook, params = adalora[1], [p for p, *_ in adalora[1].params()]
     print(f"d={D}, 2 layers, 7 linears each, int8 base, rank {args.rank}, {args.tokens} tokens, "
           f"{torch.get_num_threads()} threads")
     print(f"LoRA    step {lora_s * 1e3:8.1f} ms (median of {args.steps})")
     print(f"AdaLoRA step {adalora_s * 1e3:8.1f} ms (masking every step)")
-    print(f"overhead     {adalora_s / lora_s:8.3f}x  (target <= 1.3x)")
+    print(f"overhead     {adalora_s / lora_s:8.3f}x  (target <= 1.3x); the hook itself (regularizer, "
+          f"importance, mask): {statistics.median(hook_times) * 1e3:.1f} ms/step")
     print(f"this model: all-reduce per mask step {4 * hook.b0:,} B (b0 = {hook.b0}); "
           f"full-gradient gather {importance.full_gather_bytes(params):,} B")
     reduced, gathered = llama7b_bytes(args.rank)
