@@ -108,8 +108,9 @@ class AdaLoraDelta(AdapterModule):
             raise ValueError(f"an AdaLoRA delta needs exactly P, lam and Q; got {sorted(state)}")
         r, (d_out, r0), d_in = state["lam"].numel(), self.P.shape, self.Q.shape[1]
         if state["P"].shape != (d_out, r) or state["Q"].shape != (r, d_in) or r > r0:
-            raise ValueError(f"AdaLoRA shapes P {tuple(state['P'].shape)}, lam ({r},), Q {tuple(state['Q'].shape)} "
-                             f"do not fit this layer (d_out={d_out}, d_in={d_in}, init_r={r0})")
+            raise ValueError(f"AdaLoRA shapes P {tuple(state['P'].shape)}, lam ({r},), "
+                             f"Q {tuple(state['Q'].shape)} do not fit this layer "
+                             f"(d_out={d_out}, d_in={d_in}, init_r={r0})")
         for key in ("P", "lam", "Q"):
             old = getattr(self, key)
             setattr(self, key, nn.Parameter(state[key].to(old.dtype, copy=True).reshape(state[key].shape),
@@ -256,7 +257,8 @@ class AdaLoraHook(TrainHook):
         return [sum(self.ranks0[:i]) for i in range(len(self.ranks0))]
 
     def rank_pattern(self) -> dict[str, int]:
-        return {name: int(self.keep[o: o + r].sum()) for name, o, r in zip(self.names, self._offsets(), self.ranks0)}
+        spans = zip(self.names, self._offsets(), self.ranks0)
+        return {name: int(self.keep[offset: offset + r0].sum()) for name, offset, r0 in spans}
 
     def metrics(self) -> dict[str, float]:
         prefix = self.config.name

@@ -1,9 +1,10 @@
 """AdaLoRA under real multi-process ZeRO-3 (CPU, gloo): the same budget decisions on 1, 2 and 4 ranks.
 
-The 1-rank run is also checked against plain PyTorch. All runs use the same global batch of 4 sequences: 1 rank with 2 micro-batches of 2 (gradient
+All runs use the same global batch of 4 sequences: 1 rank with 2 micro-batches of 2 (gradient
 accumulation, so importance must be updated once per optimizer step, not per micro-batch), 2 ranks x
-2, 4 ranks x 1. ``stage3_param_persistence_threshold`` is 0, so P, lam and Q are really partitioned
-(the worker asserts it). The worker itself asserts, every step, that all ranks hold bit-identical
+2, 4 ranks x 1; the 1-rank run is also checked against the same training in plain PyTorch.
+``stage3_param_persistence_threshold`` is 0, so P, lam and Q are really partitioned (the worker
+asserts it). The worker itself asserts, every step, that all ranks hold bit-identical
 masks (all-gathered hash) and that pruned lam are zero in the fp32 master shard, the low-precision
 shard and the gathered tensor the next forward reads.
 """
