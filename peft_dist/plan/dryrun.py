@@ -1,0 +1,51 @@
+"""Dry run on the meta device: the real transformers model, quantized and adapted, without memory.
+
+``torch.device("meta")`` gives every tensor a shape and dtype but no storage, so a 175B skeleton is
+built in about a second. The model then goes through the same surgery as a training run (int8
+linears, adapter injection) and its parameters are read off as an inventory for ``per_rank``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from peft_dist.adapters.inject import inject_adapters
+from peft_dist.model import DTYPES
+from peft_dist.plan.inventory import TensorInfo
+from peft_dist.plan.models import ModelShape, hf_config
+from peft_dist.quant.model import _is_float_linear, quantize_linear
+from peft_dist.targets import find_modules, replace_module
+
+
+def quantize_on_meta(model: nn.Module, targets: Any, dtype: torch.dtype) -> int:
+    """Swap targeted linears for ``Int8Linear`` shells, as ``quantize_model`` does with real weights.
+
+    ``quantize_model`` also measures each layer's quantization error with ``.item()``, which meta
+    tensors cannot answer; the layer it builds (``quantize_linear``) is the same.
+    """
+    found = find_modules(model, targets, _is_float_linear, "linear layer", "quantization.target_modules")
+    for name, module in found:
+        replace_module(model, name, quantize_linear(module, dtype))
+    return len(found)
+
+
+def build_meta_model(shape: ModelShape, adapters: list, quant_targets: Any | None,
+                     dtype: str = "bfloat16") -> nn.Module:
+    """The adapted int8 model a run of ``shape`` would train, with meta tensors only."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = DTYPES[dtype]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(shape, dtype), dtype=torch_dtype)
+        if quant_targets is not None:
+            quantize_on_meta(model, quant_targets, torch_dtype)
+        inject_adapters(model, adapters)
+    return model
+
+
+def meta_inventory(model: nn.Module) -> list[TensorInfo]:
+    """Every (deduplicated) parameter of ``model``: what ZeRO-3 would partition."""
+    return [TensorInfo(name, p.numel(), p.element_size(), p.requires_grad)
+            for name, p in model.named_parameters()]

@@ -1,0 +1,113 @@
+"""Parameter inventories and what a ZeRO-3 rank holds of them.
+
+An inventory is the list of parameter tensors of the adapted, int8-quantized model: its numel, bytes
+per element and whether it trains. The analytic model writes it down from a ``ModelShape``
+(``analytic_inventory``); the dry run reads it off the real transformers model built on the meta
+device (``peft_dist.plan.dryrun``). ``per_rank`` applies DeepSpeed ZeRO-3's layout to either, so the
+two can be compared byte for byte.
+
+ZeRO-3 layout (DeepSpeed 0.19, ``partition_parameters.py``): each parameter is flattened, padded to a
+multiple of the world size W and split, so a rank holds ``ceil(numel / W)`` elements of it.
+Parameters with ``numel <= stage3_param_persistence_threshold`` are also kept whole on every rank
+after their first use (they are never released, so they are never gathered again).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import peft_dist.quant  # noqa: F401  (peft_dist.targets imported first is a circular import)
+from peft_dist.plan.models import ModelShape, PlanError
+from peft_dist.targets import HEAD_NAMES, name_matches
+
+INT8 = 1
+# Optimizer state per trainable element on its owner rank: fp32 master (4), Adam exp_avg and
+# exp_avg_sq (4 + 4), the fp32 gradient partition (4).
+OPTIMIZER_BYTES = 16
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    numel: int
+    itemsize: int
+    trainable: bool
+
+
+@dataclass(frozen=True)
+class RankBytes:
+    """What one rank holds, in bytes (``*_numel``: elements)."""
+
+    frozen: int  # the base: int8 weight shards, their scales, embeddings, norms (+ persistent copies)
+    trainable: int  # adapter parameter shards in the training dtype (+ persistent copies)
+    optimizer: int  # fp32 master, Adam moments, fp32 gradient: OPTIMIZER_BYTES per owned element
+    trainable_numel: int  # elements of trainable tensors in the whole model
+    total_numel: int  # elements of all tensors in the whole model
+    gathered: int  # bytes one forward (or backward) pass all-gathers: the non-persistent tensors, whole
+
+    @property
+    def params(self) -> int:
+        return self.frozen + self.trainable
+
+
+def per_rank(inventory: list[TensorInfo], world: int, persistence_threshold: int) -> RankBytes:
+    """Bytes one of ``world`` ZeRO-3 ranks holds for ``inventory`` (DeepSpeed's layout, see above)."""
+    frozen = trainable = optimizer = trainable_numel = total = gathered = 0
+    for t in inventory:
+        shard = math.ceil(t.numel / world)
+        held = shard * t.itemsize + (t.numel * t.itemsize if t.numel <= persistence_threshold else 0)
+        if t.numel > persistence_threshold:
+            gathered += t.numel * t.itemsize
+        total += t.numel
+        if t.trainable:
+            trainable += held
+            optimizer += shard * OPTIMIZER_BYTES
+            trainable_numel += t.numel
+        else:
+            frozen += held
+    return RankBytes(frozen, trainable, optimizer, trainable_numel, total, gathered)
+
+
+def _candidate_linears(shape: ModelShape) -> list[tuple[str, int, int, bool]]:
+    """Every linear module of the model, output head last."""
+    return [lin for layer in range(shape.layers) for lin in shape.linears(layer)] + [shape.head()]
+
+
+def _targeted(name: str, targets: Any) -> bool:
+    """``peft_dist.targets.find_modules``' rule: ``all-linear`` is every linear outside the output head."""
+    if targets == "all-linear":
+        return name.split(".")[-1] not in HEAD_NAMES
+    return name_matches(name, targets)
+
+
+def analytic_inventory(shape: ModelShape, adapters: list, quant_targets: Any | None,
+                       itemsize: int) -> list[TensorInfo]:
+    """The parameter tensors of ``shape`` after int8 quantization of ``quant_targets`` (None: off)
+    and LoRA injection, written down from the shape alone.
+
+    Raises ``PlanError`` for what this model does not write down: adapter methods other than LoRA
+    (the planner then counts them on the meta-device model) and a quantized output head.
+    """
+    out = [TensorInfo(name, numel, itemsize, False) for name, numel in shape.other_tensors()]
+    for name, d_out, d_in, bias in _candidate_linears(shape):
+        is_head = name == "lm_head"
+        quantized = quant_targets is not None and _targeted(name, quant_targets)
+        if quantized and is_head:
+            raise PlanError("quantization.target_modules: quantizing the output head is not modelled; "
+                            "use all-linear (the head stays in floating point)")
+        if quantized:
+            out += [TensorInfo(f"{name}.weight", d_out * d_in, INT8, False),
+                    TensorInfo(f"{name}.weight_scale", d_out, itemsize, False)]
+        elif not is_head:  # the head's weight is listed with the embeddings (shared when tied)
+            out.append(TensorInfo(f"{name}.weight", d_out * d_in, itemsize, False))
+        if bias:
+            out.append(TensorInfo(f"{name}.bias", d_out, itemsize, False))
+        for adapter in adapters:
+            if adapter.method != "lora":
+                raise PlanError(f"adapters: the analytic model writes down LoRA only, not {adapter.method!r}; "
+                                "the planner counts other methods on the meta-device model (--dry-run)")
+            if _targeted(name, adapter.target_modules):
+                out += [TensorInfo(f"{name}.{adapter.name}.A", adapter.r * d_in, itemsize, True),
+                        TensorInfo(f"{name}.{adapter.name}.B", d_out * adapter.r, itemsize, True)]
+    return out
