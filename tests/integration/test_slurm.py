@@ -109,3 +109,11 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, full_run, tmp_pa
     assert [r.info.run_id for r in runs] == [tracking["run_id"]]  # the requeued job continued the run
     steps = [m.step for m in client.get_metric_history(tracking["run_id"], "train/loss")]
     assert sorted(steps) == list(range(5, STEPS + 1, 5))
+
+
+def test_hostfile_from_the_allocation(cluster, tmp_path):
+    hostfile = tmp_path / "hostfile"
+    script = REPO / "slurm" / "hostfile.sh"
+    cluster.run(["sbatch", "--wait", "--ntasks=1", "--gpus-per-node=0", f"--output={tmp_path}/%j.log",
+                 f"--wrap=bash {script} {hostfile} 4"], timeout=120)
+    assert hostfile.read_text() == f"{cluster.host} slots=4\n"
