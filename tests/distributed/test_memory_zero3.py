@@ -18,8 +18,11 @@ from tests.multiproc import REPO, run_distributed
 
 WORKER = str(REPO / "tests" / "distributed" / "mem_worker.py")
 WORLDS = (1, 2, 4)
-MEMORY_RTOL = 0.10  # the issue's bound; observed: within 0.1% (padding to a multiple of N, Adam's step)
+# The issue asks for the total within 10%; each component is held to 1%. Observed: exact except Adam's
+# 4-byte step counter (the tiny model's tensor sizes are multiples of 4, so no partition padding).
+COMPONENT_RTOL = 0.01
 GRAD_RTOL_FP32 = 1e-4  # DeepSpeed vs plain PyTorch: only the order of fp32 reductions differs
+GRAD_NORM_RTOL_BF16 = 0.05  # bf16 engine vs fp32 plain PyTorch, ||got - want|| / ||want||
 LINEARS_PER_LAYER, LAYERS = 7, 4
 
 
@@ -101,8 +104,7 @@ def test_model_state_bytes_match_the_formula_and_divide_by_n(ranks):
     for world, name, v in each_variant(ranks):
         analytic, measured = v["analytic"], v["measured"]
         for kind in analytic:
-            assert measured[kind] == pytest.approx(analytic[kind], rel=MEMORY_RTOL), (world, name, kind)
-        assert sum(measured.values()) == pytest.approx(sum(analytic.values()), rel=MEMORY_RTOL), (world, name)
+            assert measured[kind] == pytest.approx(analytic[kind], rel=COMPONENT_RTOL), (world, name, kind)
     one = {n: sum(v["measured"].values()) for n, v in ranks[1][0]["variants"].items()}
     for n, v in ranks[4][3]["variants"].items():
         assert sum(v["measured"].values()) == pytest.approx(one[n] / 4, rel=0.02), n
@@ -114,7 +116,8 @@ def test_activation_gradients_flow_through_int8_layers(ranks):
     sees it, so the averaged gradient is the single-process one). B of q/k/v/gate/up is nonzero only
     if the gradient went back through the int8 o_proj / down_proj; A's is zero since B starts at 0."""
     reference = ranks[1][0]["reference_grads"]
-    flowing = [n for n in reference if n.endswith(".B") and not n.split(".deltas")[0].endswith(("o_proj", "down_proj"))]
+    flowing = [n for n in reference
+               if n.endswith(".B") and not n.split(".deltas")[0].endswith(("o_proj", "down_proj"))]
     assert len(flowing) == 5
     for n in flowing:
         assert torch.tensor(reference[n]).abs().max() > 1e-4, n
@@ -124,5 +127,5 @@ def test_activation_gradients_flow_through_int8_layers(ranks):
             got, want = torch.tensor(grad), torch.tensor(reference[n])
             if name.startswith("fp32"):
                 torch.testing.assert_close(got, want, rtol=GRAD_RTOL_FP32, atol=1e-7, msg=f"{world} {name} {n}")
-            else:  # bf16 forward and backward: relative error of the whole tensor
-                assert (got - want).norm() <= 0.05 * want.norm() + 1e-6, (world, name, n)
+            else:  # bf16 forward and backward: relative error of the whole tensor (observed 1.1e-2)
+                assert (got - want).norm() <= GRAD_NORM_RTOL_BF16 * want.norm() + 1e-6, (world, name, n)
