@@ -162,7 +162,7 @@ def matmul_parameters(model: nn.Module) -> int:
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
-    if output is None or output.weight is not embedding:
+    if output is None or not any(p is embedding for p in output.parameters()):  # untied (or adapted) head
         total -= getattr(embedding, "ds_numel", embedding.numel())
     return total
 

@@ -1,0 +1,241 @@
+"""MLflow tracking against a real ``mlflow server`` (127.0.0.1, random free port, SQLite backend and
+proxied artifact store in a temp dir), and the no-server default (SQLite in the run directory).
+
+Everything the trainer logs is read back through ``MlflowClient``. The outage test stops the server
+while a tracker is logging and starts it again on the same port and database.
+"""
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from peft_dist.config.schema import TrackingConfig
+from peft_dist.distributed.env import free_port
+from peft_dist.tracking.mlflow import BACKLOG, RUN_FILE, MlflowTracker
+from tests.multiproc import REPO, run_distributed
+
+pytestmark = pytest.mark.slow
+
+ADALORA_CONFIG = """\
+adapters:
+  - {method: adalora, name: ada, init_r: 6, target_r: 3, tinit: 1, tfinal: 1, delta_t: 1, total_step: 6,
+     target_modules: [q_proj, v_proj]}
+train: {lr: 1.0e-2, warmup_steps: 1, micro_batch_size: 2, max_steps: 3, log_interval: 2, eval_interval: 3, eval_batches: 2}
+data: {max_documents: 60}
+checkpoint: {save_interval: 2}
+tracking: {experiment: tiny-adalora, peak_tflops: 0.05}
+deepspeed: {overrides: {zero_optimization.stage3_param_persistence_threshold: 0}}
+"""
+
+
+class MlflowServer:
+    """``mlflow server`` in its own process group, so stopping it stops its workers too."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> None:
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            ["mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited:\n{(self.root / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"mlflow server not up after {timeout}s:\n{(self.root / 'server.log').read_text()[-3000:]}")
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if not self.running():
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    """One server for the module (starting one takes seconds); tests find it running."""
+    srv = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def server(shared_server):
+    if not shared_server.running():
+        shared_server.start()
+    return shared_server
+
+
+def series(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for info in client.list_artifacts(run_id, path):
+        out |= artifact_paths(client, run_id, info.path) if info.is_dir else {info.path}
+    return out
+
+
+def test_tracker_outage_never_stalls_and_everything_arrives_after_restart(server, tmp_path, caplog):
+    """Stop the server while a tracker logs and start it again (same port and database): log calls
+    stay instant during the outage and every record logged meanwhile arrives after the restart.
+    (Records still unsent at ``close`` go to the backlog file: test_mlflow_helpers covers that.)"""
+    caplog.set_level(logging.WARNING, logger="peft_dist")
+    run_dir = tmp_path / "run"
+    tracker = MlflowTracker(TrackingConfig(uri=server.uri), run_dir, flush_interval=0.2, max_backoff=1.0,
+                            close_timeout=30.0)
+    run_id = tracker.run_id
+    assert run_id and json.loads((run_dir / RUN_FILE).read_text())["run_id"] == run_id
+    slowest = 0.0
+    for step in range(1, 10):
+        if step == 4:
+            assert tracker.flush(30)
+            server.stop()
+        began = time.perf_counter()
+        tracker.log_metrics({"train/loss": 10.0 - step, "train/lr": 0.1 * step}, step)
+        if step == 5:
+            tracker.append_tag("slurm.job_ids", "11")
+            (tmp_path / "note.txt").write_text("written during the outage")
+            tracker.log_artifact(tmp_path / "note.txt", "notes")
+        slowest = max(slowest, time.perf_counter() - began)
+    time.sleep(1.0)  # a few failed sends while the server is down
+    assert not tracker.flush(0.5)
+    assert "unreachable" in caplog.text
+    server.start()
+    assert tracker.flush(60)
+    assert "reachable again" in caplog.text
+    tracker.close("FINISHED")
+    assert slowest < 0.01, slowest
+    client = MlflowClient(server.uri)
+    run = client.get_run(run_id)
+    assert series(client, run_id, "train/loss") == [(s, 10.0 - s) for s in range(1, 10)]
+    assert series(client, run_id, "train/lr") == [(s, 0.1 * s) for s in range(1, 10)]
+    assert run.data.tags["slurm.job_ids"] == "11" and run.info.status == "FINISHED"
+    assert artifact_paths(client, run_id) == {"notes/note.txt"}
+    assert not (run_dir / BACKLOG).exists()
+
+
+def launch(args: list[str], env: dict) -> None:
+    run_distributed([str(REPO / "launcher" / "train.py"), *args], 2, env=env)
+
+
+def test_two_rank_adalora_run_logs_everything_and_resume_continues_the_run(server, tmp_path):
+    """One run per job (rank 0 only), every listed param, metric series and artifact; a resume in a
+    second Slurm job continues the same run and appends its job id to the tag."""
+    config = tmp_path / "adalora.yaml"
+    config.write_text(ADALORA_CONFIG)
+    run_dir = tmp_path / "run"
+    env = {"MLFLOW_TRACKING_URI": server.uri, "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2"}
+    launch(["--config", str(config), "--set", f"checkpoint.output_dir={run_dir}"], env)
+    first = json.loads((run_dir / "result.json").read_text())
+    launch(["--config", str(config), "--set", f"checkpoint.output_dir={run_dir}", "--set", "checkpoint.resume=true",
+            "--set", "train.max_steps=6"], {**env, "SLURM_JOB_ID": "4243"})
+    second = json.loads((run_dir / "result.json").read_text())
+
+    client = MlflowClient(server.uri)
+    experiment = client.get_experiment_by_name("tiny-adalora")
+    (run,) = client.search_runs([experiment.experiment_id])  # one run for both jobs and all ranks
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["slurm.job_ids"] == "4242,4243"
+
+    params = run.data.params
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    expected = {"adapters.0.method": "adalora", "adapters.0.init_r": "6", "train.max_steps": "3",
+                "train.lr": "0.01", "world_size": "2", "ds_config.zero_optimization.stage": "3",
+                "ds_config.zero_optimization.stage3_param_persistence_threshold": "0",
+                "ds_config.train_batch_size": "4", "git.commit": head.strip(),
+                "version.torch": torch.__version__, "version.mlflow": mlflow.__version__,
+                "hardware.accelerator": "cpu", "slurm.job_id": "4242"}
+    assert {k: params.get(k) for k in expected} == expected
+    assert {"version.deepspeed", "version.transformers", "version.bitsandbytes", "hardware.cpu_count",
+            "hardware.memory_gib", "git.dirty"} <= set(params)
+
+    loss = series(client, run_id, "train/loss")
+    assert [s for s, _ in loss] == [2, 3, 4, 6]  # first job: every 2 steps and its last; then the resume
+    by_step = {**{first["first_step"] + i: v for i, v in enumerate(first["losses"])},
+               **{second["first_step"] + i: v for i, v in enumerate(second["losses"])}}
+    assert second["first_step"] == 3  # resumed from the step-2 checkpoint
+    assert [v for _, v in loss] == pytest.approx([by_step[s] for s in (2, 3, 4, 6)], rel=1e-12)
+    assert series(client, run_id, "eval/loss")[-1] == (6, pytest.approx(second["eval_loss"], rel=1e-12))
+    assert series(client, run_id, "eval/perplexity")[-1][1] == pytest.approx(math.exp(second["eval_loss"]))
+    tflops = dict(series(client, run_id, "train/tflops_per_device"))
+    mfu = dict(series(client, run_id, "train/mfu"))
+    assert sorted(mfu) == [2, 3, 4, 6] and all(mfu[s] == pytest.approx(tflops[s] / 0.05) for s in mfu)
+    for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s"):
+        points = series(client, run_id, key)
+        assert [s for s, _ in points] == [2, 3, 4, 6] and all(v > 0 for _, v in points), key
+    for rank in (0, 1):  # peak memory of both ranks, gathered to rank 0
+        assert all(0.2 < v < 16 for _, v in series(client, run_id, f"memory/peak_rss_gib/rank{rank}"))
+    modules = [k for k in run.data.metrics if k.startswith("ada/rank/")]
+    assert len(modules) == 8  # q_proj and v_proj of 4 layers
+    budget = dict(series(client, run_id, "ada/budget"))
+    totals = series(client, run_id, "ada/rank_total")
+    for step, total in totals:  # the per-module ranks add up to the total, within the budget
+        assert total == sum(dict(series(client, run_id, m))[step] for m in modules) <= budget[step]
+    assert totals[-1][1] < 8 * 6  # pruned below init_r on every module
+
+    artifacts = artifact_paths(client, run_id)
+    assert {"config/run_config.yaml", "config/ds_config.json", "plots/loss.png", "plots/rank_allocation.png",
+            "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+            "checkpoints/step-00000002/adapter_model.safetensors",
+            "checkpoints/step-00000004/adapter_model.safetensors"} <= artifacts
+    local = client.download_artifacts(run_id, "adapter/adapter_model.safetensors", str(tmp_path / "dl"))
+    assert Path(local).read_bytes() == (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert not (run_dir / BACKLOG).exists()
+
+
+def test_no_server_default_is_sqlite_in_the_run_directory(tmp_path):
+    """No ``tracking.uri`` and no ``MLFLOW_TRACKING_URI``: the run lands in ``<run_dir>/mlflow.db`` with
+    artifacts beside it, and nothing is written to the working directory."""
+    run_dir, cwd = tmp_path / "run", tmp_path / "cwd"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.run([sys.executable, str(REPO / "launcher" / "train.py"),
+                           "--set", f"checkpoint.output_dir={run_dir}", "--set", "train.max_steps=2", "--set", "train.warmup_steps=1",
+                           "--set", "train.log_interval=1", "--set", "data.max_documents=40"],
+                          env={**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, cwd=cwd,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    assert os.listdir(cwd) == []
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("peft-dist").experiment_id])
+    result = json.loads((run_dir / "result.json").read_text())
+    assert [v for _, v in series(client, run.info.run_id, "train/loss")] == pytest.approx(result["losses"], rel=1e-12)
+    assert run.data.params["world_size"] == "1" and run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith((run_dir / "mlartifacts").as_uri())
+    assert (run_dir / "mlartifacts" / run.info.run_id / "artifacts" / "adapter" / "adapter_model.safetensors").is_file()
