@@ -48,6 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--efficiency", type=float, default=0.4, help="achieved fraction of peak on the matmuls")
     p.add_argument("--net-gbs", type=float, default=50.0, help="inter-node GB/s per GPU (400 Gb/s NIC = 50)")
     p.add_argument("--nvlink-gbs", type=float, default=300.0, help="intra-node all-gather GB/s per GPU")
+    p.add_argument("--reserve-gib", type=float, default=4.0,
+                   help="per-GPU memory for the CUDA context, NCCL buffers and fragmentation")
     p.add_argument("--persistence-threshold", type=int, default=100_000,
                    help="ZeRO-3 stage3_param_persistence_threshold (elements)")
     p.add_argument("--dry-run", action="store_true",
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         defaults = [] if args.config else default_overrides(args.model.removesuffix("/config.json"), shape.name)
         cfg = load_config(args.config, defaults + args.overrides)
         hardware = Hardware(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.peak_tflops, args.efficiency,
-                            args.net_gbs, args.nvlink_gbs)
+                            args.net_gbs, args.nvlink_gbs, reserve_gib=args.reserve_gib)
         work = Workload(args.seq_len, args.global_batch, int(args.tokens))
         plan = make_plan(shape, cfg, hardware, work, args.persistence_threshold, args.dry_run,
                          shlex.join(a for a in argv if a != "--dry-run"))

@@ -157,3 +157,12 @@ def test_committed_gpt3_presets_are_what_the_planner_writes(tmp_path, capsys, no
     ds = build_ds_config(cfg, world_size=nodes * 8)
     assert ds["train_batch_size"] == 512 and ds["zero_optimization"]["stage"] == 3
     assert cfg.model.dtype == "bfloat16" and cfg.train.precision == "bf16"
+
+
+def test_scaling_doc_shows_what_the_planner_prints(capsys):
+    """docs/SCALING.md quotes the 16-node plan; it must stay the planner's real output."""
+    assert main(["--model", "gpt3-175b", "--nodes", "16", "--global-batch", "512", "--tokens", "1e9",
+                 "--dry-run"]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert "matches the analytic count exactly" in printed
+    assert printed in (REPO_ROOT / "docs" / "SCALING.md").read_text()
