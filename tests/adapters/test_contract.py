@@ -20,10 +20,12 @@ from peft_dist.model import tiny_llama_config
 from peft_dist.quant.model import quantize_model
 
 
-def tiny_llama(seed: int = 0, attn: str = "sdpa") -> LlamaForCausalLM:
-    """4 layers, hidden 64, 4 heads, FFN 176 (= 11 x 16), vocab 128; no biases."""
+def tiny_llama(seed: int = 0, attn: str = "sdpa", kv_heads: int = 4) -> LlamaForCausalLM:
+    """4 layers, hidden 64, 4 heads (``kv_heads`` < 4: grouped-query attention), FFN 176 (= 11 x 16),
+    vocab 128; no biases."""
     torch.manual_seed(seed)
     config = tiny_llama_config(vocab_size=128)
+    config.num_key_value_heads = kv_heads
     config._attn_implementation = attn
     return LlamaForCausalLM(config).eval()
 

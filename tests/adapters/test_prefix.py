@@ -16,6 +16,10 @@ from peft_dist.config.schema import ConfigError
 from tests.adapters.test_contract import randomize_adapters, tiny_gpt2, tiny_llama
 
 
+def tiny_llama_gqa(seed: int = 0, attn: str = "sdpa"):
+    return tiny_llama(seed, attn, kv_heads=2)
+
+
 def prefix(**fields):
     return build_adapter_config({"method": "prefix", **fields}, "adapters.0")
 
@@ -40,8 +44,9 @@ def attention_ref(model, layer: int, x: torch.Tensor, key: torch.Tensor, value: 
         hd = d // heads
         q, k, v = (t.view(batch, length, heads, hd).transpose(1, 2) for t in attn.c_attn(x).split(d, dim=2))
         out_proj = attn.c_proj
-    K = torch.cat([key.expand(batch, -1, -1, -1), k], dim=2)
-    V = torch.cat([value.expand(batch, -1, -1, -1), v], dim=2)
+    groups = heads // k.shape[1]  # grouped-query attention: each key/value head serves `groups` query heads
+    K = torch.cat([key.expand(batch, -1, -1, -1), k], dim=2).repeat_interleave(groups, dim=1)
+    V = torch.cat([value.expand(batch, -1, -1, -1), v], dim=2).repeat_interleave(groups, dim=1)
     scores = q @ K.transpose(-1, -2) / hd ** 0.5
     real = torch.tril(torch.ones(length, length, dtype=torch.bool))[None, None] & padding.bool()[:, None, None, :]
     allowed = torch.cat([torch.ones(batch, 1, length, key.shape[1], dtype=torch.bool), real], dim=-1)
@@ -49,7 +54,7 @@ def attention_ref(model, layer: int, x: torch.Tensor, key: torch.Tensor, value: 
     return out_proj((probs @ V).transpose(1, 2).reshape(batch, length, d))
 
 
-@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_llama_gqa, tiny_gpt2])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("reparameterize", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
@@ -102,7 +107,7 @@ def test_reparameterization_formula_and_folding() -> None:
     assert torch.equal(kv()[0], key)
 
 
-@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_llama_gqa, tiny_gpt2])
 def test_same_function_and_gradients_as_peft_prefix_tuning(model_fn) -> None:
     """peft prepends a prefilled cache, which shifts the real tokens' positions by l; passing the same
     shifted position ids to ours makes the two functions identical."""
