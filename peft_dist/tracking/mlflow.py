@@ -141,7 +141,11 @@ class MlflowTracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        values = {k: float(v) for k, v in metrics.items()}
+        try:
+            values = {k: float(v) for k, v in metrics.items()}
+        except (TypeError, ValueError) as err:
+            log.warning("tracking: metrics at step %d not logged: %s", step, err)
+            return
         with self._lock:
             for key, value in values.items():
                 self._history.setdefault(key, []).append((step, value))
@@ -267,9 +271,10 @@ class MlflowTracker:
                 experiment_id = experiment.experiment_id
             run = client.create_run(experiment_id, run_name=self.cfg.run_name or None)
             self._run_id = run.info.run_id
+            resumed = None
         else:
             try:
-                self._load_history(client)
+                resumed = client.get_run(self._run_id)
             except Exception as err:
                 if not is_permanent(err):
                     raise
@@ -282,12 +287,15 @@ class MlflowTracker:
         (self.run_dir / RUN_FILE).write_text(json.dumps({"run_id": self._run_id, "tracking_uri": self.uri,
                                                          "experiment": self.cfg.experiment}, indent=2))
         self._ready.set()
+        self._tried.set()  # the constructor need not wait for the history below
+        if resumed is not None:
+            self._load_history(client, resumed)
         return client
 
-    def _load_history(self, client) -> None:
+    def _load_history(self, client, run) -> None:
         """Metric points logged before a resume, so the final plots show the whole run."""
         earlier = {}
-        for key in client.get_run(self._run_id).data.metrics:
+        for key in run.data.metrics:
             earlier[key] = [(m.step, m.value) for m in client.get_metric_history(self._run_id, key)]
         with self._lock:
             for key, points in earlier.items():

@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -23,6 +24,7 @@ from mlflow import MlflowClient
 from peft_dist.config.schema import TrackingConfig
 from peft_dist.distributed.env import free_port
 from peft_dist.tracking.mlflow import BACKLOG, RUN_FILE, MlflowTracker
+from peft_dist.tracking.offline import send_backlog
 from tests.multiproc import REPO, run_distributed
 
 pytestmark = pytest.mark.slow
@@ -149,22 +151,44 @@ def test_tracker_outage_never_stalls_and_everything_arrives_after_restart(server
     assert not (run_dir / BACKLOG).exists()
 
 
-def launch(args: list[str], env: dict) -> None:
-    run_distributed([str(REPO / "launcher" / "train.py"), *args], 2, env=env)
+def launch(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return run_distributed([str(REPO / "launcher" / "train.py"), *args], 2, env=env)
+
+
+def start_when(server: MlflowServer, ready: Path, timeout: float = 300.0) -> threading.Thread:
+    """Start ``server`` in the background once ``ready`` exists (i.e. in the middle of a job)."""
+    def wait_then_start() -> None:
+        deadline = time.monotonic() + timeout
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        server.start()
+
+    thread = threading.Thread(target=wait_then_start, daemon=True)
+    thread.start()
+    return thread
 
 
 def test_two_rank_adalora_run_logs_everything_and_resume_continues_the_run(server, tmp_path):
-    """One run per job (rank 0 only), every listed param, metric series and artifact; a resume in a
-    second Slurm job continues the same run and appends its job id to the tag."""
+    """One MLflow run for the job (rank 0 only) with every listed param, metric series and artifact.
+    A resume in a second Slurm job continues the same run and appends its job id to the tag; that job
+    starts while the server is down and the server comes back mid-run (after the step-4 checkpoint):
+    the job finishes, and what it logged arrives, directly or through the backlog file."""
     config = tmp_path / "adalora.yaml"
     config.write_text(ADALORA_CONFIG)
     run_dir = tmp_path / "run"
     env = {"MLFLOW_TRACKING_URI": server.uri, "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2"}
     launch(["--config", str(config), "--set", f"checkpoint.output_dir={run_dir}"], env)
     first = json.loads((run_dir / "result.json").read_text())
-    launch(["--config", str(config), "--set", f"checkpoint.output_dir={run_dir}", "--set", "checkpoint.resume=true",
-            "--set", "train.max_steps=6"], {**env, "SLURM_JOB_ID": "4243"})
+    server.stop()
+    restart = start_when(server, run_dir / "checkpoints" / "step-00000004")
+    job = launch(["--config", str(config), "--set", f"checkpoint.output_dir={run_dir}",
+                  "--set", "checkpoint.resume=true", "--set", "train.max_steps=6"], {**env, "SLURM_JOB_ID": "4243"})
     second = json.loads((run_dir / "result.json").read_text())
+    restart.join()
+    assert server.running() and "unreachable" in job.stderr
+    if (run_dir / BACKLOG).exists():  # the server came back after the job's bounded close
+        assert "unsent records" in job.stderr
+        assert send_backlog(run_dir)
 
     client = MlflowClient(server.uri)
     experiment = client.get_experiment_by_name("tiny-adalora")
