@@ -34,9 +34,9 @@ def cluster(tmp_path_factory):
         yield running
 
 
-def sbatch(cluster: SlurmCluster, out: Path, run_dir: Path, wait: bool) -> str:
+def sbatch(cluster: SlurmCluster, out: Path, run_dir: Path, wait: bool, *extra: str) -> str:
     cmd = ["sbatch", "--parsable", *SMALL, f"--output={out}/%x-%j.log", *(["--wait"] if wait else []),
-           str(TEMPLATE), *TRAIN_ARGS, "--set", f"checkpoint.output_dir={run_dir}"]
+           str(TEMPLATE), *TRAIN_ARGS, "--set", f"checkpoint.output_dir={run_dir}", *extra]
     proc = cluster.run(cmd, check=False, timeout=300)
     job_id = proc.stdout.strip().split(";")[0]
     if proc.returncode != 0:
@@ -53,7 +53,7 @@ def job_log(out: Path, job_id: str) -> str:
 @pytest.fixture(scope="module")
 def full_run(cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
-    job_id = sbatch(cluster, out, out / "run", wait=True)
+    job_id = sbatch(cluster, out, out / "run", True, "--set", "tracking.backend=none")  # losses only
     return out, job_id, json.loads((out / "run" / "result.json").read_text())
 
 
