@@ -39,12 +39,15 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             return 0
-        from peft_dist.train.trainer import PREEMPTED_EXIT_CODE, train
+        from peft_dist.train.trainer import PREEMPTED_EXIT_CODE, TrainingAborted, train
 
         result = train(cfg)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"peft-dist: error: {err}", file=sys.stderr)
         return 2
+    except TrainingAborted as err:
+        print(f"peft-dist: aborted: {err}", file=sys.stderr)
+        return 3
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 

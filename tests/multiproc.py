@@ -8,10 +8,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_distributed(args: list[str], nprocs: int, env: dict | None = None, timeout: int = 600,
-                    launcher: str = "torchrun") -> subprocess.CompletedProcess:
+                    launcher: str = "torchrun", returncode: int | None = 0) -> subprocess.CompletedProcess:
     """Run ``python ARGS`` as ``nprocs`` real processes (torchrun or the deepspeed launcher, CPU/gloo).
 
-    Raises with the combined output if the job fails, so a failing test shows every rank's log.
+    Raises with the combined output unless the job exits with ``returncode`` (None: any), so a
+    failing test shows every rank's log.
     """
     from peft_dist.distributed.env import free_port
 
@@ -26,7 +27,7 @@ def run_distributed(args: list[str], nprocs: int, env: dict | None = None, timeo
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)
     proc = subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    if returncode is not None and proc.returncode != returncode:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-8000:]}"
                              f"\n--- stderr\n{proc.stderr[-12000:]}")
     return proc

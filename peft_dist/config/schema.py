@@ -98,6 +98,8 @@ class TrainConfig:
 
     max_steps: optimizer steps (not micro-batches).
     precision: ``fp32`` or ``bf16`` (DeepSpeed's bf16 mode).
+    max_nonfinite_steps: a step whose loss is NaN/inf on any rank is skipped and counted; this many
+        in a row abort the run (the last checkpoint stays intact).
     warmup_steps, min_lr_ratio: linear warmup then cosine decay to ``lr * min_lr_ratio``.
     """
 
@@ -114,6 +116,7 @@ class TrainConfig:
     eval_batches: int = 8
     log_interval: int = 5
     seed: int = 42
+    max_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
         for key in ("micro_batch_size", "gradient_accumulation_steps", "max_steps", "eval_batches",
@@ -127,6 +130,7 @@ class TrainConfig:
         require(self.precision in ("fp32", "bf16"), "precision",
                 f"got {self.precision!r}; use fp32 or bf16")
         require(self.eval_interval >= 0, "eval_interval", "must be >= 0 (0 = only at the end)")
+        require(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
 
 
 @dataclass
@@ -176,6 +180,8 @@ class CheckpointConfig:
     keep_last: how many resumable checkpoints to keep (older ones are deleted once a newer is complete).
     overwrite: reuse a run directory that already holds a run (its old checkpoints are deleted).
     resume: continue from the newest complete checkpoint in ``output_dir`` (a fresh start if none).
+    exit_interval: stop after this many steps of this job with a checkpoint and exit code 75, like a
+        preemption (0 = off); for fixed-length job slots and for testing resume.
     """
 
     output_dir: str = "runs/tiny-lora"
@@ -183,11 +189,13 @@ class CheckpointConfig:
     keep_last: int = 2
     overwrite: bool = False
     resume: bool = False
+    exit_interval: int = 0
 
     def __post_init__(self) -> None:
         require(bool(self.output_dir), "output_dir", "must be a directory path")
         require(self.save_interval >= 0, "save_interval", "must be >= 0 (0 = only at the end)")
         require(self.keep_last >= 1, "keep_last", f"got {self.keep_last}; keep at least 1 checkpoint")
+        require(self.exit_interval >= 0, "exit_interval", "must be >= 0 (0 = off)")
 
 
 SECTIONS: dict[str, type] = {

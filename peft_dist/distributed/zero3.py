@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,7 +41,12 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"deepspeed.config: {path} is not valid JSON: {err}") from None
-    config = copy.deepcopy(config)
+    batch_keys = sorted({"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}
+                        & set(config))
+    if batch_keys:
+        raise ConfigError(f"deepspeed.config: {path} sets {batch_keys[0]}; batch sizes come from train.micro_batch_size "
+                          "and train.gradient_accumulation_steps (global batch = their product x world size), "
+                          "remove it from the DeepSpeed file")
     train = cfg.train
     config["train_micro_batch_size_per_gpu"] = train.micro_batch_size
     config["gradient_accumulation_steps"] = train.gradient_accumulation_steps
@@ -83,3 +87,25 @@ def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> It
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield
+
+
+def zero_gradients(params: list[nn.Parameter]) -> None:
+    """Zero the reduced gradient each rank holds for ``params`` before the optimizer step.
+
+    ZeRO-3 keeps it as a local shard, ZeRO-1/2 behind a fragment mapping, plain DDP in ``p.grad``;
+    DeepSpeed's ``safe_*_grad`` accessors reach the first two (the ZeRO-1/2 one is a collective, so
+    every rank must call this). Used to skip a step without desynchronising DeepSpeed's counters.
+    """
+    from deepspeed.utils import safe_get_full_grad, safe_get_local_grad, safe_set_full_grad, safe_set_local_grad
+
+    for param in params:
+        if is_partitioned(param):
+            grad = safe_get_local_grad(param)
+            if grad is not None:
+                safe_set_local_grad(param, torch.zeros_like(grad))
+        elif getattr(param, "_hp_mapping", None) is not None:
+            grad = safe_get_full_grad(param)
+            if grad is not None:
+                safe_set_full_grad(param, torch.zeros_like(grad))
+        elif param.grad is not None:
+            param.grad.zero_()

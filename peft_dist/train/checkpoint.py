@@ -21,6 +21,7 @@ from peft_dist.adapters.inject import adapter_state_dict, inject_adapters, load_
 from peft_dist.config.load import build_dataclass, config_to_dict
 from peft_dist.config.schema import CheckpointConfig, ConfigError, ModelConfig, QuantizationConfig
 from peft_dist.distributed.zero3 import gathered
+from peft_dist.train import faults
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -165,6 +166,7 @@ def save_training_checkpoint(engine, run_dir: Path, step: int, hooks: list, trac
         tmp.mkdir(parents=True)
     _barrier()
     engine.save_checkpoint(str(tmp / "engine"), tag="state", exclude_frozen_parameters=True, save_latest=False)
+    faults.inject("kill-in-checkpoint", engine.global_rank, step)
     save_adapter(engine.module, tmp / "adapter", metadata, is_main)
     _barrier()
     if is_main:
@@ -191,13 +193,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
-def load_training_checkpoint(engine, run_dir: Path, hooks: list, base_identity: dict) -> dict | None:
-    """Restore engine, optimizer, scheduler and hook state from the newest complete checkpoint."""
+def load_training_checkpoint(engine, run_dir: Path, hooks: list, metadata: dict) -> dict | None:
+    """Restore engine, optimizer, scheduler and hook state from the newest complete checkpoint.
+
+    Refuses a checkpoint of another base model, adapter config or world size.
+    """
     path = latest_checkpoint(run_dir)
     if path is None:
         return None
     manifest = json.loads((path / MANIFEST).read_text())
-    check_base(manifest, base_identity, path)
+    check_base(manifest, metadata["base_model"], path)
+    if manifest["adapters"] != metadata["adapters"]:
+        raise CheckpointError(f"{path}: saved with adapters {manifest['adapters']}, but this run configures "
+                              f"{metadata['adapters']}; resume with the same adapter config or use a new "
+                              "checkpoint.output_dir")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if manifest["world_size"] != world:
         raise CheckpointError(f"{path}: written by {manifest['world_size']} ranks, resumed on {world}. Resume on "

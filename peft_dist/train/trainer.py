@@ -26,10 +26,11 @@ from peft_dist.config.load import config_to_dict, flatten
 from peft_dist.config.schema import RunConfig
 from peft_dist.data import GlobalBatchSampler, build_blocks
 from peft_dist.distributed.env import DistEnv, init_distributed, resolve_env, setup_logging
-from peft_dist.distributed.zero3 import build_ds_config
+from peft_dist.distributed.zero3 import build_ds_config, zero_gradients
 from peft_dist.model import base_identity, build_model, max_positions
 from peft_dist.quant.model import quantize_model
 from peft_dist.train import checkpoint as ckpt
+from peft_dist.train import faults
 from peft_dist.train.schedule import warmup_cosine
 from peft_dist.tracking import create_tracker
 
@@ -49,6 +50,7 @@ class TrainResult:
     step: int = 0
     adapter_dir: str = ""
     preempted: bool = False
+    skipped_steps: int = 0  # steps skipped for a non-finite loss
 
 
 class StopFlag:
@@ -96,13 +98,32 @@ def evaluate(engine, ids: torch.Tensor, labels: torch.Tensor, micro: int, batche
     return total / max(count, 1.0)
 
 
-def train_step(engine, blocks, micro_batches: list[torch.Tensor], hooks: list, step: int) -> float:
-    """One optimizer step over this rank's micro-batches; returns this rank's mean micro-batch loss."""
-    loss_sum = 0.0
+class TrainingAborted(RuntimeError):
+    """Training cannot usefully continue (e.g. too many non-finite steps in a row)."""
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    return all_reduce_sum([0.0 if flag else 1.0], device)[0] == 0.0
+
+
+def train_step(engine, blocks, micro_batches: list[torch.Tensor], hooks: list, step: int,
+               rank: int) -> float | None:
+    """One optimizer step over this rank's micro-batches.
+
+    If the loss of any micro-batch is non-finite on any rank (ranks agree through one tiny
+    all-reduce), the step is skipped: gradients are zeroed and the optimizer runs with learning
+    rate 0, so parameters stay as they were (DeepSpeed counts micro-steps and ZeRO-3 needs every
+    backward, so both still happen); the method hooks do not run. Returns the mean micro-batch
+    loss, or None for a skipped step.
+    """
+    loss_sum, finite = 0.0, True
     for index, micro in enumerate(micro_batches):
         x = blocks.train_ids[micro].to(engine.device)
         y = blocks.train_labels[micro].to(engine.device)
         loss = engine(input_ids=x, labels=y).loss
+        if faults.planned("nan", rank, step):
+            loss = loss * float("nan")
+        finite = all_ranks_true(bool(torch.isfinite(loss.detach()).item()), engine.device) and finite
         loss_sum += loss.detach().float().item()
         for hook in hooks:
             extra = hook.extra_loss(engine.module)
@@ -110,9 +131,16 @@ def train_step(engine, blocks, micro_batches: list[torch.Tensor], hooks: list, s
                 loss = loss + extra
         engine.backward(loss)  # DeepSpeed divides by the accumulation steps
         if index == len(micro_batches) - 1:  # gradients of the whole step are reduced now
-            for hook in hooks:
-                hook.before_step(engine, step)
+            if finite:
+                for hook in hooks:
+                    hook.before_step(engine, step)
+            else:
+                zero_gradients(trainable_parameters(engine.module))
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = 0.0  # the LR schedule sets it again after this step
         engine.step()  # steps the optimizer and the LR schedule only at the accumulation boundary
+    if not finite:
+        return None
     for hook in hooks:
         hook.after_step(engine, step)
     return loss_sum / len(micro_batches)
@@ -154,7 +182,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
     start_step, run_id = 0, None
     if cfg.checkpoint.resume:
-        state = ckpt.load_training_checkpoint(engine, run_dir, hooks, identity)
+        state = ckpt.load_training_checkpoint(engine, run_dir, hooks, metadata)
         if state is not None:
             start_step, run_id = state["step"], state.get("tracker_run_id")
             log.info("resumed from step %d", start_step)
@@ -169,16 +197,31 @@ def train(cfg: RunConfig) -> TrainResult:
     bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not dist.is_main, desc="train",
                dynamic_ncols=True)
     status = "FINISHED"
+    nonfinite_in_a_row = 0
     try:
         for step in range(start_step + 1, cfg.train.max_steps + 1):
             began = time.perf_counter()
+            faults.inject("kill", dist.rank, step)
+            faults.inject("signal", dist.rank, step)
             # Seeded per step and rank: dropout differs across ranks and a resumed run draws the same masks.
             torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank + step)
-            local_loss = train_step(engine, blocks, sampler.micro_batches(step - 1), hooks, step)
-            mean_loss, stop_votes = all_reduce_sum([local_loss, float(stop.requested)], engine.device)
-            mean_loss /= dist.world_size
+            local_loss = train_step(engine, blocks, sampler.micro_batches(step - 1), hooks, step, dist.rank)
+            mean_loss, stop_votes = all_reduce_sum([local_loss or 0.0, float(stop.requested)], engine.device)
+            mean_loss = mean_loss / dist.world_size if local_loss is not None else float("nan")
             result.losses.append(mean_loss)
             result.step = step
+            if local_loss is None:
+                result.skipped_steps += 1
+                nonfinite_in_a_row += 1
+                log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in all)", step,
+                            nonfinite_in_a_row, result.skipped_steps)
+                if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    raise TrainingAborted(
+                        f"{nonfinite_in_a_row} steps in a row had a non-finite loss (train.max_nonfinite_steps="
+                        f"{cfg.train.max_nonfinite_steps}); the last complete checkpoint in {run_dir / 'checkpoints'} "
+                        "is intact. Lower train.lr, check the data, or resume from that checkpoint")
+            else:
+                nonfinite_in_a_row = 0
             elapsed = time.perf_counter() - began
             bar.update(1)
             bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
@@ -199,14 +242,19 @@ def train(cfg: RunConfig) -> TrainResult:
                                     step)
                 log.info("step %d eval loss %.4f", step, eval_loss)
             save_now = cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
-            if stop_votes > 0 or (save_now and step < cfg.train.max_steps):
+            exit_now = cfg.checkpoint.exit_interval and (step - start_step) % cfg.checkpoint.exit_interval == 0
+            stop_now = (stop_votes > 0 or exit_now) and step < cfg.train.max_steps
+            if stop_now or (save_now and step < cfg.train.max_steps):
                 ckpt.save_training_checkpoint(engine, run_dir, step, hooks, tracker.run_id,
                                               {**metadata, "step": step}, dist.is_main,
                                               cfg.checkpoint.keep_last)
-            if stop_votes > 0:
-                log.warning("stop signal received: checkpoint at step %d written, exiting for requeue", step)
+            if stop_now:
+                log.warning("stopping (%s): checkpoint at step %d written, exiting for requeue",
+                            "signal" if stop_votes > 0 else "checkpoint.exit_interval", step)
                 result.preempted = True
                 status = "KILLED"
+                if dist.is_main:
+                    (run_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
                 return result
 
         # --- evaluate and save

@@ -1,0 +1,88 @@
+"""Reliability under real 2-rank ZeRO-3 runs: exact resume, atomic checkpoints, faults, non-finite loss.
+
+Faults are injected with PEFT_DIST_FAULT (see peft_dist/train/faults.py): a real SIGKILL or SIGUSR1
+of one rank's process at a chosen step, or a NaN loss.
+"""
+import json
+import time
+
+import pytest
+
+from tests.multiproc import REPO, run_distributed
+
+pytestmark = pytest.mark.slow
+
+COMMON = ["tracking.backend=none", "train.warmup_steps=2", "train.max_steps=8",
+          "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0",
+          "adapters.0.dropout=0.1"]  # dropout: resume must also restore the random stream
+
+
+def launch(out, *overrides, env=None, returncode=0, timeout=300):
+    args = [str(REPO / "launcher" / "train.py"), "--set", f"checkpoint.output_dir={out}"]
+    for o in (*COMMON, *overrides):
+        args += ["--set", o]
+    # The deepspeed launcher exits with the failing rank's code (75 = checkpointed, requeue me);
+    # torchrun reports any non-zero worker exit as its own exit 1.
+    return run_distributed(args, 2, env=env, returncode=returncode, timeout=timeout, launcher="deepspeed")
+
+
+def result(out):
+    return json.loads((out / "result.json").read_text())
+
+
+def test_stop_and_resume_gives_the_uninterrupted_losses(tmp_path):
+    full = tmp_path / "full"
+    launch(full)
+    parts = tmp_path / "parts"
+    launch(parts, "checkpoint.exit_interval=3", returncode=75)  # stops after step 3 with a checkpoint
+    assert (parts / "checkpoints" / "step-00000003" / "MANIFEST.json").is_file()
+    # A checkpoint of another adapter config is refused, not silently loaded.
+    refused = launch(parts, "checkpoint.resume=true", "adapters.0.r=4", returncode=2)
+    assert "resume with the same adapter config" in refused.stderr
+    launch(parts, "checkpoint.resume=true")
+    resumed, reference = result(parts), result(full)
+    assert resumed["first_step"] == 4
+    assert resumed["losses"] == pytest.approx(reference["losses"][3:], rel=1e-6, abs=1e-6)
+    assert resumed["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-6)
+
+
+def test_rank_killed_while_checkpointing_leaves_the_previous_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    began = time.monotonic()
+    launch(out, "checkpoint.save_interval=2", "checkpoint.keep_last=5",
+           env={"PEFT_DIST_FAULT": "kill-in-checkpoint:1:4"}, returncode=None)
+    assert time.monotonic() - began < 240  # the job ends, it does not hang
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "step-00000002" / "MANIFEST.json").is_file()
+    assert not (checkpoints / "step-00000004").exists()  # the interrupted one never became visible
+    assert (checkpoints / ".step-00000004.tmp").exists()
+    launch(out, "checkpoint.resume=true", "checkpoint.save_interval=2", "checkpoint.keep_last=2")
+    assert result(out)["first_step"] == 3  # resumed from step 2, the newest complete checkpoint
+    kept = sorted(p.name for p in checkpoints.glob("step-*"))
+    assert kept == ["step-00000004", "step-00000006"]  # retention: the last 2
+
+
+def test_dead_rank_ends_the_job_with_an_error(tmp_path):
+    began = time.monotonic()
+    proc = launch(tmp_path / "run", env={"PEFT_DIST_FAULT": "kill:1:3"}, returncode=None)
+    assert proc.returncode != 0
+    assert time.monotonic() - began < 180
+
+
+def test_signal_on_one_rank_checkpoints_all_and_exits_for_requeue(tmp_path):
+    out = tmp_path / "run"
+    launch(out, env={"PEFT_DIST_FAULT": "signal:1:3"}, returncode=75)
+    manifest = json.loads((out / "checkpoints" / "step-00000003" / "MANIFEST.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["step"] == 3
+    assert any(name.startswith("engine/state/zero_pp_rank_1") for name in manifest["files"])
+
+
+def test_nonfinite_loss_is_skipped_then_aborts_after_the_limit(tmp_path):
+    out = tmp_path / "skip"
+    launch(out, env={"PEFT_DIST_FAULT": "nan:0:3"})
+    skipped = result(out)
+    assert skipped["skipped_steps"] == 1 and skipped["losses"][2] != skipped["losses"][2]  # NaN logged
+    assert skipped["losses"][-1] < skipped["losses"][0]
+    proc = launch(tmp_path / "abort", "train.max_nonfinite_steps=2",
+                  env={"PEFT_DIST_FAULT": "nan:1:3,nan:1:4"}, returncode=3)
+    assert "2 steps in a row had a non-finite loss" in proc.stderr
