@@ -15,6 +15,7 @@ from peft_dist.adapters import AdaptedLinear, adapter_state_dict, inject_adapter
 from peft_dist.adapters.adalora import AdaLoraDelta, budget_schedule, keep_mask, make_hook
 from peft_dist.adapters.registry import build_adapter_config
 from peft_dist.config.schema import ConfigError
+from peft_dist.distributed.importance import triplet_index
 from peft_dist.model import tiny_llama_config
 
 SCHEDULE = {"init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 3, "delta_t": 2, "total_step": 12}
@@ -79,6 +80,27 @@ def test_keep_mask_threshold_and_ties():
     assert keep_mask(scores, 4).tolist() == [True, False, True, False, True]  # a tie is pruned together
     with pytest.raises(ValueError, match="prunes nothing"):
         keep_mask(scores, 5)
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_shard_partial_sums_add_up_to_the_dense_triplet_score(world):
+    """ZeRO-3's layout (flatten, pad to a multiple of W, split): per-shard index_add sums, padding
+    ignored, add up to s(lam) + mean over Q's row + mean over P's column."""
+    r0, d_out, d_in = 4, 10, 7
+    generator = torch.Generator().manual_seed(0)
+    scores = {"P": torch.rand(d_out, r0, generator=generator, dtype=torch.float64),
+              "lam": torch.rand(r0, generator=generator, dtype=torch.float64),
+              "Q": torch.rand(r0, d_in, generator=generator, dtype=torch.float64)}
+    total = torch.zeros(r0, dtype=torch.float64)
+    for kind, tensor in scores.items():
+        size = -(-tensor.numel() // world)  # partition_numel
+        for rank in range(world):
+            start = min(rank * size, tensor.numel())
+            numel = max(0, min(size, tensor.numel() - rank * size))
+            index, weight = triplet_index(kind, tuple(tensor.shape), start, numel)
+            total.index_add_(0, index, tensor.reshape(-1)[start: start + numel] * weight)
+    dense = scores["lam"] + scores["Q"].mean(dim=1) + scores["P"].mean(dim=0)
+    torch.testing.assert_close(total, dense, rtol=1e-12, atol=0)
 
 
 def test_scores_match_float64_reference():

@@ -35,14 +35,19 @@ def mask_hash(keep: torch.Tensor) -> int:
     return int.from_bytes(hashlib.sha256(keep.numpy().tobytes()).digest()[:7], "little")
 
 
-def check_lam_copies(hook, world: int) -> None:
-    """Pruned lam are zero in the fp32 master shard, the low-precision shard and the gathered tensor."""
+def check_lam_copies(hook, world: int) -> int:
+    """Pruned lam are zero in the fp32 master shard, the low-precision shard, the resident copy of a
+    persistent lam and the gathered tensor; returns how many lam are persistent."""
     import deepspeed
     from deepspeed.utils import safe_get_local_fp32_param
 
     lams = [d.lam for d in hook.deltas]
+    persistent = 0
     for lam, offset, r0 in zip(lams, hook._offsets(), hook.ranks0):
         pruned = ~hook.keep[offset: offset + r0]
+        if getattr(lam, "ds_persist", False):  # read before any gather: this copy is what forward uses
+            assert lam.data.numel() == r0 and (lam.data[pruned] == 0).all(), "resident lam not masked"
+            persistent += 1
         shard = importance.local_shard(lam)
         assert shard.partitioned and (world == 1 or lam.ds_tensor.numel() < lam.ds_numel), "lam not partitioned"
         local_pruned = pruned[shard.start: shard.start + shard.numel]
@@ -51,6 +56,7 @@ def check_lam_copies(hook, world: int) -> None:
     with deepspeed.zero.GatheredParameters(lams):
         for lam, offset, r0 in zip(lams, hook._offsets(), hook.ranks0):
             assert (lam.data[~hook.keep[offset: offset + r0]] == 0).all(), "a pruned lam is live in forward"
+    return persistent
 
 
 def build(steps: int):
@@ -90,6 +96,7 @@ def main() -> None:
     parser.add_argument("--micro", type=int, required=True)
     parser.add_argument("--gas", type=int, required=True)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--persist", type=int, default=0, help="stage3_param_persistence_threshold")
     parser.add_argument("--reference", action="store_true", help="also train a plain PyTorch replica")
     parser.add_argument("--local_rank", type=int, default=0)  # passed by the deepspeed launcher
     args = parser.parse_args()
@@ -106,7 +113,7 @@ def main() -> None:
     ds_config = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": args.gas,
                  "train_batch_size": GLOBAL_BATCH, "gradient_clipping": CLIP, "steps_per_print": 10 ** 9,
                  "zero_allow_untested_optimizer": True,
-                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": args.persist,
                                        "overlap_comm": False, "contiguous_gradients": True}}
     params = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(params, lr=LR),
@@ -123,12 +130,12 @@ def main() -> None:
         hashes = [None] * world
         dist.all_gather_object(hashes, mask_hash(hook.keep))
         assert len(set(hashes)) == 1, f"step {step}: masks differ across ranks: {hashes}"
-        check_lam_copies(hook, world)
+        persistent = check_lam_copies(hook, world)
         masked = bool(hook.history) and hook.history[-1]["step"] == step
         records.append({"step": step, "loss": loss.item() / world, "mask_step": masked, "hashes": hashes,
                         "scores": hook.scores.tolist() if masked else None, "keep": hook.keep.tolist(),
                         "bytes": hook.bytes_reduced if masked else 0,
-                        "grad_norm": float(engine.get_global_grad_norm())})
+                        "grad_norm": float(engine.get_global_grad_norm()), "persistent_lams": persistent})
     result = {"world": world, "steps": records, "updates": hook.updates, "rank_pattern": hook.rank_pattern(),
               "b0": hook.b0, "full_gather_bytes": importance.full_gather_bytes([p for p, *_ in hook.params()]),
               "state": hook.state_dict()}
@@ -137,6 +144,7 @@ def main() -> None:
     if env.rank == 0:
         with open(args.out, "w") as handle:
             json.dump(result, handle)
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from tests.multiproc import REPO, run_distributed
 pytestmark = pytest.mark.slow
 
 WORKER = str(REPO / "tests" / "distributed" / "adalora_worker.py")
-# (ranks, micro-batch, accumulation steps): global batch 4 in every run
-RUNS = {1: (2, 2), 2: (2, 1), 4: (1, 1)}
+# name: (ranks, micro-batch, accumulation steps, persistence threshold); global batch 4 in every run.
+# "2p": lam (4 elements) below the threshold stays whole on every rank (a persistent parameter) while
+# P and Q are partitioned: masking must reach the resident copy too.
+RUNS = {1: (1, 2, 2, 0), 2: (2, 2, 1, 0), 4: (4, 1, 1, 0), "2p": (2, 2, 1, 100)}
 STEPS, TFINAL = 8, 2  # the worker's schedule: tinit 1, tfinal 2, delta_t 1, init_r 4, target_r 2
 # Scores differ only by the order of fp32 reductions (gradient averaging, loss over micro-batches);
 # observed relative differences are below 1e-6.
@@ -30,17 +32,19 @@ SCORE_RTOL = 1e-5
 def runs(tmp_path_factory) -> dict[int, dict]:
     out = tmp_path_factory.mktemp("adalora")
     results = {}
-    for world, (micro, gas) in RUNS.items():
-        path = out / f"w{world}.json"
+    for name, (world, micro, gas, persist) in RUNS.items():
+        path = out / f"{name}.json"
         reference = ["--reference"] if world == 1 else []
-        run_distributed([WORKER, "--out", str(path), "--micro", str(micro), "--gas", str(gas),
-                         "--steps", str(STEPS), *reference], world, launcher="deepspeed", timeout=400)
-        results[world] = json.loads(path.read_text())
+        args = ["--micro", micro, "--gas", gas, "--persist", persist, "--steps", STEPS]
+        run_distributed([WORKER, "--out", str(path), *map(str, args), *reference], world, launcher="torchrun",
+                        timeout=400)
+        results[name] = json.loads(path.read_text())
     return results
 
 
 def test_masks_identical_on_every_rank_every_step(runs):
-    for world, result in runs.items():
+    for name, result in runs.items():
+        world = RUNS[name][0]
         assert result["world"] == world
         for record in result["steps"]:
             assert len(record["hashes"]) == world and len(set(record["hashes"])) == 1, (world, record["step"])
@@ -60,9 +64,11 @@ def test_one_rank_zero3_matches_plain_pytorch(runs):
                                        rtol=SCORE_RTOL, atol=1e-14)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_same_scores_masks_and_pattern_as_one_process(runs, world):
-    one, many = runs[1], runs[world]
+@pytest.mark.parametrize("name", [2, 4, "2p"])
+def test_same_scores_masks_and_pattern_as_one_process(runs, name):
+    one, many = runs[1], runs[name]
+    persistent = [r["persistent_lams"] for r in many["steps"]]
+    assert persistent == [len(one["rank_pattern"]) if name == "2p" else 0] * STEPS
     mask_steps = [r["step"] for r in one["steps"] if r["mask_step"]]
     assert mask_steps == list(range(2, STEPS - TFINAL + 1))  # after tinit, every step until T - tfinal
     for ref, got in zip(one["steps"], many["steps"]):
@@ -80,7 +86,8 @@ def test_same_scores_masks_and_pattern_as_one_process(runs, world):
 
 def test_importance_once_per_optimizer_step_and_bytes(runs):
     b0 = runs[1]["b0"]
-    for world, result in runs.items():
+    for name, result in runs.items():
+        world = RUNS[name][0]
         assert result["updates"] == STEPS - TFINAL - 1  # scores freeze from step T - tfinal on
         for record in result["steps"]:
             if record["mask_step"]:  # one all-reduce of b0 fp32 values, none on a single rank
