@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ class Record:
     data: dict[str, Any]
     run_id: str | None = None  # None: the run this tracker creates
     seq: int = 0
-    replayed: bool = field(default=False, compare=False)
+    replayed: bool = False  # loaded from an earlier session's backlog
 
     def size(self) -> int:
         return len(self.data.get("values", {})) if self.kind in BATCHABLE else 1
@@ -313,9 +313,15 @@ class MlflowTracker:
             except Exception as err:
                 if not is_permanent(err):
                     raise
-                self._write_backlog(batch, append=True, rejected=_short(err))
-                log.warning("tracking: MLflow refused %s (%s); kept in %s", _summary(batch), _short(err),
-                            self.run_dir / BACKLOG)
+                for record in batch:  # one at a time, so only the refused records are set aside
+                    try:
+                        self._send(client, [record])
+                    except Exception as err:
+                        if not is_permanent(err):
+                            raise
+                        self._write_backlog([record], append=True, rejected=_short(err))
+                        log.warning("tracking: MLflow refused %s (%s); kept in %s", _summary([record]),
+                                    _short(err), self.run_dir / BACKLOG)
             with self._lock:
                 if self._abandoned:
                     return
@@ -409,7 +415,10 @@ class MlflowTracker:
         for line in path.read_text().splitlines():
             if not line.strip():
                 continue
-            entry = json.loads(line)
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # e.g. cut short by a full disk: keep it for a human
+                entry = {"rejected": "not valid JSON"}
             if "rejected" in entry:
                 self._kept_lines.append(line)
                 continue

@@ -154,3 +154,27 @@ def test_unreachable_server_never_blocks_and_backlog_is_sent_later(tmp_path, cap
     local = client.download_artifacts(run.info.run_id, "notes/f.txt", str(tmp_path / "dl"))
     assert Path(local).read_text() == "payload"
     assert not (run_dir / ".tracking_staging").exists()
+
+
+@pytest.mark.slow  # MLflow's SQLite schema setup alone takes seconds
+def test_refused_records_are_kept_aside_and_the_rest_is_sent(tmp_path, caplog):
+    """MLflow refuses to change a logged param: that record goes to the backlog marked ``rejected``
+    with a warning, the metrics logged with it still arrive, and a later tracker does not resend it."""
+    caplog.set_level(logging.WARNING, logger="peft_dist")
+    run_dir = tmp_path / "run"
+    tracker = MlflowTracker(TrackingConfig(), run_dir, flush_interval=0.1)
+    tracker.log_params({"train.lr": 0.01})
+    assert tracker.flush(30)
+    tracker.log_params({"train.lr": 0.02})
+    tracker.log_metrics({"train/loss": 3.0}, 1)
+    tracker.close("FINISHED")
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    run = client.get_run(tracker.run_id)
+    assert run.data.params == {"train.lr": "0.01"} and run.data.metrics == {"train/loss": 3.0}
+    assert run.info.status == "FINISHED" and "refused" in caplog.text
+    (line,) = [json.loads(x) for x in (run_dir / BACKLOG).read_text().splitlines()]
+    assert line["kind"] == "params" and line["values"] == {"train.lr": "0.02"} and "rejected" in line
+
+    assert not send_backlog(run_dir)  # nothing sendable: the refused record stays for a human
+    assert (run_dir / BACKLOG).read_text().count("rejected") == 1
+    assert client.get_run(tracker.run_id).data.params == {"train.lr": "0.01"}

@@ -150,6 +150,16 @@ def test_tracker_outage_never_stalls_and_everything_arrives_after_restart(server
     assert artifact_paths(client, run_id) == {"notes/note.txt"}
     assert not (run_dir / BACKLOG).exists()
 
+    # Resume: the same run is RUNNING again and its earlier history is known (for the final plots).
+    resumed = MlflowTracker(TrackingConfig(uri=server.uri), run_dir, run_id, flush_interval=0.2)
+    assert resumed.run_id == run_id and client.get_run(run_id).info.status == "RUNNING"
+    deadline = time.monotonic() + 30
+    while len(resumed.metric_history().get("train/loss", [])) < 9 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert resumed.metric_history()["train/loss"] == [(s, 10.0 - s) for s in range(1, 10)]
+    resumed.close("FINISHED")
+    assert client.get_run(run_id).info.status == "FINISHED"
+
 
 def launch(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return run_distributed([str(REPO / "launcher" / "train.py"), *args], 2, env=env)
