@@ -27,6 +27,7 @@ from torch import nn
 
 from peft_dist.adapters.base import AdaptedLinear, AdapterConfig, AdapterModule
 from peft_dist.adapters.krona import KronaDelta, factor_dim
+from peft_dist.adapters.inject import outside_adapters
 from peft_dist.adapters.registry import register
 from peft_dist.config.schema import ConfigError, require
 from peft_dist.targets import LINEAR_TYPES, find_modules, replace_module
@@ -114,12 +115,6 @@ def _is_sublayer(module: nn.Module) -> bool:
 
 def _float_dtype(module: nn.Module) -> torch.dtype:
     return next(p.dtype for p in module.parameters() if p.is_floating_point())
-
-
-def outside_adapters(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """Drop matches inside injected adapters (a prefix's ``mlp`` is not the FFN block)."""
-    inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, AdapterModule))
-    return [(n, m) for n, m in targets if not n.startswith(inside)]
 
 
 def attach_to_sublayers(model: nn.Module, config: Any, make_adapter: Any, sequential: bool) -> list[str]:

@@ -36,7 +36,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from peft_dist.adapters.base import AdapterConfig, AdapterModule
-from peft_dist.adapters.bottleneck import AdaptedSublayer, outside_adapters
+from peft_dist.adapters.bottleneck import AdaptedSublayer
+from peft_dist.adapters.inject import outside_adapters
 from peft_dist.adapters.registry import register
 from peft_dist.config.schema import ConfigError, require
 from peft_dist.targets import find_modules, replace_module

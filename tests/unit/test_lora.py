@@ -146,3 +146,13 @@ def test_same_outputs_and_gradients_as_peft_lora_on_gpt2():
         peft_layer = theirs.base_model.model.transformer.h[i].attn.c_attn
         torch.testing.assert_close(delta.A.grad, peft_layer.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(delta.B.grad, peft_layer.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_all_linear_after_a_parallel_adapter_skips_the_adapters_own_linears():
+    from peft_dist.config import build_run_config
+
+    cfg = build_run_config({"adapters": [{"method": "parallel_adapter", "name": "pa"},
+                                         {"method": "lora", "name": "lora"}]})
+    model, _ = build_model(cfg.model)
+    injected = inject_adapters(model, cfg.adapters)
+    assert len(injected["lora"]) == 28 and not [n for n in injected["lora"] if ".pa." in n or "parallel" in n]
