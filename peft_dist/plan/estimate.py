@@ -66,17 +66,19 @@ class Choice:
 
 
 def activation_bytes(shape: ModelShape, micro: int, seq: int, itemsize: int, checkpointing: bool) -> int:
-    """What autograd keeps for backward, per GPU (estimate).
+    """What autograd keeps for backward, per GPU (estimate, dropout off).
 
-    Frozen int8 linears keep no input (no weight gradient); adapters keep theirs. Per layer and token:
-    8 hidden-sized tensors (the two norm inputs and outputs, q, k, v and the attention output that
-    SDPA keeps; no seq x seq term with flash / memory-efficient attention) and the MLP's
-    intermediate-sized ones (3 for a gated MLP, 2 for GELU). With checkpointing only each layer's
-    input stays, plus one layer's full set during its recompute.
+    Frozen int8 linears keep no input (no weight gradient); adapters keep theirs. Counted per layer
+    and token with saved-tensor hooks (tests/unit/test_plan.py): 10 hidden-sized units (the adapters'
+    two inputs, q, k, v and the output that SDPA keeps, no seq x seq term; the two norm inputs, which
+    RMSNorm keeps in fp32; GPT-2 keeps its fused qkv output instead of a norm upcast) and the MLP's
+    intermediate-sized tensors: 4 for a gated SiLU MLP (gate, up, silu, product), 5 for GPT-2's
+    tanh GELU. With checkpointing only each layer's input stays, plus one layer's full set during
+    its recompute.
     """
     tokens = micro * seq
-    mlp = 3 if shape.family == "llama" else 2
-    layer = tokens * itemsize * (8 * shape.hidden + mlp * shape.intermediate)
+    mlp = 4 if shape.family == "llama" else 5
+    layer = tokens * itemsize * (10 * shape.hidden + mlp * shape.intermediate)
     if checkpointing:
         return shape.layers * tokens * shape.hidden * itemsize + layer
     return shape.layers * layer
