@@ -7,6 +7,8 @@ docs/MEMORY.md)::
 
     frozen:   sum over frozen parameters of numel x bytes(dtype at run time) / N
               (int8 weights 1 byte; scales, biases, embeddings, lm_head, norms 4 in fp32, 2 in bf16)
+    persistent: a tensor with numel <= stage3_param_persistence_threshold is also kept whole on every
+              rank after its first use: + numel x bytes, not divided by N
     adapters: numel x (param + grad + fp32 master + Adam m and v) / N
               bf16: 2 + 2 + 4 + 8 = 16 bytes; fp32: 4 + 4 + 4 + 8 = 20 bytes. DeepSpeed keeps a
               separate fp32 master even for fp32 parameters: its no-copy branch compares
@@ -46,7 +48,8 @@ def _tensor_bytes(tensor: torch.Tensor | None) -> int:
 
 
 def analytic_model_state_bytes(model: nn.Module, world_size: int, precision: str,
-                               offload_optimizer: bool = False) -> ModelStateBytes:
+                               offload_optimizer: bool = False,
+                               persistence_threshold: int = 0) -> ModelStateBytes:
     """Expected per-rank model-state bytes of ``model`` (adapters injected, before DeepSpeed) under ZeRO-3.
 
     Args:
@@ -54,26 +57,32 @@ def analytic_model_state_bytes(model: nn.Module, world_size: int, precision: str
         world_size: number of ranks ``N`` every tensor is partitioned over.
         precision: ``fp32`` or ``bf16`` (the trainer's ``train.precision``).
         offload_optimizer: ZeRO-3 with ``offload_optimizer`` (ds_configs/zero3_offload.json).
+        persistence_threshold: ``stage3_param_persistence_threshold`` (its global cap
+            ``stage3_model_persistence_threshold`` is assumed unlimited, DeepSpeed's default).
     Returns:
         Exact fractions ``numel x bytes / N`` (DeepSpeed pads each tensor to a multiple of ``N``).
     Raises:
-        ValueError: an unknown precision or a world size below 1.
+        ValueError: an unknown precision, a world size below 1 or a negative threshold.
     """
+    if persistence_threshold < 0:
+        raise ValueError(f"persistence_threshold: got {persistence_threshold}; must be >= 0")
     if precision not in PARAM_BYTES:
         raise ValueError(f"precision: got {precision!r}; use one of {sorted(PARAM_BYTES)}")
     if world_size < 1:
         raise ValueError(f"world_size: got {world_size}; must be >= 1")
     param_bytes = PARAM_BYTES[precision]
-    frozen, trainable = 0, 0
+    frozen, adapter, trainable = 0.0, 0.0, 0
     for param in model.parameters():
+        numel = param.numel()
+        size = param_bytes if param.is_floating_point() else param.element_size()
+        held = numel * size / world_size + (numel * size if numel <= persistence_threshold else 0)
         if param.requires_grad:
-            trainable += param.numel()
+            adapter += held
+            trainable += numel
         else:
-            size = param_bytes if param.is_floating_point() else param.element_size()
-            frozen += param.numel() * size
+            frozen += held
     grad = param_bytes + (4 if offload_optimizer else 0)
-    return ModelStateBytes(frozen=frozen / world_size,
-                           adapter_params=trainable * param_bytes / world_size,
+    return ModelStateBytes(frozen=frozen, adapter_params=adapter,
                            gradients=trainable * grad / world_size,
                            master=trainable * MASTER_BYTES / world_size,
                            optimizer=trainable * ADAM_STATE_BYTES / world_size)

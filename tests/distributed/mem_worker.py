@@ -1,13 +1,13 @@
 """Model-state memory and gradient flow of a ZeRO-3 engine (CPU, gloo); run by test_memory_zero3.py.
 
 Every rank builds the default run's model (tiny 4-layer int8 Llama, LoRA on every linear and lm_head)
-exactly as the trainer does, wraps it with the trainer's own ``_build_engine`` under
-ZeRO-3 with persistence threshold 0, and for each variant (fp32, bf16, each also with the optimizer
-offloaded) runs one forward/backward/step on a batch that is the same on every rank. It records,
-per rank, to ``--out/rank{R}.json``: the analytic and measured model-state bytes, what the DeepSpeed
-optimizer holds (parameter groups, fp32 partitions, gradient partitions, Adam state), every frozen
-parameter's local partition, and the full gradients of the first layer's adapters next to the same
-gradients from plain PyTorch (no DeepSpeed) on the same batch.
+exactly as the trainer does and wraps it with the trainer's own ``_build_engine`` under ZeRO-3 with
+persistence threshold 0, in fp32 and bf16, each also with the optimizer offloaded, and once with the
+config file's own threshold. Each variant runs one forward/backward/step on a batch that is the same
+on every rank and records, per rank, to ``--out/rank{R}.json``: the analytic and measured model-state
+bytes, what the DeepSpeed optimizer holds (parameter groups, fp32 partitions, gradient partitions,
+Adam state), every frozen parameter's local partition, and the full gradients of the first layer's
+adapters next to the same gradients from plain PyTorch (no DeepSpeed) on the same batch.
 """
 from __future__ import annotations
 
@@ -27,19 +27,24 @@ from peft_dist.model import build_model
 from peft_dist.quant.model import quantize_model
 from peft_dist.train.trainer import _build_engine
 
-VARIANTS = {  # name -> (precision, DeepSpeed config)
-    "fp32": ("fp32", "ds_configs/zero3.json"),
-    "bf16": ("bf16", "ds_configs/zero3.json"),
-    "fp32_offload": ("fp32", "ds_configs/zero3_offload.json"),
-    "bf16_offload": ("bf16", "ds_configs/zero3_offload.json"),
+VARIANTS = {  # name -> (precision, DeepSpeed config, stage3_param_persistence_threshold)
+    "fp32": ("fp32", "ds_configs/zero3.json", 0),
+    "bf16": ("bf16", "ds_configs/zero3.json", 0),
+    "fp32_offload": ("fp32", "ds_configs/zero3_offload.json", 0),
+    "bf16_offload": ("bf16", "ds_configs/zero3_offload.json", 0),
+    # The file's own threshold (1e5): every tensor of the tiny model stays whole on every rank too.
+    "bf16_persistent": ("bf16", "ds_configs/zero3.json", None),
 }
 FIRST_LAYER = "model.layers.0."
 
 
-def build(precision: str, ds_file: str):
-    cfg = load_config(None, [f"train.precision={precision}", f"deepspeed.config={ds_file}",
-                             "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0",
-                             "train.micro_batch_size=2", "train.warmup_steps=0", "tracking.backend=none"])
+def build(precision: str, ds_file: str, threshold: int | None = 0):
+    """The trainer's model and config; ``threshold`` None keeps the DeepSpeed file's persistence threshold."""
+    overrides = [f"train.precision={precision}", f"deepspeed.config={ds_file}", "train.micro_batch_size=2",
+                 "train.warmup_steps=0", "tracking.backend=none"]
+    if threshold is not None:
+        overrides.append(f"deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold={threshold}")
+    cfg = load_config(None, overrides)
     model, _ = build_model(cfg.model)
     quantize_model(model, cfg.quantization.target_modules, model.dtype)
     torch.manual_seed(cfg.train.seed)  # as the trainer: the same adapter init everywhere
@@ -55,12 +60,15 @@ def reference_grads(batch: torch.Tensor) -> dict[str, list[float]]:
             if p.requires_grad and n.startswith(FIRST_LAYER)}
 
 
-def run_variant(precision: str, ds_file: str, world: int, batch: torch.Tensor) -> dict:
+def run_variant(precision: str, ds_file: str, threshold: int | None, world: int, batch: torch.Tensor) -> dict:
     from deepspeed.utils import safe_get_full_grad
 
-    cfg, model = build(precision, ds_file)
-    analytic = analytic_model_state_bytes(model, world, precision, offload_optimizer="offload" in ds_file)
-    engine = _build_engine(cfg, model, build_ds_config(cfg, world))
+    cfg, model = build(precision, ds_file, threshold)
+    ds_config = build_ds_config(cfg, world)
+    zero = ds_config["zero_optimization"]
+    analytic = analytic_model_state_bytes(model, world, precision, offload_optimizer="offload_optimizer" in zero,
+                                          persistence_threshold=int(zero["stage3_param_persistence_threshold"]))
+    engine = _build_engine(cfg, model, ds_config)
     opt = engine.optimizer
     named = dict(engine.module.named_parameters())
     trainable = {id(p) for p in trainable_parameters(engine.module)}

@@ -24,9 +24,11 @@ FP32_TOL = 2e-5  # the three runs differ only in the order of fp32 reductions; o
 ADAPTER_ATOL = 2e-4
 
 
-def run(root: Path, ds_file: str) -> dict:
+def run(tmp_path_factory, ds_file: str) -> dict:
     # The default config is zero3.json: reuse that run (test_n_invariance.py launches it too).
-    return short_run(root, 2) if ds_file == DEFAULT else short_run(root, 2, f"deepspeed.config={ds_file}")
+    if ds_file == DEFAULT:
+        return short_run(tmp_path_factory, 2)
+    return short_run(tmp_path_factory, 2, f"deepspeed.config={ds_file}")
 
 
 @pytest.mark.parametrize("ds_file", CONFIGS)
@@ -43,8 +45,7 @@ def test_config_builds_with_its_stage(ds_file):
 @pytest.mark.slow
 @pytest.mark.parametrize("ds_file", CONFIGS)
 def test_two_rank_run_trains_and_writes_the_adapter(tmp_path_factory, ds_file):
-    root = tmp_path_factory.getbasetemp()
-    result = run(root, ds_file)
+    result = run(tmp_path_factory, ds_file)
     losses = result["losses"]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, losses
     adapter = Path(result["adapter_dir"])
@@ -54,7 +55,7 @@ def test_two_rank_run_trains_and_writes_the_adapter(tmp_path_factory, ds_file):
     assert any(k.endswith("B") and w.abs().max() > 0 for k, w in weights.items())  # B starts at 0: trained
 
     if ds_file != DEFAULT:  # same computation as ZeRO-3: same losses, same adapter
-        reference = run(root, DEFAULT)
+        reference = run(tmp_path_factory, DEFAULT)
         assert losses == pytest.approx(reference["losses"], rel=FP32_TOL, abs=FP32_TOL)
         expected = load_file(Path(reference["adapter_dir"]) / WEIGHTS)
         assert weights.keys() == expected.keys()

@@ -19,24 +19,19 @@ FP32_TOL = 1e-5
 BF16_TOL = 1e-2
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory):
-    return tmp_path_factory.getbasetemp()
-
-
-def test_fp32_loss_curve_is_the_same_on_1_2_and_4_ranks(root):
-    one = short_run(root, 1)
+def test_fp32_loss_curve_is_the_same_on_1_2_and_4_ranks(tmp_path_factory):
+    one = short_run(tmp_path_factory, 1)
     for world in (2, 4):
-        other = short_run(root, world)
+        other = short_run(tmp_path_factory, world)
         assert other["losses"] == pytest.approx(one["losses"], rel=FP32_TOL, abs=FP32_TOL), world
         assert other["eval_loss"] == pytest.approx(one["eval_loss"], rel=FP32_TOL), world
     assert len(one["losses"]) == 4 and one["losses"][-1] < one["losses"][0]
 
 
-def test_bf16_loss_curve_is_the_same_on_1_and_2_ranks(root):
-    one = short_run(root, 1, "train.precision=bf16")
-    two = short_run(root, 2, "train.precision=bf16")
+def test_bf16_loss_curve_is_the_same_on_1_and_2_ranks(tmp_path_factory):
+    one = short_run(tmp_path_factory, 1, "train.precision=bf16")
+    two = short_run(tmp_path_factory, 2, "train.precision=bf16")
     assert two["losses"] == pytest.approx(one["losses"], abs=BF16_TOL)
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], abs=BF16_TOL)
     # bf16 is a different computation from fp32, but not a different answer.
-    assert one["losses"] == pytest.approx(short_run(root, 1)["losses"], abs=BF16_TOL)
+    assert one["losses"] == pytest.approx(short_run(tmp_path_factory, 1)["losses"], abs=BF16_TOL)
