@@ -179,9 +179,11 @@ def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> 
 
 
 def model_flops_per_token(model: nn.Module, seq_len: int) -> float:
-    """``flops_per_token`` for a Hugging Face decoder (reads layers and hidden size from its config)."""
+    """``flops_per_token`` for a Hugging Face decoder (reads layers and hidden size from its config;
+    a config without them gets 6N alone)."""
     config = model.config
-    return flops_per_token(matmul_parameters(model), config.num_hidden_layers, config.hidden_size, seq_len)
+    return flops_per_token(matmul_parameters(model), getattr(config, "num_hidden_layers", 0),
+                           getattr(config, "hidden_size", 0), seq_len)
 
 
 def throughput_metrics(tokens_per_s: float, flops_per_token: float, world_size: int,

@@ -24,7 +24,7 @@ from peft_dist.tracking.offline import send_backlog
 from peft_dist.tracking.plots import plot_losses, rank_matrix, write_plots
 from peft_dist.tracking.run_info import (gather_peak_memory, model_flops_per_token, run_params, sbatch_script,
                                          slurm_job_entry, throughput_metrics, write_run_files)
-from tests.multiproc import REPO
+from tests.multiproc import REPO, run_distributed
 
 SLURM_ENV = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "tiny", "SLURM_JOB_NUM_NODES": "1",
              "SLURM_NTASKS": "2", "SLURM_RESTART_COUNT": "0"}
@@ -84,6 +84,20 @@ def test_gather_peak_memory_single_process():
     assert metrics["memory/peak_rss_gib/rank0"] == pytest.approx(expected, rel=0.05)
     assert metrics["memory/peak_rss_gib/max"] == metrics["memory/peak_rss_gib/rank0"] > 64 / 1024
     del big
+
+
+@pytest.mark.slow  # two processes
+def test_gather_peak_memory_reports_each_rank_on_every_rank(tmp_path):
+    """Rank 1 touches 256 MiB more than rank 0: every rank gets both peaks, each equal to that rank's
+    own getrusage, and they differ by at least those 256 MiB."""
+    run_distributed([str(Path(__file__).with_name("mlflow_memory_worker.py")), str(tmp_path)], 2, timeout=300)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["metrics"] == ranks[1]["metrics"]
+    metrics = ranks[0]["metrics"]
+    for r in (0, 1):
+        assert metrics[f"memory/peak_rss_gib/rank{r}"] == pytest.approx(ranks[r]["own_gib"], rel=0.02)
+    assert metrics["memory/peak_rss_gib/rank1"] - metrics["memory/peak_rss_gib/rank0"] > 0.9 * 256 / 1024
+    assert metrics["memory/peak_rss_gib/max"] == metrics["memory/peak_rss_gib/rank1"]
 
 
 def test_plots_from_metric_history(tmp_path):
