@@ -23,9 +23,9 @@ from peft_dist.plan.models import ModelShape, PlanError
 from peft_dist.targets import HEAD_NAMES, name_matches
 
 INT8 = 1
-# Optimizer state per trainable element on its owner rank: fp32 master (4), Adam exp_avg and
-# exp_avg_sq (4 + 4), the fp32 gradient partition (4).
-OPTIMIZER_BYTES = 16
+# Per trainable element on its owner rank, besides the gradient partition (kept in the parameters'
+# dtype): the fp32 master (4) and Adam's exp_avg and exp_avg_sq (4 + 4).
+MASTER_AND_ADAM_BYTES = 12
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class RankBytes:
 
     frozen: int  # the base: int8 weight shards, their scales, embeddings, norms (+ persistent copies)
     trainable: int  # adapter parameter shards in the training dtype (+ persistent copies)
-    optimizer: int  # fp32 master, Adam moments, fp32 gradient: OPTIMIZER_BYTES per owned element
+    optimizer: int  # gradient partition, fp32 master, Adam moments of the owned elements
     trainable_numel: int  # elements of trainable tensors in the whole model
     total_numel: int  # elements of all tensors in the whole model
     gathered: int  # bytes one forward (or backward) pass all-gathers: the non-persistent tensors, whole
@@ -63,7 +63,7 @@ def per_rank(inventory: list[TensorInfo], world: int, persistence_threshold: int
         total += t.numel
         if t.trainable:
             trainable += held
-            optimizer += shard * OPTIMIZER_BYTES
+            optimizer += shard * (t.itemsize + MASTER_AND_ADAM_BYTES)
             trainable_numel += t.numel
         else:
             frozen += held

@@ -66,7 +66,7 @@ def test_per_rank_follows_zero3_padding_and_persistence():
     inventory = [TensorInfo("w", 1001, 1, False), TensorInfo("norm", 10, 2, False), TensorInfo("A", 40, 2, True)]
     held = per_rank(inventory, world=4, persistence_threshold=16)
     assert held.frozen == 251 * 1 + (3 * 2 + 10 * 2)  # ceil(1001/4) int8; norm: its shard and a whole copy
-    assert held.trainable == 10 * 2 and held.optimizer == 10 * 16
+    assert held.trainable == 10 * 2 and held.optimizer == 10 * (2 + 4 + 8)  # bf16 grad, fp32 master, Adam
     assert held.gathered == 1001 + 40 * 2  # persistent tensors are never gathered again
     assert held.trainable_numel == 40 and held.total_numel == 1051
 

@@ -2,9 +2,10 @@
 
 The file is both the test and (run under torchrun) the worker: each rank builds a small Llama with odd
 sizes (so padding shows), quantizes it, injects LoRA, wraps it in a ZeRO-3 engine and reports the
-bytes of its parameter partitions, the whole (persistent) copies it keeps, and its fp32 optimizer
-partition. The test compares them with ``per_rank`` on the meta-device inventory of the same model.
+bytes of its parameter partitions, the whole (persistent) copies it keeps, its gradient partition,
+fp32 master and Adam state (read by ``peft_dist.distributed.memory.measured_model_state_bytes``). The test compares them with ``per_rank`` on the meta-device inventory of the same model.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -30,6 +31,7 @@ def worker(out_dir: str) -> None:
     from peft_dist.adapters.inject import inject_adapters, trainable_parameters
     from peft_dist.adapters.registry import build_adapter_config
     from peft_dist.distributed.env import init_distributed, resolve_env
+    from peft_dist.distributed.memory import measured_model_state_bytes
     from peft_dist.plan.models import hf_config
     from peft_dist.quant.model import quantize_model
 
@@ -49,21 +51,16 @@ def worker(out_dir: str) -> None:
     for _ in range(2):  # once the first step has traced the module order, persistent parameters stay whole
         engine.backward(engine(input_ids=x, labels=x).loss)
         engine.step()
-    held = {"frozen": 0, "trainable": 0, "fp32_partition": 0}
-    for p in engine.module.parameters():
-        key = "trainable" if p.requires_grad else "frozen"
-        held[key] += p.ds_tensor.numel() * p.ds_tensor.element_size()
-        held[key] += p.data.numel() * p.element_size()  # empty unless kept whole (persistent)
-    held["fp32_partition"] = sum(g.numel() for g in engine.optimizer.fp32_partitioned_groups_flat)
+    held = measured_model_state_bytes(engine)
     with open(os.path.join(out_dir, f"rank{dist.rank}.json"), "w") as f:
-        json.dump(held, f)
+        json.dump(dataclasses.asdict(held), f)
 
 
 @pytest.mark.slow
 def test_per_rank_matches_deepspeed_zero3_partitions(tmp_path):
     from peft_dist.adapters.registry import build_adapter_config
     from peft_dist.plan.dryrun import build_meta_model, meta_inventory
-    from peft_dist.plan.inventory import OPTIMIZER_BYTES, per_rank
+    from peft_dist.plan.inventory import per_rank
     from tests.multiproc import run_distributed
 
     run_distributed([__file__, str(tmp_path)], nprocs=2, timeout=300)
@@ -72,9 +69,9 @@ def test_per_rank_matches_deepspeed_zero3_partitions(tmp_path):
     for rank in (0, 1):
         held = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert held["frozen"] == predicted.frozen
-        assert held["trainable"] == predicted.trainable
-        # DeepSpeed's fp32 master partition: one element per owned adapter element (padding included).
-        assert held["fp32_partition"] * OPTIMIZER_BYTES == predicted.optimizer
+        assert held["adapter_params"] == predicted.trainable
+        # Gradient partition (bf16), fp32 master and Adam moments, plus Adam's one 4-byte step counter.
+        assert held["gradients"] + held["master"] + held["optimizer"] == predicted.optimizer + 4
 
 
 if __name__ == "__main__":
