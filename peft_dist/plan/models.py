@@ -12,8 +12,6 @@ from pathlib import Path
 
 from transformers import GPT2Config, LlamaConfig, PretrainedConfig
 
-FAMILIES = ("llama", "gpt2")
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -123,10 +121,13 @@ def load_shape(model: str) -> ModelShape:
     if not path.is_file():
         raise PlanError(f"--model: {model!r} is neither a preset ({', '.join(PRESETS)}) nor a Hugging Face "
                         "config.json file or model directory")
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise PlanError(f"--model: {path} is not JSON ({err}); pass a Hugging Face config.json") from None
     from transformers import AutoConfig
 
-    if "model_type" not in data:
+    if not isinstance(data, dict) or "model_type" not in data:
         raise PlanError(f"--model: {path} has no model_type; is it a Hugging Face config.json?")
     config = AutoConfig.for_model(**data)
     return shape_from_hf(config, path.parent.name or path.stem)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peft_dist.config.schema import RunConfig
-from peft_dist.plan.estimate import GIB, Choice, Hardware, Workload, choose, steps_for
+from peft_dist.plan.estimate import GIB, Choice, Hardware, Workload, activation_bytes, choose, steps_for
 from peft_dist.plan.inventory import RankBytes, analytic_inventory, per_rank
 from peft_dist.plan.models import ModelShape
 
@@ -89,9 +89,9 @@ def format_plan(plan: Plan) -> str:
     lines += [f"  {name:<24}{_gib(value)}" for name, value in c.memory.items()]
     lines.append(f"  {'total':<24}{_gib(c.total_bytes)}  of {hw.gpu_mem_gib:g} GiB -> "
                  f"{'FITS' if plan.fits else 'DOES NOT FIT'}")
-    lines += ["", "activations (micro-batch {}): checkpointing off {} | on {}".format(
-        c.micro_batch, *(_gib(x.memory['activations']).strip() for x in sorted(
-            (x for x in plan.candidates if x.micro_batch == c.micro_batch), key=lambda x: x.checkpointing)))]
+    off, on = (activation_bytes(s, c.micro_batch, w.seq_len, w.itemsize, ckpt) for ckpt in (False, True))
+    lines += ["", f"activations (micro-batch {c.micro_batch}): checkpointing off {_gib(off).strip()} | "
+              f"on {_gib(on).strip()}"]
     lines += [
         "",
         "per optimizer step",
@@ -108,9 +108,14 @@ def format_plan(plan: Plan) -> str:
               f"{x.step_s:8.2f} s{'  <- chosen' if x is c else ''}" for x in plan.candidates]
     if plan.dry_run is not None:
         d = plan.dry_run
-        same = d == held
+        if plan.counted_by != "analytic model":
+            verdict = "the count used above (no analytic model for this adapter method)"
+        elif d == held:
+            verdict = "matches the analytic count exactly"
+        else:
+            verdict = "DIFFERS from the analytic count: please report it"
         lines += ["", f"dry run (meta device): {d.total_numel:,} parameters, {d.trainable_numel:,} trainable; "
                   f"per rank base {d.frozen:,} B, adapters {d.trainable:,} B, optimizer {d.optimizer:,} B -> "
-                  f"{'matches the analytic count exactly' if same else 'DIFFERS from the analytic count'}"]
+                  f"{verdict}"]
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)

@@ -89,6 +89,9 @@ def test_hf_config_file_round_trips(tmp_path):
     assert (loaded.hidden, loaded.kv_heads, loaded.intermediate, loaded.layers) == (8192, 8, 28672, 80)
     with pytest.raises(PlanError, match="neither a preset"):
         load_shape(str(tmp_path / "missing"))
+    (tmp_path / "notes.json").write_text("not json")
+    with pytest.raises(PlanError, match="is not JSON"):
+        load_shape(str(tmp_path / "notes.json"))
     (tmp_path / "bert.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(PlanError, match="not modelled"):
         load_shape(str(tmp_path / "bert.json"))
@@ -208,3 +211,12 @@ def test_activation_estimate_matches_what_autograd_saves(family):
     measured = sum(b for (layer, _), b in saved.items() if layer >= 1) / 2
     estimate = activation_bytes(shape, micro, seq, 2, checkpointing=False) / shape.layers
     assert estimate == pytest.approx(measured, rel=0.15)
+
+
+def test_plan_of_a_non_lora_method_uses_the_meta_count(capsys):
+    assert main(["--model", "llama-7b", "--nodes", "1", "--global-batch", "32", "--tokens", "1e8",
+                 "--set", "adapters=[{method: krona}]"]) == 0
+    out = capsys.readouterr().out
+    model = build_meta_model(PRESETS["llama-7b"], [build_adapter_config({"method": "krona"}, "a")], "all-linear")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"adapters    {trainable:,} trainable parameters" in out and "counted by the meta-device model" in out
