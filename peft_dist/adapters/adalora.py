@@ -268,13 +268,11 @@ class AdaLoraHook(TrainHook):
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """The schedule's state, JSON-serializable and identical on every rank (not a collective).
-
-        The EMA shards are per rank and not included: see ``importance_state``.
-        """
+        """The schedule's state and the importance EMAs gathered whole (world-size independent), so a
+        resumed run continues exactly. A collective: every rank must call it."""
         return {"step": self._last_step, "updates": self.updates, "budget": self.budget,
                 "keep": self.keep.tolist(), "history": list(self.history),
-                "scores": None if self.scores is None else self.scores.tolist()}
+                "scores": None if self.scores is None else self.scores.tolist(), **self.importance_state()}
 
     def importance_state(self) -> dict[str, list[list[float]]]:
         """The EMA tensors gathered whole (world-size independent). A collective: every rank must call it."""

@@ -125,6 +125,7 @@ def load_for_inference(directory: str | Path, dtype: torch.dtype | None = None):
 
 MANIFEST = "MANIFEST.json"
 TRAINER_STATE = "trainer_state.json"
+HOOK_STATE = "hooks.pt"  # method hook state (e.g. AdaLoRA's schedule and importance); weights_only load
 
 
 def check_run_dir(run_dir: Path, cfg: CheckpointConfig) -> None:
@@ -168,10 +169,12 @@ def save_training_checkpoint(engine, run_dir: Path, step: int, hooks: list, trac
     engine.save_checkpoint(str(tmp / "engine"), tag="state", exclude_frozen_parameters=True, save_latest=False)
     faults.inject("kill-in-checkpoint", engine.global_rank, step)
     save_adapter(engine.module, tmp / "adapter", metadata, is_main)
+    hook_states = [h.state_dict() for h in hooks]  # may be a collective (AdaLoRA gathers its EMAs)
     _barrier()
     if is_main:
-        state = {"step": step, "tracker_run_id": tracker_run_id, "hooks": [h.state_dict() for h in hooks]}
+        state = {"step": step, "tracker_run_id": tracker_run_id}
         (tmp / TRAINER_STATE).write_text(json.dumps(state, default=str))
+        torch.save(hook_states, tmp / HOOK_STATE)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = {"step": step, "world_size": torch.distributed.get_world_size() if
                     torch.distributed.is_initialized() else 1,
@@ -213,6 +216,6 @@ def load_training_checkpoint(engine, run_dir: Path, hooks: list, metadata: dict)
                               f"{manifest['world_size']} ranks (adapter-only checkpoints load on any number)")
     engine.load_checkpoint(str(path / "engine"), tag="state", load_module_strict=False)
     state = json.loads((path / TRAINER_STATE).read_text())
-    for hook, hook_state in zip(hooks, state["hooks"]):
+    for hook, hook_state in zip(hooks, torch.load(path / HOOK_STATE, weights_only=True)):
         hook.load_state_dict(hook_state)
     return state

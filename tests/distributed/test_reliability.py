@@ -17,9 +17,10 @@ COMMON = ["tracking.backend=none", "train.warmup_steps=2", "train.max_steps=8",
           "adapters.0.dropout=0.1"]  # dropout: resume must also restore the random stream
 
 
-def launch(out, *overrides, env=None, returncode=0, timeout=300):
+def launch(out, *overrides, env=None, returncode=0, timeout=300, config=None, common=COMMON):
     args = [str(REPO / "launcher" / "train.py"), "--set", f"checkpoint.output_dir={out}"]
-    for o in (*COMMON, *overrides):
+    args += ["--config", str(REPO / "configs" / config)] if config else []
+    for o in (*common, *overrides):
         args += ["--set", o]
     # The deepspeed launcher exits with the failing rank's code (75 = checkpointed, requeue me);
     # torchrun reports any non-zero worker exit as its own exit 1.
@@ -44,6 +45,19 @@ def test_stop_and_resume_gives_the_uninterrupted_losses(tmp_path):
     assert resumed["first_step"] == 4
     assert resumed["losses"] == pytest.approx(reference["losses"][3:], rel=1e-6, abs=1e-6)
     assert resumed["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-6)
+
+
+def test_adalora_resume_continues_the_budget_schedule_exactly(tmp_path):
+    """Stop between two mask steps; the resumed run must keep the masks, scores and importance EMAs."""
+    common = [*COMMON[:-1], "train.max_steps=10", "adapters.0.tinit=2", "adapters.0.tfinal=2",
+              "adapters.0.delta_t=2"]
+    full, parts = tmp_path / "full", tmp_path / "parts"
+    launch(full, config="tiny-adalora.yaml", common=common)
+    launch(parts, "checkpoint.exit_interval=5", config="tiny-adalora.yaml", common=common, returncode=75)
+    launch(parts, "checkpoint.resume=true", config="tiny-adalora.yaml", common=common)
+    resumed, reference = result(parts), result(full)
+    assert resumed["first_step"] == 6
+    assert resumed["losses"] == pytest.approx(reference["losses"][5:], rel=1e-6, abs=1e-6)
 
 
 def test_rank_killed_while_checkpointing_leaves_the_previous_checkpoint(tmp_path):
