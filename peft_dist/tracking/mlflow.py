@@ -21,20 +21,18 @@ import shutil
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from peft_dist.config.schema import TrackingConfig
+from peft_dist.tracking.records import (BACKLOG, BATCHABLE, STAGING, Record, describe, read_backlog, snapshot,
+                                       write_backlog)
 
 log = logging.getLogger("peft_dist")
 
-BACKLOG = "tracking_backlog.jsonl"
 RUN_FILE = "tracking.json"  # run id and URI, for tools that add to the run later (e.g. an export)
-STAGING = ".tracking_staging"  # hard-linked snapshots of artifacts until they are uploaded
 # MLflow's log_batch limits per request.
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
-BATCHABLE = ("metrics", "params", "tags")
 
 
 def resolve_uri(cfg_uri: str, run_dir: Path, environ: dict[str, str] | None = None) -> str:
@@ -58,23 +56,6 @@ def is_permanent(err: Exception) -> bool:
         return False
     status = err.get_http_status_code()
     return 400 <= status < 500 and status != 429
-
-
-@dataclass
-class Record:
-    """One unit of work for the sender; ``data`` is JSON-serialisable so it can go to the backlog."""
-
-    kind: str  # metrics | params | tags | append_tag | artifact | terminate
-    data: dict[str, Any]
-    run_id: str | None = None  # None: the run this tracker creates
-    seq: int = 0
-    replayed: bool = False  # loaded from an earlier session's backlog
-
-    def size(self) -> int:
-        return len(self.data.get("values", {})) if self.kind in BATCHABLE else 1
-
-    def to_json(self, **extra: Any) -> str:
-        return json.dumps({"kind": self.kind, "run_id": self.run_id, **self.data, **extra})
 
 
 class MlflowTracker:
@@ -207,7 +188,7 @@ class MlflowTracker:
             self._write_backlog(unsent, append=True)
             log.warning("tracking: MLflow at %s unreachable at close; %d unsent records (%s) written to %s. "
                         "They are sent on resume, or now with: python -m peft_dist.tracking.offline %s",
-                        self.uri, len(unsent), _summary(unsent), self.run_dir / BACKLOG, self.run_dir)
+                        self.uri, len(unsent), describe(unsent), self.run_dir / BACKLOG, self.run_dir)
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -219,13 +200,8 @@ class MlflowTracker:
     def _stage(self, path: Path) -> Path:
         with self._lock:
             self._seq += 1
-            target = self.run_dir / STAGING / f"{self._seq:08d}" / path.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_dir():
-            shutil.copytree(path, target, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(str(path), str(target))
-        return target
+            seq = self._seq
+        return snapshot(path, self.run_dir / STAGING / f"{seq:08d}" / path.name)
 
     def _work(self) -> None:
         """The sender thread: connect, send in batches, back off while MLflow is unreachable."""
@@ -320,7 +296,7 @@ class MlflowTracker:
                         if not is_permanent(err):
                             raise
                         self._write_backlog([record], append=True, rejected=_short(err))
-                        log.warning("tracking: MLflow refused %s (%s); kept in %s", _summary([record]),
+                        log.warning("tracking: MLflow refused %s (%s); kept in %s", describe([record]),
                                     _short(err), self.run_dir / BACKLOG)
             with self._lock:
                 if self._abandoned:
@@ -396,52 +372,21 @@ class MlflowTracker:
         with self._file_lock:
             with self._lock:
                 if append:
-                    self._kept_lines += [r.to_json(run_id=r.run_id or self._run_id, **extra) for r in records]
-                pending = [r.to_json(run_id=r.run_id or self._run_id) for r in self._buffer if r.replayed]
+                    self._kept_lines += [r.to_json(self._run_id, **extra) for r in records]
+                pending = [r.to_json(self._run_id) for r in self._buffer if r.replayed]
                 content = self._kept_lines + pending
-            path = self.run_dir / BACKLOG
-            if not content:
-                path.unlink(missing_ok=True)
-                return
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in content))
-            tmp.replace(path)
+            write_backlog(self.run_dir / BACKLOG, content)
 
     def _load_backlog(self) -> None:
         """Queue an earlier session's unsent records first; rejected ones stay in the file."""
-        path = self.run_dir / BACKLOG
-        if not path.exists():
-            return
-        for line in path.read_text().splitlines():
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:  # e.g. cut short by a full disk: keep it for a human
-                entry = {"rejected": "not valid JSON"}
-            if "rejected" in entry:
-                self._kept_lines.append(line)
-                continue
-            kind, run_id = entry.pop("kind"), entry.pop("run_id")
+        records, self._kept_lines = read_backlog(self.run_dir / BACKLOG)
+        for record in records:
             self._seq += 1
-            self._buffer.append(Record(kind, entry, run_id or self._run_id, self._seq, replayed=True))
-        log.info("tracking: %d records from %s will be sent first", len(self._buffer), path)
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system
-        shutil.copy2(src, dst)
-    return dst
+            record.seq, record.run_id = self._seq, record.run_id or self._run_id
+            self._buffer.append(record)
+        if records:
+            log.info("tracking: %d records from %s will be sent first", len(records), self.run_dir / BACKLOG)
 
 
 def _short(err: Exception) -> str:
     return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
-
-
-def _summary(records: list[Record]) -> str:
-    counts: dict[str, int] = {}
-    for record in records:
-        counts[record.kind] = counts.get(record.kind, 0) + 1
-    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))

@@ -13,7 +13,8 @@ import logging
 from pathlib import Path
 
 from peft_dist.config.schema import TrackingConfig
-from peft_dist.tracking.mlflow import BACKLOG, RUN_FILE, MlflowTracker
+from peft_dist.tracking.mlflow import RUN_FILE, MlflowTracker
+from peft_dist.tracking.records import BACKLOG
 
 EXPORT_TAG = "export.merged_model_path"
 

@@ -19,7 +19,8 @@ from peft_dist.config import config_to_dict, load_config
 from peft_dist.config.schema import TrackingConfig
 from peft_dist.model import build_model
 from peft_dist.tracking import NullTracker, create_tracker
-from peft_dist.tracking.mlflow import BACKLOG, MlflowTracker, resolve_uri
+from peft_dist.tracking.mlflow import MlflowTracker, resolve_uri
+from peft_dist.tracking.records import BACKLOG, read_backlog, write_backlog
 from peft_dist.tracking.offline import send_backlog
 from peft_dist.tracking.plots import plot_losses, rank_matrix, write_plots
 from peft_dist.tracking.run_info import (gather_peak_memory, model_flops_per_token, run_params, sbatch_script,
@@ -124,6 +125,20 @@ def test_factory_and_uri_resolution(tmp_path, monkeypatch):
     assert resolve_uri("http://a:5000", tmp_path, {"MLFLOW_TRACKING_URI": "http://b"}) == "http://a:5000"
     assert resolve_uri("", tmp_path, {"MLFLOW_TRACKING_URI": "http://b"}) == "http://b"
     assert resolve_uri("", tmp_path, {}) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_backlog_file_round_trip_keeps_refused_and_unreadable_lines(tmp_path):
+    path = tmp_path / BACKLOG
+    good = json.dumps({"kind": "metrics", "run_id": "r1", "values": {"x": 1.0}, "step": 3, "timestamp": 5})
+    refused = json.dumps({"kind": "params", "run_id": "r1", "values": {"a": "2"}, "rejected": "changed"})
+    write_backlog(path, [good, refused, '{"kind": "metr'])  # the last one cut short
+    records, kept = read_backlog(path)
+    assert [(r.kind, r.run_id, r.data, r.replayed) for r in records] == [
+        ("metrics", "r1", {"values": {"x": 1.0}, "step": 3, "timestamp": 5}, True)]
+    assert kept == [refused, '{"kind": "metr']
+    assert json.loads(records[0].to_json(None)) == json.loads(good)
+    write_backlog(path, [])
+    assert not path.exists() and read_backlog(path) == ([], [])
 
 
 def _dead_uri() -> str:

@@ -23,7 +23,8 @@ from mlflow import MlflowClient
 
 from peft_dist.config.schema import TrackingConfig
 from peft_dist.distributed.env import free_port
-from peft_dist.tracking.mlflow import BACKLOG, RUN_FILE, MlflowTracker
+from peft_dist.tracking.mlflow import RUN_FILE, MlflowTracker
+from peft_dist.tracking.records import BACKLOG
 from peft_dist.tracking.offline import send_backlog
 from tests.multiproc import REPO, run_distributed
 
