@@ -25,7 +25,7 @@ from peft_dist.config.schema import TrackingConfig
 from peft_dist.distributed.env import free_port
 from peft_dist.tracking.mlflow import RUN_FILE, MlflowTracker
 from peft_dist.tracking.records import BACKLOG
-from peft_dist.tracking.offline import send_backlog
+from peft_dist.tracking.offline import EXPORT_TAG, record_export, send_backlog
 from tests.multiproc import REPO, run_distributed
 
 pytestmark = pytest.mark.slow
@@ -160,6 +160,13 @@ def test_tracker_outage_never_stalls_and_everything_arrives_after_restart(server
     assert resumed.metric_history()["train/loss"] == [(s, 10.0 - s) for s in range(1, 10)]
     resumed.close("FINISHED")
     assert client.get_run(run_id).info.status == "FINISHED"
+
+    # A later merged-model export is recorded on the same run, found through run_dir/tracking.json.
+    record_export(run_dir, tmp_path / "merged")
+    run = client.get_run(run_id)
+    assert run.data.tags[EXPORT_TAG] == str((tmp_path / "merged").resolve()) and run.info.status == "FINISHED"
+    local = client.download_artifacts(run_id, "export/merged_model_path.txt", str(tmp_path / "dl"))
+    assert Path(local).read_text().strip() == str((tmp_path / "merged").resolve())
 
 
 def launch(args: list[str], env: dict) -> subprocess.CompletedProcess:
