@@ -20,7 +20,7 @@ from torch import nn
 from peft_dist.adapters.base import AdaptedLinear, AdapterConfig, AdapterModule, TrainHook
 from peft_dist.adapters.inject import inject_linear_delta
 from peft_dist.adapters.registry import register
-from peft_dist.config.schema import ConfigError, require
+from peft_dist.config.schema import ConfigError, TrainConfig, require
 from peft_dist.distributed import importance
 
 
@@ -61,6 +61,12 @@ class AdaLoraConfig(AdapterConfig):
         require(self.delta_t >= 1, "delta_t", f"got {self.delta_t}; must be >= 1")
         require(self.total_step is None or self.total_step >= 1, "total_step",
                 f"got {self.total_step}; must be >= 1, or leave it unset to use train.max_steps")
+
+    def check_training(self, train: TrainConfig) -> None:
+        total = self.total_step or train.max_steps
+        require(self.tinit < total - self.tfinal, "tinit",
+                f"tinit ({self.tinit}) must be below the total steps ({total}) minus tfinal ({self.tfinal}) "
+                "or the budget never decays; lower tinit/tfinal or raise train.max_steps")
 
 
 class AdaLoraDelta(AdapterModule):
@@ -303,11 +309,6 @@ def make_hook(model: nn.Module, config: AdaLoraConfig, total_steps: int) -> AdaL
         if isinstance(module, AdaptedLinear) and config.name in module.deltas:
             if isinstance(module.deltas[config.name], AdaLoraDelta):
                 deltas[name] = module.deltas[config.name]
-    total = config.total_step or total_steps
-    if not config.tinit < total - config.tfinal:
-        raise ConfigError(f"adapters[{config.name}].tinit/tfinal: tinit ({config.tinit}) must be below total "
-                          f"steps ({total}) minus tfinal ({config.tfinal}) or the budget never decays; "
-                          "lower tinit/tfinal or train longer")
     return AdaLoraHook(deltas, config, total_steps)
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft_dist.config.schema import require
+from peft_dist.config.schema import TrainConfig, require
 from peft_dist.quant.int8 import Int8Linear
 
 
@@ -46,6 +46,9 @@ class AdapterConfig:
                 f"got {self.name!r}; use letters, digits and underscores (it becomes a module name)")
         require(isinstance(self.target_modules, (str, list)), "target_modules",
                 "use 'all-linear', a list of module-name suffixes or a regex string")
+
+    def check_training(self, train: TrainConfig) -> None:
+        """Checks that need the ``train`` section (e.g. a schedule within ``max_steps``); run at load time."""
 
 
 class AdapterModule(nn.Module):

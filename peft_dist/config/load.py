@@ -103,6 +103,11 @@ def build_run_config(data: dict) -> RunConfig:
     if not isinstance(raw_adapters, list):
         raise ConfigError("adapters: expected a list of adapter configs, each with a 'method' key")
     adapters = [build_adapter_config(item, f"adapters.{i}") for i, item in enumerate(raw_adapters)]
+    for i, adapter in enumerate(adapters):
+        try:
+            adapter.check_training(sections["train"])
+        except ConfigError as err:
+            raise ConfigError(f"adapters.{i}.{err}") from None
     names = [a.name for a in adapters]
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:

@@ -14,6 +14,7 @@ from transformers import LlamaForCausalLM
 from peft_dist.adapters import AdaptedLinear, adapter_state_dict, inject_adapters, load_adapter_state_dict
 from peft_dist.adapters.adalora import AdaLoraDelta, budget_schedule, keep_mask, make_hook
 from peft_dist.adapters.registry import build_adapter_config
+from peft_dist.config import load_config
 from peft_dist.config.schema import ConfigError
 from peft_dist.distributed.importance import triplet_index
 from peft_dist.model import tiny_llama_config
@@ -250,9 +251,11 @@ def test_bad_config_and_bad_calls_fail_clearly():
         build_adapter_config({"method": "adalora", "init_r": 4, "target_r": 4}, "adapters.0")
     with pytest.raises(ConfigError, match="delta_t"):
         build_adapter_config({"method": "adalora", "delta_t": 0}, "adapters.0")
+    schedule = ["adapters=[{method: adalora, tinit: 5, tfinal: 5}]"]
+    with pytest.raises(ConfigError, match=r"adapters.0.tinit: tinit \(5\) must be below the total steps \(10\)"):
+        load_config(None, [*schedule, "train.max_steps=10", "train.warmup_steps=1"])
+    load_config(None, [*schedule, "train.max_steps=20"])
     model, config = adalora_model(total_step=None, tinit=5, tfinal=5)
-    with pytest.raises(ConfigError, match="tinit/tfinal"):
-        make_hook(model, config, 10)
     hook = make_hook(model, config, 20)
     with pytest.raises(RuntimeError, match="before_step was not called"):
         hook.after_step(None, 1)
