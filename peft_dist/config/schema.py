@@ -159,16 +159,19 @@ class TrackingConfig:
     backend: ``mlflow`` or ``none``.
     uri: MLflow tracking URI; empty means ``$MLFLOW_TRACKING_URI`` or, failing that, a SQLite store
         ``mlflow.db`` in the run directory.
+    peak_tflops: the device's peak TFLOP/s, to log model FLOPs utilization (0 = do not log MFU).
     """
 
     backend: str = "mlflow"
     uri: str = ""
     experiment: str = "peft-dist"
     run_name: str = ""
+    peak_tflops: float = 0.0
 
     def __post_init__(self) -> None:
         require(self.backend in ("mlflow", "none"), "backend",
                 f"got {self.backend!r}; use mlflow or none")
+        require(self.peak_tflops >= 0, "peak_tflops", "must be >= 0 (0 = do not log MFU)")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from peft_dist.adapters.inject import inject_adapters, summary_table, trainable_parameters
 from peft_dist.adapters.registry import get_method
-from peft_dist.config.load import config_to_dict, flatten
+from peft_dist.config.load import config_to_dict
 from peft_dist.config.schema import RunConfig
 from peft_dist.data import GlobalBatchSampler, build_blocks
 from peft_dist.distributed.env import DistEnv, init_distributed, resolve_env, setup_logging
@@ -33,6 +33,9 @@ from peft_dist.train import checkpoint as ckpt
 from peft_dist.train import faults
 from peft_dist.train.schedule import warmup_cosine
 from peft_dist.tracking import create_tracker
+from peft_dist.tracking.plots import write_plots
+from peft_dist.tracking.run_info import (SLURM_JOB_IDS_TAG, gather_peak_memory, model_flops_per_token, run_params,
+                                         slurm_job_entry, throughput_metrics, write_run_files)
 
 # torch 2.13 deprecates collectives DeepSpeed's ZeRO uses; one warning per step drowns the progress bar.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
@@ -187,8 +190,16 @@ def train(cfg: RunConfig) -> TrainResult:
             start_step, run_id = state["step"], state.get("tracker_run_id")
             log.info("resumed from step %d", start_step)
     tracker = create_tracker(cfg.tracking, run_dir, dist.is_main, run_id)
-    if start_step == 0:
-        tracker.log_params(flatten(config_to_dict(cfg)) | {"world_size": dist.world_size})
+    if dist.is_main:
+        run_files = write_run_files(run_dir, ds_config)  # ds_config.json (+ the sbatch script on Slurm)
+        if start_step == 0:
+            tracker.log_params(run_params(config_to_dict(cfg), ds_config, dist.world_size))
+        for path in [run_dir / "run_config.yaml", *run_files]:
+            tracker.log_artifact(path, "config")
+        job = slurm_job_entry()
+        if job:
+            tracker.append_tag(SLURM_JOB_IDS_TAG, job)
+    flops_per_token = model_flops_per_token(engine.module, cfg.data.block_size)
 
     # --- train
     result = TrainResult(step=start_step, first_step=start_step + 1)
@@ -234,6 +245,9 @@ def train(cfg: RunConfig) -> TrainResult:
                     metrics["train/grad_norm"] = float(grad_norm)
                 for hook in hooks:
                     metrics.update(hook.metrics())
+                metrics.update(throughput_metrics(metrics["train/tokens_per_s"], flops_per_token,
+                                                  dist.world_size, cfg.tracking.peak_tflops))
+                metrics.update(gather_peak_memory(engine.device))  # a collective: every rank logs
                 tracker.log_metrics(metrics, step)
             if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.max_steps:
                 eval_loss = evaluate(engine, blocks.eval_ids, blocks.eval_labels, cfg.train.micro_batch_size,
@@ -245,9 +259,10 @@ def train(cfg: RunConfig) -> TrainResult:
             exit_now = cfg.checkpoint.exit_interval and (step - start_step) % cfg.checkpoint.exit_interval == 0
             stop_now = (stop_votes > 0 or exit_now) and step < cfg.train.max_steps
             if stop_now or (save_now and step < cfg.train.max_steps):
-                ckpt.save_training_checkpoint(engine, run_dir, step, hooks, tracker.run_id,
-                                              {**metadata, "step": step}, dist.is_main,
-                                              cfg.checkpoint.keep_last)
+                saved = ckpt.save_training_checkpoint(engine, run_dir, step, hooks, tracker.run_id,
+                                                      {**metadata, "step": step}, dist.is_main,
+                                                      cfg.checkpoint.keep_last)
+                tracker.log_artifact(saved / "adapter", f"checkpoints/{saved.name}")
             if stop_now:
                 log.warning("stopping (%s): checkpoint at step %d written, exiting for requeue",
                             "signal" if stop_votes > 0 else "checkpoint.exit_interval", step)
@@ -269,6 +284,8 @@ def train(cfg: RunConfig) -> TrainResult:
         if dist.is_main:
             (run_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
             tracker.log_artifact(adapter_dir, "adapter")
+            for path in write_plots(tracker.metric_history(), run_dir / "plots"):
+                tracker.log_artifact(path, "plots")
         log.info("done: %d steps, final train loss %.4f, eval loss %.4f (perplexity %.2f), adapter at %s",
                  result.step, result.losses[-1] if result.losses else float("nan"), result.eval_loss,
                  result.eval_perplexity, adapter_dir)
