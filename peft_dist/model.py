@@ -24,7 +24,11 @@ def tiny_llama_config(vocab_size: int = 512) -> LlamaConfig:
 
 def load_tokenizer(name_or_path: str):
     path = TINY_TOKENIZER if name_or_path == BUILTIN_TINY_LLAMA else name_or_path
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.name_or_path: no tokenizer in {name_or_path!r} ({err}); save the model's "
+                          "tokenizer next to its weights (tokenizer.save_pretrained)") from None
 
 
 def load_model_config(name_or_path: str) -> PretrainedConfig:
@@ -48,14 +52,14 @@ def load_model_config(name_or_path: str) -> PretrainedConfig:
 def build_model(cfg: ModelConfig):
     """Return ``(model, tokenizer)``. The builtin model is always initialised from seed 0, so that it
     is one fixed base that adapter checkpoints can be loaded back onto."""
+    model_config = load_model_config(cfg.name_or_path)
     tokenizer = load_tokenizer(cfg.name_or_path)
     dtype = DTYPES[cfg.dtype]
     if cfg.name_or_path == BUILTIN_TINY_LLAMA:
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(load_model_config(cfg.name_or_path), dtype=dtype)
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     else:
-        load_model_config(cfg.name_or_path)
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, local_files_only=True)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

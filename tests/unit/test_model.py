@@ -1,0 +1,66 @@
+"""Base-model loading, run-directory safety and checkpoint identity checks (no process group needed)."""
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, BertConfig, BertModel
+
+from peft_dist.adapters import inject_adapters
+from peft_dist.config import CheckpointConfig, ConfigError, ModelConfig, load_config
+from peft_dist.distributed.zero3 import build_ds_config
+from peft_dist.model import build_model
+from peft_dist.train.checkpoint import (CONFIG, CheckpointError, adapter_metadata, check_run_dir,
+                                        load_for_inference, save_adapter)
+from peft_dist.model import base_identity
+
+
+def test_missing_model_path_and_non_causal_model_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="model.name_or_path: cannot load a model config from"):
+        build_model(ModelConfig(name_or_path=str(tmp_path / "nope")))
+    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ConfigError, match="is a 'bert' model, not a causal language model"):
+        build_model(ModelConfig(name_or_path=str(tmp_path / "bert")))
+
+
+def test_local_hugging_face_directory_loads(tmp_path):
+    config = GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    from peft_dist.model import TINY_TOKENIZER
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(TINY_TOKENIZER).save_pretrained(tmp_path / "gpt2")
+    model, tokenizer = build_model(ModelConfig(name_or_path=str(tmp_path / "gpt2")))
+    assert model.config.model_type == "gpt2" and len(tokenizer) == 512
+
+
+def test_existing_run_directory_is_refused(tmp_path):
+    (tmp_path / "run_config.yaml").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds a run.*checkpoint.resume=true.*overwrite=true"):
+        check_run_dir(tmp_path, CheckpointConfig(output_dir=str(tmp_path)))
+    check_run_dir(tmp_path, CheckpointConfig(output_dir=str(tmp_path), resume=True))
+    check_run_dir(tmp_path, CheckpointConfig(output_dir=str(tmp_path), overwrite=True))
+
+
+def test_batch_sizes_in_the_deepspeed_file_are_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 32, "zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="sets train_batch_size; batch sizes come from train.micro_batch_size"):
+        build_ds_config(load_config(None, [f"deepspeed.config={path}"]), world_size=2)
+
+
+def test_adapter_from_another_base_is_refused(tmp_path):
+    cfg = load_config()
+    model, _ = build_model(cfg.model)
+    inject_adapters(model, cfg.adapters)
+    metadata = adapter_metadata(cfg.adapters, cfg.quantization, cfg.model,
+                                base_identity(cfg.model, model.config), step=0)
+    save_adapter(model, tmp_path / "adapter", metadata, is_main=True)
+    loaded, _ = load_for_inference(tmp_path / "adapter")  # the right base loads
+    assert not any(p.requires_grad for p in loaded.parameters() if p.dtype == torch.int8)
+    saved = json.loads((tmp_path / "adapter" / CONFIG).read_text())
+    saved["base_model"]["config_sha256"] = "0" * 64
+    (tmp_path / "adapter" / CONFIG).write_text(json.dumps(saved))
+    with pytest.raises(CheckpointError, match="config differs from this base"):
+        load_for_inference(tmp_path / "adapter")
+    with pytest.raises(CheckpointError, match="not an adapter checkpoint"):
+        load_for_inference(tmp_path)
