@@ -103,9 +103,11 @@ def test_srun_two_node_env_stops_and_resumes_like_torchrun(torchrun_two_nodes, t
     run_dir = tmp_path / "run"
     port = free_port_in(10000, 20000)
     # env.py: master = first host of the node list, port = 10000 + job id % 10000.
+    nodes = f"localhost,{socket.gethostname().split('.')[0]}"
+    # What srun sets in each task of a step (the batch shell has no SLURM_STEP_* variables).
     slurm = {"SLURM_JOB_ID": str(port - 10000 + 50000), "SLURM_NTASKS": "2", "SLURM_NNODES": "2",
-             "SLURM_JOB_NODELIST": f"localhost,{socket.gethostname().split('.')[0]}",
-             "SLURM_TASKS_PER_NODE": "1(x2)"}
+             "SLURM_JOB_NODELIST": nodes, "SLURM_TASKS_PER_NODE": "1(x2)", "SLURM_STEP_ID": "0",
+             "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": nodes}
     envs = [{**base_env(), **slurm, "SLURM_PROCID": str(node), "SLURM_NODEID": str(node), "SLURM_LOCALID": "0"}
             for node in (0, 1)]
     cmd = [sys.executable, *ARGS, "--set", f"checkpoint.output_dir={run_dir}", "--set", "checkpoint.resume=true"]
