@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, BertConfig, BertModel
+from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig
 
 from peft_dist.adapters import inject_adapters
 from peft_dist.config import CheckpointConfig, ConfigError, ModelConfig, load_config
@@ -17,10 +17,9 @@ from peft_dist.model import base_identity
 def test_missing_model_path_and_non_causal_model_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="model.name_or_path: cannot load a model config from"):
         build_model(ModelConfig(name_or_path=str(tmp_path / "nope")))
-    BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=64)).save_pretrained(tmp_path / "bert")
-    with pytest.raises(ConfigError, match="is a 'bert' model, not a causal language model"):
-        build_model(ModelConfig(name_or_path=str(tmp_path / "bert")))
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp_path / "vit")
+    with pytest.raises(ConfigError, match="is a 'vit' model, not a causal language model"):
+        build_model(ModelConfig(name_or_path=str(tmp_path / "vit")))
 
 
 def test_local_hugging_face_directory_loads(tmp_path):
