@@ -169,6 +169,16 @@ def test_tracker_outage_never_stalls_and_everything_arrives_after_restart(server
     assert Path(local).read_text().strip() == str((tmp_path / "merged").resolve())
 
 
+def git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True)
+
+
+def is_checked_out_commit(commit: str, since: str) -> bool:
+    """``commit`` was HEAD at some point since ``since`` (others may commit while a test runs)."""
+    return (git("merge-base", "--is-ancestor", since, commit).returncode == 0
+            and git("merge-base", "--is-ancestor", commit, "HEAD").returncode == 0)
+
+
 def launch(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return run_distributed([str(REPO / "launcher" / "train.py"), *args], 2, env=env)
 
@@ -195,6 +205,7 @@ def test_two_rank_adalora_run_logs_everything_and_resume_continues_the_run(serve
     config.write_text(ADALORA_CONFIG)
     run_dir = tmp_path / "run"
     env = {"MLFLOW_TRACKING_URI": server.uri, "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2"}
+    head_before = git("rev-parse", "HEAD").stdout.strip()
     launch(["--config", str(config), "--set", f"checkpoint.output_dir={run_dir}"], env)
     first = json.loads((run_dir / "result.json").read_text())
     server.stop()
@@ -216,14 +227,14 @@ def test_two_rank_adalora_run_logs_everything_and_resume_continues_the_run(serve
     assert run.data.tags["slurm.job_ids"] == "4242,4243"
 
     params = run.data.params
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     expected = {"adapters.0.method": "adalora", "adapters.0.init_r": "6", "train.max_steps": "3",
                 "train.lr": "0.01", "world_size": "2", "ds_config.zero_optimization.stage": "3",
                 "ds_config.zero_optimization.stage3_param_persistence_threshold": "0",
-                "ds_config.train_batch_size": "4", "git.commit": head.strip(),
+                "ds_config.train_batch_size": "4",
                 "version.torch": torch.__version__, "version.mlflow": mlflow.__version__,
                 "hardware.accelerator": "cpu", "slurm.job_id": "4242"}
     assert {k: params.get(k) for k in expected} == expected
+    assert is_checked_out_commit(params["git.commit"], since=head_before)
     assert {"version.deepspeed", "version.transformers", "version.bitsandbytes", "hardware.cpu_count",
             "hardware.memory_gib", "git.dirty"} <= set(params)
 
