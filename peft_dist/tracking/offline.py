@@ -36,10 +36,13 @@ def send_backlog(run_dir: str | Path, uri: str = "") -> bool:
     return not (run_dir / BACKLOG).exists()
 
 
-def record_export(run_dir: str | Path, export_path: str | Path) -> None:
+def record_export(run_dir: str | Path, export_path: str | Path) -> bool:
     """Record where the merged model of this run was exported: the tag ``export.merged_model_path``
-    and an artifact ``export/merged_model_path.txt`` (the model itself is not uploaded)."""
+    and an artifact ``export/merged_model_path.txt`` (the model itself is not uploaded). False, and
+    nothing done, when the run was not tracked (no ``tracking.json``)."""
     run_dir = Path(run_dir)
+    if not (run_dir / RUN_FILE).exists():
+        return False
     path = str(Path(export_path).resolve())
     note = run_dir / "merged_model_path.txt"
     note.write_text(path + "\n")
@@ -47,6 +50,7 @@ def record_export(run_dir: str | Path, export_path: str | Path) -> None:
     tracker.set_tags({EXPORT_TAG: path})
     tracker.log_artifact(note, "export")
     tracker.close(status=None)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

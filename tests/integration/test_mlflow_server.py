@@ -162,7 +162,8 @@ def test_tracker_outage_never_stalls_and_everything_arrives_after_restart(server
     assert client.get_run(run_id).info.status == "FINISHED"
 
     # A later merged-model export is recorded on the same run, found through run_dir/tracking.json.
-    record_export(run_dir, tmp_path / "merged")
+    assert record_export(run_dir, tmp_path / "merged")
+    assert not record_export(tmp_path / "untracked", tmp_path / "merged")  # no tracking.json: no new run
     run = client.get_run(run_id)
     assert run.data.tags[EXPORT_TAG] == str((tmp_path / "merged").resolve()) and run.info.status == "FINISHED"
     local = client.download_artifacts(run_id, "export/merged_model_path.txt", str(tmp_path / "dl"))
