@@ -117,3 +117,11 @@ def test_hostfile_from_the_allocation(cluster, tmp_path):
     cluster.run(["sbatch", "--wait", "--ntasks=1", "--gpus-per-node=0", f"--output={tmp_path}/%j.log",
                  f"--wrap=bash {script} {hostfile} 4"], timeout=120)
     assert hostfile.read_text() == f"{cluster.host} slots=4\n"
+
+
+@pytest.mark.parametrize("template", sorted((REPO / "slurm").glob("*.sbatch")) +
+                         sorted((REPO / "slurm" / "presets").glob("*.sbatch")), ids=lambda p: p.name)
+def test_sbatch_accepts_every_template(cluster, template):
+    """Real sbatch parses every #SBATCH line (--test-only schedules nothing); sizes shrunk to this node."""
+    proc = cluster.run(["sbatch", "--test-only", "--nodes=1", *SMALL, str(template)], check=False)
+    assert proc.returncode == 0 and "to start at" in proc.stderr, proc.stderr
