@@ -72,3 +72,8 @@ def test_deepspeed_config_takes_batch_and_precision_from_train_and_merges_overri
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     with pytest.raises(ConfigError, match="deepspeed.config: no such file"):
         build_ds_config(load_config(None, ["deepspeed.config=ds_configs/nope.json"]), 1)
+
+
+def test_negative_peak_tflops_is_refused():
+    with pytest.raises(ConfigError, match="tracking.peak_tflops: must be >= 0"):
+        load_config(None, ["tracking.peak_tflops=-1"])
