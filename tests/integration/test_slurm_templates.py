@@ -38,3 +38,10 @@ def test_env_file_sets_defaults_and_keeps_site_values():
     assert "NCCL_IB_HCA" not in env and "GLOO_SOCKET_IFNAME" not in env  # empty means: let NCCL decide
     site = source_env({"NCCL_IB_HCA": "mlx5_0", "NCCL_SOCKET_IFNAME": "ib0", "OMP_NUM_THREADS": "2"})
     assert (site["NCCL_IB_HCA"], site["NCCL_SOCKET_IFNAME"], site["OMP_NUM_THREADS"]) == ("mlx5_0", "ib0", "2")
+
+
+def test_requeue_exit_code_is_the_trainers():
+    from peft_dist.train.trainer import PREEMPTED_EXIT_CODE
+
+    assert f"PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE}  #" in (SLURM / "launch.sh").read_text()
+    assert f'"$rc" -eq {PREEMPTED_EXIT_CODE} ]' in (SLURM / "deepspeed.sbatch").read_text()
