@@ -3,7 +3,8 @@
 The file is both the test and (run under torchrun) the worker: each rank builds a small Llama with odd
 sizes (so padding shows), quantizes it, injects LoRA, wraps it in a ZeRO-3 engine and reports the
 bytes of its parameter partitions, the whole (persistent) copies it keeps, its gradient partition,
-fp32 master and Adam state (read by ``peft_dist.distributed.memory.measured_model_state_bytes``). The test compares them with ``per_rank`` on the meta-device inventory of the same model.
+fp32 master and Adam state (read by ``peft_dist.distributed.memory.measured_model_state_bytes``).
+The test compares them with ``per_rank`` on the meta-device inventory of the same model.
 """
 import dataclasses
 import json
