@@ -1,7 +1,8 @@
 """Rank, world size and rendezvous from whichever launcher started us; rank-prefixed logging.
 
 One code path for every launcher: ``deepspeed`` and ``torchrun`` set ``RANK``/``WORLD_SIZE``/
-``LOCAL_RANK``/``MASTER_*``; under ``srun`` they are derived from Slurm's variables; a plain
+``LOCAL_RANK``/``MASTER_*``; under ``srun`` they are derived from Slurm's variables (the batch
+shell itself, without srun, is one process); a plain
 ``python launcher/train.py`` is world size 1 with a free local port.
 """
 from __future__ import annotations
@@ -53,9 +54,11 @@ def resolve_env(environ: dict[str, str] | None = None) -> DistEnv:
     if "RANK" in env and "WORLD_SIZE" in env:
         return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
-                       env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"]),
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:  # an srun task; the batch shell has no step id
+        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)),
+                       int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]),
+                       env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_STEP_NODELIST")
+                                                                  or env["SLURM_JOB_NODELIST"]),
                        int(env.get("MASTER_PORT") or slurm_port(env.get("SLURM_JOB_ID", "0"))))
     return DistEnv(0, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()))
 
@@ -77,7 +80,7 @@ def init_distributed(dist: DistEnv, timeout_minutes: int = 10) -> None:
     export_env(dist)
     accelerator = get_accelerator()
     if accelerator.device_name() != "cpu":
-        accelerator.set_device(dist.local_rank)
+        accelerator.set_device(dist.local_rank % accelerator.device_count())  # --gpus-per-task shows one
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
                                auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes))
 

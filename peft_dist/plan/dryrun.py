@@ -15,20 +15,7 @@ from peft_dist.adapters.inject import inject_adapters
 from peft_dist.model import DTYPES
 from peft_dist.plan.inventory import TensorInfo
 from peft_dist.plan.models import ModelShape, hf_config
-from peft_dist.quant.model import _is_float_linear, quantize_linear
-from peft_dist.targets import find_modules, replace_module
-
-
-def quantize_on_meta(model: nn.Module, targets: Any, dtype: torch.dtype) -> int:
-    """Swap targeted linears for ``Int8Linear`` shells, as ``quantize_model`` does with real weights.
-
-    ``quantize_model`` also measures each layer's quantization error with ``.item()``, which meta
-    tensors cannot answer; the layer it builds (``quantize_linear``) is the same.
-    """
-    found = find_modules(model, targets, _is_float_linear, "linear layer", "quantization.target_modules")
-    for name, module in found:
-        replace_module(model, name, quantize_linear(module, dtype))
-    return len(found)
+from peft_dist.quant.model import quantize_model
 
 
 def build_meta_model(shape: ModelShape, adapters: list, quant_targets: Any | None,
@@ -40,7 +27,7 @@ def build_meta_model(shape: ModelShape, adapters: list, quant_targets: Any | Non
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config(shape, dtype), dtype=torch_dtype)
         if quant_targets is not None:
-            quantize_on_meta(model, quant_targets, torch_dtype)
+            quantize_model(model, quant_targets, torch_dtype)
         inject_adapters(model, adapters)
     return model
 

@@ -18,7 +18,6 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import peft_dist.quant  # noqa: F401  (peft_dist.targets imported first is a circular import)
 from peft_dist.plan.models import ModelShape, PlanError
 from peft_dist.targets import HEAD_NAMES, name_matches
 

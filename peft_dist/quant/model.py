@@ -9,7 +9,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peft_dist.quant.int8 import Int8Linear
-from peft_dist.targets import find_modules, replace_module
 
 
 @dataclass(frozen=True)
@@ -36,15 +35,23 @@ def quantize_linear(module: nn.Module, dtype: torch.dtype) -> Int8Linear:
 @torch.no_grad()
 def quantize_model(model: nn.Module, targets: Any = "all-linear",
                    dtype: torch.dtype = torch.float32) -> list[QuantReport]:
-    """Replace every targeted float linear by a frozen ``Int8Linear``; return per-layer errors."""
+    """Replace every targeted float linear by a frozen ``Int8Linear``; return per-layer errors.
+
+    On the meta device (planner dry runs) the layers are swapped alike and the errors are NaN.
+    """
+    from peft_dist.targets import find_modules, replace_module  # targets imports quant.int8: avoid a cycle
+
     reports = []
     for name, module in find_modules(model, targets, _is_float_linear, "linear layer",
                                      "quantization.target_modules"):
         quantized = quantize_linear(module, dtype)
-        dense = (module.weight.t() if isinstance(module, Conv1D) else module.weight).float()
-        error = dense - quantized.dequantized_weight().float()
-        reports.append(QuantReport(name, tuple(dense.shape),
-                                   (error.norm() / dense.norm().clamp_min(1e-12)).item(),
-                                   error.abs().max().item()))
+        dense = module.weight.t() if isinstance(module, Conv1D) else module.weight
+        if dense.is_meta:
+            reports.append(QuantReport(name, tuple(dense.shape), float("nan"), float("nan")))
+        else:
+            error = dense.float() - quantized.dequantized_weight().float()
+            reports.append(QuantReport(name, tuple(dense.shape),
+                                       (error.norm() / dense.float().norm().clamp_min(1e-12)).item(),
+                                       error.abs().max().item()))
         replace_module(model, name, quantized)
     return reports

@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -205,8 +206,10 @@ def train(cfg: RunConfig) -> TrainResult:
     result = TrainResult(step=start_step, first_step=start_step + 1)
     stop = StopFlag()
     tokens_per_step = sampler.global_batch * cfg.data.block_size
-    bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not dist.is_main, desc="train",
-               dynamic_ncols=True)
+    # A live bar on a terminal; in log files (Slurm, CI) a log line per logging interval instead.
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not (dist.is_main and interactive),
+               desc="train", dynamic_ncols=True)
     status = "FINISHED"
     nonfinite_in_a_row = 0
     try:
@@ -249,6 +252,10 @@ def train(cfg: RunConfig) -> TrainResult:
                                                   dist.world_size, cfg.tracking.peak_tflops))
                 metrics.update(gather_peak_memory(engine.device))  # a collective: every rank logs
                 tracker.log_metrics(metrics, step)
+                if not interactive:
+                    eta = (cfg.train.max_steps - step) * elapsed
+                    log.info("step %d/%d loss %.4f, %.0f tokens/s, eta %.0fs", step, cfg.train.max_steps,
+                             mean_loss, tokens_per_step / elapsed, eta)
             if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.max_steps:
                 eval_loss = evaluate(engine, blocks.eval_ids, blocks.eval_labels, cfg.train.micro_batch_size,
                                      cfg.train.eval_batches, dist)

@@ -1,0 +1,26 @@
+"""Rank and rendezvous resolution for each launcher."""
+from peft_dist.distributed.env import first_slurm_host, resolve_env, slurm_port
+
+
+def test_torch_style_variables_win():
+    env = resolve_env({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "n0",
+                       "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_NTASKS": "2"})
+    assert (env.rank, env.local_rank, env.world_size, env.master_addr, env.master_port) == (3, 1, 8, "n0", 1234)
+
+
+def test_srun_task_uses_slurm_variables():
+    env = resolve_env({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SLURM_STEP_ID": "0",
+                       "SLURM_STEP_NUM_TASKS": "8", "SLURM_JOB_NODELIST": "gpu[003-005,9]",
+                       "SLURM_STEP_NODELIST": "gpu[004-005]", "SLURM_JOB_ID": "123456"})
+    assert (env.rank, env.local_rank, env.world_size) == (5, 1, 8)
+    assert env.master_addr == "gpu004" and env.master_port == slurm_port("123456") == 13456
+
+
+def test_batch_shell_without_srun_is_a_single_process():
+    env = resolve_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_NODELIST": "gpu[1-2]"})
+    assert (env.rank, env.world_size, env.master_addr) == (0, 1, "127.0.0.1")
+
+
+def test_first_slurm_host():
+    assert first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
+    assert first_slurm_host("node7") == "node7"
