@@ -7,12 +7,14 @@ shell itself, without srun, is one process); a plain
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
 import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -79,10 +81,31 @@ def init_distributed(dist: DistEnv, timeout_minutes: int = 10) -> None:
 
     export_env(dist)
     accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        release_cpu_allreduce_segment(dist)
     if accelerator.device_name() != "cpu":
         accelerator.set_device(dist.local_rank % accelerator.device_count())  # --gpus-per-task shows one
     deepspeed.init_distributed(dist_backend=accelerator.communication_backend_name(),
                                auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def cpu_allreduce_segment(dist: DistEnv) -> Path:
+    """The shared-memory file DeepSpeed's CPU all-reduce creates for this rank (named in its shm.cpp)."""
+    return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{dist.master_addr}_{dist.master_port}_"
+                f"{dist.rank}")
+
+
+def release_cpu_allreduce_segment(dist: DistEnv) -> None:
+    """Remove this rank's segment now and at exit.
+
+    DeepSpeed never unlinks it (tens of MB per rank and job pile up in /dev/shm), and a later job on
+    the same address and port would map a dead job's state, then abort ("terminate called without an
+    active exception") or hang. Removing it before the rendezvous is safe: peers only open it after
+    the rendezvous, which this rank joins afterwards; removing it at exit is safe: peers have it mapped.
+    """
+    segment = cpu_allreduce_segment(dist)
+    segment.unlink(missing_ok=True)
+    atexit.register(segment.unlink, missing_ok=True)
 
 
 def setup_logging(rank: int) -> logging.Logger:

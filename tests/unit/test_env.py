@@ -24,3 +24,13 @@ def test_batch_shell_without_srun_is_a_single_process():
 def test_first_slurm_host():
     assert first_slurm_host("gpu[003-005,9],cpu1") == "gpu003"
     assert first_slurm_host("node7") == "node7"
+
+
+def test_stale_cpu_allreduce_segment_is_removed_before_the_rendezvous():
+    from peft_dist.distributed.env import DistEnv, cpu_allreduce_segment, release_cpu_allreduce_segment
+
+    dist = DistEnv(rank=1, local_rank=1, world_size=2, master_addr="127.0.0.1", master_port=1)
+    segment = cpu_allreduce_segment(dist)
+    segment.write_bytes(b"state of a dead job")
+    release_cpu_allreduce_segment(dist)
+    assert not segment.exists()
