@@ -1,0 +1,83 @@
+"""Merged and peft-format exports load back with plain transformers / peft and give the same logits."""
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from peft_dist.adapters import inject_adapters
+from peft_dist.adapters.base import AdaptedLinear
+from peft_dist.config import load_config
+from peft_dist.export import ExportError, export
+from peft_dist.model import TINY_TOKENIZER, base_identity, build_model
+from peft_dist.quant import quantize_model
+from peft_dist.train.checkpoint import adapter_metadata, load_for_inference, save_adapter
+
+
+def trained_adapter(tmp_path, overrides=(), base_dir=None):
+    """An adapter checkpoint with visibly non-zero updates (as if trained)."""
+    cfg = load_config(None, [*(f"model.name_or_path={base_dir}",) * bool(base_dir), *overrides])
+    model, _ = build_model(cfg.model)
+    quantize_model(model, cfg.quantization.target_modules, model.dtype)
+    inject_adapters(model, cfg.adapters)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    metadata = adapter_metadata(cfg.adapters, cfg.quantization, cfg.model, base_identity(cfg.model, model.config), 1)
+    save_adapter(model, tmp_path / "run" / "adapter", metadata, is_main=True)
+    return tmp_path / "run" / "adapter"
+
+
+def reference_logits(adapter_dir, ids):
+    model, _ = load_for_inference(adapter_dir)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("overrides", [(), ("adapters=[{method: krona, target_modules: [q_proj, v_proj]}]",)],
+                         ids=["lora", "krona"])
+def test_merged_export_loads_with_plain_transformers(tmp_path, overrides):
+    adapter = trained_adapter(tmp_path, overrides)
+    out = export(adapter, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert not any(isinstance(m, AdaptedLinear) for m in plain.modules())
+    with torch.no_grad():
+        logits = plain(input_ids=IDS).logits
+    torch.testing.assert_close(logits, reference_logits(adapter, IDS), rtol=1e-4, atol=1e-4)
+    assert len(AutoTokenizer.from_pretrained(out)) == 512
+
+
+def test_merged_export_of_a_gpt2_conv1d_base(tmp_path):
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=2, n_head=2, n_positions=64)).save_pretrained(base)
+    AutoTokenizer.from_pretrained(TINY_TOKENIZER).save_pretrained(base)
+    adapter = trained_adapter(tmp_path, ("adapters.0.target_modules=[c_attn, c_proj]",), base_dir=base)
+    out = export(adapter, tmp_path / "merged")
+    with torch.no_grad():
+        logits = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=IDS).logits
+    torch.testing.assert_close(logits, reference_logits(adapter, IDS), rtol=1e-4, atol=1e-4)
+
+
+def test_peft_format_loads_with_peft_onto_the_dequantized_base(tmp_path):
+    peft = pytest.importorskip("peft")
+    adapter = trained_adapter(tmp_path)
+    out = export(adapter, tmp_path / "peft", fmt="peft")
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out / "base"), out / "adapter")
+    with torch.no_grad():
+        logits = model.eval()(input_ids=IDS).logits
+    torch.testing.assert_close(logits, reference_logits(adapter, IDS), rtol=1e-4, atol=1e-4)
+
+
+def test_unmergeable_methods_and_existing_output_are_refused(tmp_path):
+    adapter = trained_adapter(tmp_path, ("adapters=[{method: parallel_adapter}]",))
+    with pytest.raises(ExportError, match="in the forward path, not a weight update"):
+        export(adapter, tmp_path / "merged")
+    with pytest.raises(ExportError, match="the peft format is for LoRA"):
+        export(adapter, tmp_path / "peft", fmt="peft")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("")
+    with pytest.raises(ExportError, match="not empty"):
+        export(adapter, tmp_path / "used")
