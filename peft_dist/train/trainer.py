@@ -155,9 +155,9 @@ def train(cfg: RunConfig) -> TrainResult:
     dist = resolve_env()
     log = setup_logging(dist.rank)
     run_dir = Path(cfg.checkpoint.output_dir)
-    ckpt.check_run_dir(run_dir, cfg.checkpoint)  # before any process group starts
-    init_distributed(dist)
+    ckpt.check_run_dir(run_dir, cfg.checkpoint)  # both checks before any process group starts
     ds_config = build_ds_config(cfg, dist.world_size)
+    init_distributed(dist)
     torch.distributed.barrier()
     if dist.is_main:
         if cfg.checkpoint.overwrite and not cfg.checkpoint.resume:
