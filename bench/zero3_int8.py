@@ -1,0 +1,167 @@
+"""ZeRO-3 int8 base vs a bf16 base, and our int8 LoRA layer vs peft LoRA on bitsandbytes' Linear8bitLt.
+
+    python bench/zero3_int8.py            # (a) and (b) on 2 CPU ranks, (c) in this process
+
+(a) all-gather bytes per training step under ZeRO-3, int8 base vs the same model in bf16 (target <= 0.5x);
+(b) per-rank bytes of the frozen base (DeepSpeed's local partitions), int8 vs bf16 (target <= 0.55x);
+(c) forward+backward time of one LoRA-adapted int8 linear: ours (row-wise int8, dequantize-then-matmul)
+    vs peft LoRA on ``bnb.nn.Linear8bitLt`` at the same shape and batch on CPU (target: no slower).
+(a) and (b) count what really happens: every ``all_gather_into_tensor`` is wrapped to add up its
+output bytes, and (b) reads the engine's partitions with ``measured_model_state_bytes``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+STEPS = 3
+# A Llama with hidden 512 (4 layers, vocab 512), so that the linears, not the embeddings, are the base.
+SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=8)
+
+
+def write_bench_model(directory: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_dist.model import TINY_TOKENIZER, tiny_llama_config
+
+    config = tiny_llama_config()
+    for key, value in SHAPE.items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(TINY_TOKENIZER).save_pretrained(directory)
+
+
+def worker(variant: str, model_dir: str, out: str) -> None:
+    """One rank: build the tiny Llama as the trainer does, count all-gather bytes over STEPS steps."""
+    import deepspeed.comm.comm as deepspeed_comm
+
+    from peft_dist.adapters import inject_adapters
+    from peft_dist.config import load_config
+    from peft_dist.data import GlobalBatchSampler, build_blocks
+    from peft_dist.distributed.env import init_distributed, resolve_env
+    from peft_dist.distributed.memory import measured_model_state_bytes
+    from peft_dist.distributed.zero3 import build_ds_config
+    from peft_dist.model import build_model
+    from peft_dist.quant import quantize_model
+    from peft_dist.train.trainer import _build_engine, train_step
+
+    overrides = ["deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0",
+                 "train.precision=bf16", "model.dtype=bfloat16", f"model.name_or_path={model_dir}",
+                 "train.micro_batch_size=2", "data.block_size=64", "data.max_documents=60"]
+    if variant == "bf16":
+        overrides.append("quantization.enabled=false")
+    cfg = load_config(None, overrides)
+    env = resolve_env()
+    init_distributed(env)
+    model, tokenizer = build_model(cfg.model)
+    if cfg.quantization.enabled:
+        quantize_model(model, cfg.quantization.target_modules, model.dtype)
+    inject_adapters(model, cfg.adapters)
+    blocks = build_blocks(cfg.data, tokenizer)
+    sampler = GlobalBatchSampler(len(blocks.train_ids), cfg.train.micro_batch_size, 1, env.world_size, env.rank, 0)
+    engine = _build_engine(cfg, model, build_ds_config(cfg, env.world_size))
+    backend = deepspeed_comm.cdb  # ZeRO-3 gathers through DeepSpeed's backend, which holds this function
+    gathered = [0]
+    original = backend.all_gather_function
+
+    def counting(output_tensor, *args, **kwargs):
+        gathered[0] += output_tensor.numel() * output_tensor.element_size()
+        return original(output_tensor, *args, **kwargs)
+
+    backend.all_gather_function = counting
+    for step in range(1, STEPS + 1):
+        train_step(engine, blocks, sampler.micro_batches(step - 1), [], step, env.rank)
+    backend.all_gather_function = original
+    state = measured_model_state_bytes(engine)
+    linears = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for n, p in engine.module.named_parameters()
+                  if not p.requires_grad and ".layers." in n and "_proj." in n)
+    if env.rank == 0:
+        Path(out).write_text(json.dumps({"allgather_bytes_per_step": gathered[0] / STEPS,
+                                         "frozen_bytes_per_rank": state.frozen,
+                                         "linear_bytes_per_rank": linears}))
+
+
+def run_variant(variant: str, model_dir: Path) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", str(29000 + os.getpid() % 1000), __file__, "--worker", variant,
+                               str(model_dir), str(out)], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{variant} run failed:\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def time_layer(layer: torch.nn.Module, x: torch.Tensor, repeats: int = 15) -> float:
+    """Median forward+backward seconds of ``layer`` on ``x`` (input gradient and adapter gradients)."""
+    times = []
+    for _ in range(repeats):
+        xi = x.detach().requires_grad_()
+        began = time.perf_counter()
+        layer(xi).float().sum().backward()
+        times.append(time.perf_counter() - began)
+    return sorted(times)[len(times) // 2]
+
+
+def layer_step_times(d: int = 2048, tokens: int = 512) -> tuple[float, float]:
+    """(ours, peft on Linear8bitLt) for one d x d linear with LoRA r=8, fp32 activations on CPU."""
+    import bitsandbytes as bnb
+    import peft
+
+    from peft_dist.adapters.base import AdaptedLinear
+    from peft_dist.adapters.lora import LoraDelta
+    from peft_dist.quant import quantize_linear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(d, d, bias=False)
+    ours = AdaptedLinear(quantize_linear(dense, torch.float32))
+    ours.add_delta("lora", LoraDelta(d, d, r=8, alpha=16))
+
+    int8 = bnb.nn.Linear8bitLt(d, d, bias=False, has_fp16_weights=False, threshold=0.0)
+    int8.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
+    int8 = int8.to("cpu")  # quantizes on placement
+    holder = torch.nn.Sequential()
+    holder.add_module("proj", int8)
+    theirs = peft.get_peft_model(holder, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
+    x = torch.randn(tokens, d)
+    time_layer(ours, x, 3)
+    time_layer(theirs, x, 3)  # warm-up
+    return time_layer(ours, x), time_layer(theirs, x)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(*sys.argv[2:5])
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        write_bench_model(Path(tmp))
+        int8, bf16 = run_variant("int8", Path(tmp)), run_variant("bf16", Path(tmp))
+    ours, theirs = layer_step_times()
+    print(f"(a) all-gather bytes / step, ZeRO-3, 2 ranks: int8 {int8['allgather_bytes_per_step']:,.0f}  "
+          f"bf16 {bf16['allgather_bytes_per_step']:,.0f}")
+    print(f"(b) frozen base bytes / rank: int8 {int8['frozen_bytes_per_rank']:,.0f}  "
+          f"bf16 {bf16['frozen_bytes_per_rank']:,.0f}  (decoder linears alone: int8 "
+          f"{int8['linear_bytes_per_rank']:,.0f}, bf16 {bf16['linear_bytes_per_rank']:,.0f})")
+    print(f"(c) LoRA r=8 on an int8 2048x2048 linear, 512 tokens, fwd+bwd: ours {ours * 1e3:.2f} ms  "
+          f"peft+Linear8bitLt {theirs * 1e3:.2f} ms")
+    print(f"ratio (a) all-gather int8/bf16: {int8['allgather_bytes_per_step'] / bf16['allgather_bytes_per_step']:.3f}"
+          " (target <= 0.5)")
+    print(f"ratio (b) base memory int8/bf16: {int8['frozen_bytes_per_rank'] / bf16['frozen_bytes_per_rank']:.3f}"
+          f" (target <= 0.55); linears alone {int8['linear_bytes_per_rank'] / bf16['linear_bytes_per_rank']:.3f}")
+    print(f"ratio (c) step time ours/peft: {ours / theirs:.3f} (target <= 1.0)")
+
+
+if __name__ == "__main__":
+    main()
