@@ -56,7 +56,12 @@ def test_same_loss_curve_on_one_and_two_ranks(tmp_path):
     assert one["losses"][-1] < one["losses"][0]
 
 
-def test_torchrun_runs_the_same_job(tmp_path):
-    deepspeed = launch(tmp_path, "ds", 2, "train.max_steps=3", "train.warmup_steps=1")
-    torchrun = launch(tmp_path, "tr", 2, "train.max_steps=3", "train.warmup_steps=1", launcher="torchrun")
+def test_torchrun_and_gradient_checkpointing_give_the_same_losses(tmp_path):
+    """The same job under torchrun, and with each layer recomputed in backward (ZeRO-3 gathers the
+    int8 shards again for the recomputation): the same numbers."""
+    steps = ("train.max_steps=3", "train.warmup_steps=1")
+    deepspeed = launch(tmp_path, "ds", 2, *steps)
+    torchrun = launch(tmp_path, "tr", 2, *steps, launcher="torchrun")
+    recomputed = launch(tmp_path, "gc", 2, *steps, "model.gradient_checkpointing=true", launcher="torchrun")
     assert torchrun["losses"] == pytest.approx(deepspeed["losses"], rel=1e-6)
+    assert recomputed["losses"] == pytest.approx(deepspeed["losses"], rel=1e-6)
