@@ -1,0 +1,189 @@
+"""Streaming quantize-and-shard loading of the frozen base: no rank ever holds the whole model.
+
+The model skeleton is built on the meta device (no weight memory) and its targeted linears are swapped
+for ``Int8Linear`` there. Then each module, innermost first, gets real tensors: read one tensor at a time
+from the safetensors checkpoint (or initialised the way transformers initialises that module, for a
+config-only model), quantized when it belongs to an int8 linear, and, under ZeRO-3, immediately handed
+to ``deepspeed.zero.Init(module=...)``, which broadcasts rank 0's values and keeps 1/N on each rank. Peak
+host memory per rank is therefore about (int8 model / N) + one module, measured and reported.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.pytorch_utils import Conv1D
+
+from peft_dist.config.schema import ConfigError, ModelConfig, QuantizationConfig
+from peft_dist.model import BUILTIN_TINY_LLAMA, DTYPES, load_model_config
+from peft_dist.quant.int8 import Int8Linear, quantize_rowwise
+from peft_dist.quant.model import quantize_model
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What loading cost this rank: RSS before, peak RSS while loading, and parameter bytes held."""
+
+    rank: int
+    world_size: int
+    zero3: bool
+    rss_before: int
+    peak_rss: int
+    local_param_bytes: int  # this rank's share after loading (the ds_tensor partitions under ZeRO-3)
+    full_param_bytes: int  # the whole (int8 + float) model
+
+    def line(self) -> str:
+        mib = 2 ** 20
+        return (f"[rank {self.rank}/{self.world_size}] load_quantized_base zero3={self.zero3}: "
+                f"peak RSS {self.peak_rss / mib:.1f} MiB (+{(self.peak_rss - self.rss_before) / mib:.1f} MiB "
+                f"while loading), parameters held {self.local_param_bytes / mib:.2f} MiB of "
+                f"{self.full_param_bytes / mib:.2f} MiB")
+
+
+class CheckpointReader:
+    """One tensor at a time from a local safetensors checkpoint, single file or sharded with an index."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        index = directory / "model.safetensors.index.json"
+        single = directory / "model.safetensors"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: directory / file for name, file in weight_map.items()}
+        elif single.is_file():
+            with safe_open(single, framework="pt") as f:
+                self.files = {name: single for name in f.keys()}
+        else:
+            raise ConfigError(f"model.name_or_path: no model.safetensors or model.safetensors.index.json in "
+                              f"{str(directory)!r}; save the model with save_pretrained(safe_serialization=True)")
+        self._open: dict[Path, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise ConfigError(f"model.name_or_path: the checkpoint has no tensor {name!r} that the model "
+                              "needs; is it a checkpoint of this architecture?")
+        path = self.files[name]
+        if path not in self._open:
+            self._open[path] = safe_open(path, framework="pt")
+        return self._open[path].get_tensor(name)
+
+
+def _param_bytes(model: nn.Module, local: bool) -> int:
+    """Bytes of all parameters; with ``local``, only this rank's ZeRO-3 partition where there is one."""
+    total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            total += (p.ds_tensor.numel() if local else p.ds_numel) * p.element_size()
+        else:
+            total += p.numel() * p.element_size()
+    return total
+
+
+def _zero3_enabled(ds_config: dict | None) -> bool:
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return False
+    if not dist.is_initialized():
+        raise RuntimeError("load_quantized_base: the DeepSpeed config is ZeRO-3 but no process group exists; "
+                           "call deepspeed.init_distributed() before loading")
+    return True
+
+
+@torch.no_grad()
+def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointReader | None,
+          transposed: set[str], names_of: dict[int, list[str]], done: dict[int, nn.Parameter]) -> None:
+    """Give ``module``'s own parameters and buffers real CPU tensors holding checkpoint (or init) values."""
+    prefix = f"{name}." if name else ""
+    for key, buf in module.named_buffers(recurse=False):
+        if buf is not None and buf.is_meta:
+            module._buffers[key] = torch.empty_like(buf, device="cpu")
+    fresh = {}  # key -> (new parameter, the checkpoint names it may be stored under)
+    for key, meta in module.named_parameters(recurse=False):
+        if id(meta) in done:  # tied to a parameter already loaded (e.g. lm_head and embed_tokens)
+            module._parameters[key] = done[id(meta)]
+            continue
+        param = nn.Parameter(torch.empty_like(meta, device="cpu"), requires_grad=meta.requires_grad)
+        module._parameters[key] = done[id(meta)] = param
+        fresh[key] = (param, names_of.get(id(meta), [prefix + key]))
+    if isinstance(module, Int8Linear):
+        if reader is None:  # config-only: the float linear transformers would have built, then quantized
+            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                              dtype=module.weight_scale.dtype)
+            model._init_weights(dense)
+            weight, bias = dense.weight, dense.bias
+        else:
+            weight = reader.get(prefix + "weight")
+            weight = weight.t() if name in transposed else weight
+            bias = reader.get(prefix + "bias") if module.bias is not None else None
+        w8, scale = quantize_rowwise(weight)
+        module.weight.copy_(w8)
+        module.weight_scale.copy_(scale)
+        if bias is not None:
+            module.bias.copy_(bias)
+        return
+    model._init_weights(module)  # also computes non-persistent buffers such as rotary inv_freq
+    if reader is None:
+        return
+    for key, (param, candidates) in fresh.items():
+        param.copy_(reader.get(next((n for n in candidates if n in reader), prefix + key)))
+    for key, buf in module.named_buffers(recurse=False):
+        if buf is not None and prefix + key in reader:
+            buf.copy_(reader.get(prefix + key))
+
+
+def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
+                        ds_config: dict | None = None) -> tuple[nn.Module, LoadReport]:
+    """Build the int8 base from ``model_cfg`` without ever materialising the float model on any rank.
+
+    ``builtin:tiny-llama`` is initialised from seed 0 as transformers would (step-0 loss near ln(vocab));
+    any other ``name_or_path`` must be a local safetensors checkpoint. Under a ZeRO-3 ``ds_config`` (with
+    an initialized process group) every parameter ends ZeRO-3 partitioned. Prints the report on each rank.
+    """
+    process = psutil.Process()
+    rss_before = process.memory_info().rss
+    zero3 = _zero3_enabled(ds_config)
+    config: PretrainedConfig = load_model_config(model_cfg.name_or_path)
+    reader = None if model_cfg.name_or_path == BUILTIN_TINY_LLAMA else CheckpointReader(model_cfg.name_or_path)
+    dtype = DTYPES[model_cfg.dtype]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    transposed = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
+    if quant_cfg.enabled:
+        quantize_model(model, quant_cfg.target_modules, dtype)
+    model.requires_grad_(False)
+    names_of: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+    done: dict[int, nn.Parameter] = {}
+    peak = rss_before
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for name, module in reversed(list(model.named_modules())):  # children before their parents
+            if not any(True for _ in module.parameters(recurse=False)) and not any(
+                    b is not None and b.is_meta for b in module.buffers(recurse=False)):
+                continue
+            _fill(model, name, module, reader, transposed, names_of, done)
+            peak = max(peak, process.memory_info().rss)
+            if zero3:
+                import deepspeed
+
+                deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
+    model.config.use_cache = False
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    report = LoadReport(dist.get_rank() if dist.is_initialized() else 0,
+                        dist.get_world_size() if dist.is_initialized() else 1, zero3, rss_before,
+                        max(peak, process.memory_info().rss), _param_bytes(model, local=True),
+                        _param_bytes(model, local=False))
+    print(report.line(), flush=True)
+    return model, report
