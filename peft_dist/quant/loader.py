@@ -111,6 +111,7 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
     for key, meta in module.named_parameters(recurse=False):
         if id(meta) in done:  # tied to a parameter already loaded (e.g. lm_head and embed_tokens)
             module._parameters[key] = done[id(meta)]
+            module._parameters[key]._is_hf_initialized = True  # transformers' init functions then skip it
             continue
         param = nn.Parameter(torch.empty_like(meta, device="cpu"), requires_grad=meta.requires_grad)
         module._parameters[key] = done[id(meta)] = param

@@ -1,0 +1,101 @@
+"""Streaming int8 loader at N=1: the oracle is transformers' ``from_pretrained`` followed by ``quantize_model``."""
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from peft_dist.config.schema import ConfigError, ModelConfig, QuantizationConfig
+from peft_dist.model import tiny_llama_config
+from peft_dist.quant.int8 import Int8Linear
+from peft_dist.quant.loader import load_quantized_base
+from peft_dist.quant.model import quantize_model
+
+LOGITS_ATOL = 1e-5  # same int8 tensors and the same fp32 ops; observed exactly 0
+
+
+def save_tiny(directory, max_shard_size="200KB", tie: bool = False):
+    config = tiny_llama_config()
+    config.tie_word_embeddings = tie
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size=max_shard_size)
+    return directory
+
+
+def reference(directory):
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+    quantize_model(model, "all-linear", torch.float32)
+    model.config.use_cache = False
+    return model
+
+
+@pytest.mark.parametrize("shard", ["200KB", "50MB"], ids=["sharded", "single-file"])
+def test_matches_from_pretrained_then_quantize(tmp_path, shard):
+    directory = save_tiny(tmp_path, shard)
+    assert (tmp_path / "model.safetensors.index.json").exists() == (shard == "200KB")
+    model, report = load_quantized_base(ModelConfig(name_or_path=str(directory)), QuantizationConfig())
+    want = reference(directory)
+    got_sd, want_sd = model.state_dict(), want.state_dict()
+    assert set(got_sd) == set(want_sd)
+    for key, value in want_sd.items():
+        assert got_sd[key].dtype == value.dtype and torch.equal(got_sd[key], value), key
+    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 7 * 4
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(input_ids=ids).logits, want(input_ids=ids).logits, atol=LOGITS_ATOL, rtol=0)
+    assert not report.zero3 and report.world_size == 1
+    assert report.local_param_bytes == report.full_param_bytes == sum(
+        p.numel() * p.element_size() for p in model.parameters())
+    assert report.peak_rss >= report.rss_before > 0
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    """A tied checkpoint stores only the embedding; lm_head must be the very same parameter."""
+    directory = save_tiny(tmp_path, tie=True)
+    model, _ = load_quantized_base(ModelConfig(name_or_path=str(directory)), QuantizationConfig())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(input_ids=ids).logits, reference(directory)(input_ids=ids).logits,
+                               atol=LOGITS_ATOL, rtol=0)
+
+
+def test_config_only_is_initialised_like_transformers():
+    """The transformers init trap: a badly initialised model starts far above ln(vocab)."""
+    model, _ = load_quantized_base(ModelConfig(), QuantizationConfig())
+    ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss.item()
+    assert abs(loss - math.log(512)) < 0.15, loss
+    q = model.model.layers[0].self_attn.q_proj
+    std = q.dequantized_weight().std().item()
+    assert abs(std - tiny_llama_config().initializer_range) < 0.002, std  # normal(0, 0.02), then int8
+
+
+def test_quantization_disabled_keeps_float_linears(tmp_path):
+    directory = save_tiny(tmp_path)
+    model, _ = load_quantized_base(ModelConfig(name_or_path=str(directory)), QuantizationConfig(enabled=False))
+    want = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+    assert not any(isinstance(m, Int8Linear) for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), want.state_dict().values()))
+
+
+def test_bad_input_is_refused(tmp_path):
+    save_tiny(tmp_path)
+    for file in tmp_path.glob("*.safetensors*"):
+        file.unlink()
+    with pytest.raises(ConfigError, match="no model.safetensors.*save_pretrained\\(safe_serialization=True\\)"):
+        load_quantized_base(ModelConfig(name_or_path=str(tmp_path)), QuantizationConfig())
+    with pytest.raises(RuntimeError, match="ZeRO-3 but no process group.*init_distributed"):
+        load_quantized_base(ModelConfig(), QuantizationConfig(), {"zero_optimization": {"stage": 3}})
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    directory = save_tiny(tmp_path, "50MB")
+    tensors = load_file(directory / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="no tensor 'model.layers.1.mlp.up_proj.weight'"):
+        load_quantized_base(ModelConfig(name_or_path=str(directory)), QuantizationConfig())
