@@ -1,7 +1,7 @@
 """Worker for test_mlflow_helpers: ``torchrun --nproc_per_node 2 mlflow_memory_worker.py OUT``.
 
 Rank 1 first touches 256 MiB more than rank 0; every rank then calls ``gather_peak_memory`` and
-writes what it got, plus its own ``getrusage`` peak, to ``OUT/rank<N>.json``.
+writes what it got, plus its own ``getrusage`` peak just before and after, to ``OUT/rank<N>.json``.
 """
 import json
 import resource
@@ -19,9 +19,11 @@ def main(out: Path) -> None:
     if rank == 1:
         extra = torch.ones(256 * 2**20 // 8, dtype=torch.float64)
         del extra
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
     metrics = gather_peak_memory()
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
-    (out / f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, "own_gib": own}))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # the gather itself allocates
+    (out / f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, "before_gib": before,
+                                                      "after_gib": after}))
     torch.distributed.destroy_process_group()
 
 

@@ -91,14 +91,14 @@ def test_gather_peak_memory_single_process():
 
 @pytest.mark.slow  # two processes
 def test_gather_peak_memory_reports_each_rank_on_every_rank(tmp_path):
-    """Rank 1 touches 256 MiB more than rank 0: every rank gets both peaks, each equal to that rank's
-    own getrusage, and they differ by at least those 256 MiB."""
+    """Rank 1 touches 256 MiB more than rank 0: every rank gets both peaks, each between that rank's
+    own getrusage peak just before and just after the gather, and they differ by at least 256 MiB."""
     run_distributed([str(Path(__file__).with_name("mlflow_memory_worker.py")), str(tmp_path)], 2, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["metrics"] == ranks[1]["metrics"]
     metrics = ranks[0]["metrics"]
     for r in (0, 1):
-        assert metrics[f"memory/peak_rss_gib/rank{r}"] == pytest.approx(ranks[r]["own_gib"], rel=0.02)
+        assert ranks[r]["before_gib"] <= metrics[f"memory/peak_rss_gib/rank{r}"] <= ranks[r]["after_gib"]
     assert metrics["memory/peak_rss_gib/rank1"] - metrics["memory/peak_rss_gib/rank0"] > 0.9 * 256 / 1024
     assert metrics["memory/peak_rss_gib/max"] == metrics["memory/peak_rss_gib/rank1"]
 
