@@ -30,13 +30,19 @@ from peft_dist.quant.model import quantize_model
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What loading cost this rank: RSS before, peak RSS while loading, and parameter bytes held."""
+    """What loading cost this rank: RSS before and at its peak, and the parameter bytes held.
+
+    ``*_private`` is RSS minus its file-backed shared pages: safetensors reads through mmap, and pages
+    of the checkpoint file that were read count in RSS although the kernel can drop them at any time.
+    """
 
     rank: int
     world_size: int
     zero3: bool
     rss_before: int
     peak_rss: int
+    private_before: int
+    peak_private: int
     local_param_bytes: int  # this rank's share after loading (the ds_tensor partitions under ZeRO-3)
     full_param_bytes: int  # the whole (int8 + float) model
 
@@ -44,7 +50,7 @@ class LoadReport:
         mib = 2 ** 20
         return (f"[rank {self.rank}/{self.world_size}] load_quantized_base zero3={self.zero3}: "
                 f"peak RSS {self.peak_rss / mib:.1f} MiB (+{(self.peak_rss - self.rss_before) / mib:.1f} MiB "
-                f"while loading), parameters held {self.local_param_bytes / mib:.2f} MiB of "
+                f"while loading; private +{(self.peak_private - self.private_before) / mib:.1f} MiB), parameters held {self.local_param_bytes / mib:.2f} MiB of "
                 f"{self.full_param_bytes / mib:.2f} MiB")
 
 
@@ -150,8 +156,6 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     any other ``name_or_path`` must be a local safetensors checkpoint. Under a ZeRO-3 ``ds_config`` (with
     an initialized process group) every parameter ends ZeRO-3 partitioned. Prints the report on each rank.
     """
-    process = psutil.Process()
-    rss_before = process.memory_info().rss
     zero3 = _zero3_enabled(ds_config)
     config: PretrainedConfig = load_model_config(model_cfg.name_or_path)
     reader = None if model_cfg.name_or_path == BUILTIN_TINY_LLAMA else CheckpointReader(model_cfg.name_or_path)
@@ -162,11 +166,13 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     if quant_cfg.enabled:
         quantize_model(model, quant_cfg.target_modules, dtype)
     model.requires_grad_(False)
+    process = psutil.Process()
+    before = process.memory_info()  # after the imports and the meta skeleton: what follows is weights
     names_of: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(name)
     done: dict[int, nn.Parameter] = {}
-    peak = rss_before
+    peak, peak_private = before.rss, before.rss - before.shared
     with torch.random.fork_rng():
         torch.manual_seed(0)
         for name, module in reversed(list(model.named_modules())):  # children before their parents
@@ -174,7 +180,8 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
                     b is not None and b.is_meta for b in module.buffers(recurse=False)):
                 continue
             _fill(model, name, module, reader, transposed, names_of, done)
-            peak = max(peak, process.memory_info().rss)
+            now = process.memory_info()
+            peak, peak_private = max(peak, now.rss), max(peak_private, now.rss - now.shared)
             if zero3:
                 import deepspeed
 
@@ -183,8 +190,8 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     report = LoadReport(dist.get_rank() if dist.is_initialized() else 0,
-                        dist.get_world_size() if dist.is_initialized() else 1, zero3, rss_before,
-                        max(peak, process.memory_info().rss), _param_bytes(model, local=True),
+                        dist.get_world_size() if dist.is_initialized() else 1, zero3, before.rss, peak,
+                        before.rss - before.shared, peak_private, _param_bytes(model, local=True),
                         _param_bytes(model, local=False))
     print(report.line(), flush=True)
     return model, report
