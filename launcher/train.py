@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-
+# Tokenizers would otherwise warn (and disable themselves) in every forked data or launcher process.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
