@@ -105,6 +105,14 @@ def _zero3_enabled(ds_config: dict | None) -> bool:
     return True
 
 
+def _zero3_dtype(ds_config: dict) -> torch.dtype:
+    """The float dtype ZeRO-3 keeps parameters in: ``zero.Init`` creates them in the engine's precision,
+    and a DeepSpeed engine does not cast parameters that are already partitioned."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32
+
+
 @torch.no_grad()
 def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointReader | None,
           transposed: set[str], names_of: dict[int, list[str]], done: dict[int, nn.Parameter]) -> None:
@@ -154,12 +162,14 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
 
     ``builtin:tiny-llama`` is initialised from seed 0 as transformers would (step-0 loss near ln(vocab));
     any other ``name_or_path`` must be a local safetensors checkpoint. Under a ZeRO-3 ``ds_config`` (with
-    an initialized process group) every parameter ends ZeRO-3 partitioned. Prints the report on each rank.
+    an initialized process group) every parameter ends ZeRO-3 partitioned, and the float tensors (int8
+    scales included) take the config's precision as with ``zero.Init``; otherwise ``model_cfg.dtype``.
+    Prints the report on each rank.
     """
     zero3 = _zero3_enabled(ds_config)
     config: PretrainedConfig = load_model_config(model_cfg.name_or_path)
     reader = None if model_cfg.name_or_path == BUILTIN_TINY_LLAMA else CheckpointReader(model_cfg.name_or_path)
-    dtype = DTYPES[model_cfg.dtype]
+    dtype = _zero3_dtype(ds_config) if zero3 else DTYPES[model_cfg.dtype]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     transposed = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}

@@ -3,8 +3,9 @@
 Every rank loads ``--checkpoint`` with ``load_quantized_base`` under ZeRO-3 (persistence threshold 0),
 then records to ``--out/rank{R}.json``: each parameter's local partition (dtype, elements) and whether it
 is a ZeRO-3 parameter, whether every gathered tensor is bit-identical to ``from_pretrained`` +
-``quantize_model`` on this rank, the loader's RSS report, and the logits of a forward pass through a
-DeepSpeed engine (which gathers each layer's int8 weights just before use).
+``quantize_model`` on this rank, the loader's RSS report, the logits of a forward pass through a
+DeepSpeed engine (which gathers each layer's int8 weights just before use), and the partition dtypes
+of a second load under a bf16 config.
 """
 from __future__ import annotations
 
@@ -51,7 +52,11 @@ def main() -> None:
     ids = torch.arange(40).reshape(2, 20) * 7 % 512
     with torch.no_grad():
         logits = engine(input_ids=ids).logits
-    result = {"params": params, "identical": identical, "report": dataclasses.asdict(report),
+    # The trainer's bf16 engine: floats are partitioned in bf16 (an engine never casts partitioned params).
+    bf16, _ = load_quantized_base(ModelConfig(name_or_path=args.checkpoint), QuantizationConfig(),
+                                  {**DS_CONFIG, "bf16": {"enabled": True}})
+    bf16_dtypes = {name: str(p.ds_tensor.dtype) for name, p in bf16.named_parameters()}
+    result = {"params": params, "bf16_dtypes": bf16_dtypes, "identical": identical, "report": dataclasses.asdict(report),
               "logits": logits.tolist(), "world_size": torch.distributed.get_world_size()}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
 

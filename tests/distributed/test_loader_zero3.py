@@ -49,6 +49,8 @@ def test_every_parameter_is_partitioned_in_int8(zero3_run):
             assert p["dtype"] == ("torch.int8" if name.endswith("proj.weight") else "torch.float32"), (name, p)
         assert sum(name.endswith("proj.weight") for name in result["params"]) == 7 * 4
         assert all(result["identical"].values()), [n for n, ok in result["identical"].items() if not ok]
+        assert result["bf16_dtypes"] == {n: "torch.int8" if n.endswith("proj.weight") else "torch.bfloat16"
+                                         for n in result["params"]}
 
 
 @pytest.mark.slow
