@@ -50,8 +50,8 @@ class LoadReport:
         mib = 2 ** 20
         return (f"[rank {self.rank}/{self.world_size}] load_quantized_base zero3={self.zero3}: "
                 f"peak RSS {self.peak_rss / mib:.1f} MiB (+{(self.peak_rss - self.rss_before) / mib:.1f} MiB "
-                f"while loading; private +{(self.peak_private - self.private_before) / mib:.1f} MiB), parameters held {self.local_param_bytes / mib:.2f} MiB of "
-                f"{self.full_param_bytes / mib:.2f} MiB")
+                f"while loading; private +{(self.peak_private - self.private_before) / mib:.1f} MiB), "
+                f"parameters held {self.local_param_bytes / mib:.2f} MiB of {self.full_param_bytes / mib:.2f} MiB")
 
 
 class CheckpointReader:

@@ -56,8 +56,9 @@ def main() -> None:
     bf16, _ = load_quantized_base(ModelConfig(name_or_path=args.checkpoint), QuantizationConfig(),
                                   {**DS_CONFIG, "bf16": {"enabled": True}})
     bf16_dtypes = {name: str(p.ds_tensor.dtype) for name, p in bf16.named_parameters()}
-    result = {"params": params, "bf16_dtypes": bf16_dtypes, "identical": identical, "report": dataclasses.asdict(report),
-              "logits": logits.tolist(), "world_size": torch.distributed.get_world_size()}
+    result = {"params": params, "bf16_dtypes": bf16_dtypes, "identical": identical,
+              "report": dataclasses.asdict(report), "logits": logits.tolist(),
+              "world_size": torch.distributed.get_world_size()}
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
