@@ -79,11 +79,12 @@ def plain_model(adapted: nn.Module, model_cfg: ModelConfig, merge: bool) -> nn.M
         target.weight.copy_(weight.t() if isinstance(target, Conv1D) else weight)
         if bias is not None:
             target.bias.copy_(bias)
-    if merge:  # BitFit: trained biases and norms keep their names
-        params = dict(plain.named_parameters())
-        for name, param in adapted.named_parameters():
-            if param.requires_grad and name in params:
-                params[name].copy_(param)
+    # Embeddings, norms and other float tensors come from the adapted model too, not from a fresh init of
+    # the base (whose values depend on how it was built); BitFit's trained ones only when merging.
+    params = dict(plain.named_parameters())
+    for name, param in adapted.named_parameters():
+        if name in params and param.is_floating_point() and (merge or not param.requires_grad):
+            params[name].copy_(param)
     return plain
 
 

@@ -81,3 +81,22 @@ def test_unmergeable_methods_and_existing_output_are_refused(tmp_path):
     (tmp_path / "used" / "x").write_text("")
     with pytest.raises(ExportError, match="not empty"):
         export(adapter, tmp_path / "used")
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_frozen_float_tensors_come_from_the_adapted_model(tmp_path, merge):
+    """Embeddings and norms are copied from the loaded model, not taken from a fresh build of the base
+    (a base built another way, e.g. by the streaming loader, need not match build_model's init)."""
+    from peft_dist.config.schema import ModelConfig
+    from peft_dist.export import plain_model
+
+    adapted, _ = load_for_inference(trained_adapter(tmp_path))
+    with torch.no_grad():
+        adapted.model.embed_tokens.weight.add_(0.5)
+        adapted.model.norm.weight.mul_(2.0)
+    plain = plain_model(adapted, ModelConfig(), merge=merge)
+    assert torch.equal(plain.model.embed_tokens.weight, adapted.model.embed_tokens.weight)
+    assert torch.equal(plain.model.norm.weight, adapted.model.norm.weight)
+    q = adapted.model.layers[0].self_attn.q_proj
+    torch.testing.assert_close(plain.model.layers[0].self_attn.q_proj.weight,
+                               q.base.dequantized_weight() + (q.deltas["lora"].delta_weight() if merge else 0))
