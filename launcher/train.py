@@ -51,5 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     return PREEMPTED_EXIT_CODE if result.preempted else 0
 
 
+def cli() -> None:
+    """Console entry point: exits without interpreter finalization (see ``exit_process``)."""
+    from peft_dist.distributed.env import exit_process
+
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

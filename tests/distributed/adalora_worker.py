@@ -21,7 +21,7 @@ from peft_dist.adapters import inject_adapters
 from peft_dist.adapters.registry import build_adapter_config, get_method
 from peft_dist.config.schema import ModelConfig
 from peft_dist.distributed import importance
-from peft_dist.distributed.env import init_distributed, resolve_env
+from peft_dist.distributed.env import exit_process, init_distributed, resolve_env
 from peft_dist.model import build_model
 from peft_dist.quant.model import quantize_model
 from peft_dist.train.trainer import train_step
@@ -149,3 +149,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -20,7 +20,7 @@ import torch
 from peft_dist.adapters.registry import methods
 from peft_dist.config.load import build_run_config
 from peft_dist.data import build_blocks
-from peft_dist.distributed.env import resolve_env
+from peft_dist.distributed.env import exit_process, resolve_env
 from peft_dist.model import max_positions
 from peft_dist.train.checkpoint import load_for_inference
 from peft_dist.train.trainer import train
@@ -125,3 +125,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from peft_dist.config.schema import ModelConfig, QuantizationConfig
+from peft_dist.distributed.env import exit_process
 from peft_dist.quant.loader import load_quantized_base
 from peft_dist.quant.model import quantize_model
 
@@ -37,6 +38,7 @@ def main() -> None:
     # zero.Init; done here on a toy module so that the loader's RSS delta is the model's own cost.
     deepspeed.zero.Init(module=torch.nn.Linear(2, 2), config_dict_or_path=DS_CONFIG)
     model, report = load_quantized_base(ModelConfig(name_or_path=args.checkpoint), QuantizationConfig(), DS_CONFIG)
+    print(report.line(), flush=True)
     params = {name: {"zero": hasattr(p, "ds_tensor"), "dtype": str(p.ds_tensor.dtype),
                      "local": p.ds_tensor.numel(), "full": p.ds_numel}
               for name, p in model.named_parameters()}
@@ -64,3 +66,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

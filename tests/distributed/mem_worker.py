@@ -20,7 +20,7 @@ import torch
 
 from peft_dist.adapters.inject import inject_adapters, trainable_parameters
 from peft_dist.config import load_config
-from peft_dist.distributed.env import init_distributed, resolve_env
+from peft_dist.distributed.env import exit_process, init_distributed, resolve_env
 from peft_dist.distributed.memory import analytic_model_state_bytes, measured_model_state_bytes
 from peft_dist.distributed.zero3 import build_ds_config
 from peft_dist.model import build_model
@@ -123,3 +123,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_process(0)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from peft_dist.distributed.env import exit_process
 from peft_dist.tracking.run_info import gather_peak_memory
 
 
@@ -29,3 +30,4 @@ def main(out: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    exit_process(0)

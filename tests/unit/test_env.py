@@ -1,4 +1,7 @@
 """Rank and rendezvous resolution for each launcher."""
+import subprocess
+import sys
+
 from peft_dist.distributed.env import first_slurm_host, resolve_env, slurm_port
 
 
@@ -34,3 +37,16 @@ def test_stale_cpu_allreduce_segment_is_removed_before_the_rendezvous():
     segment.write_bytes(b"state of a dead job")
     release_cpu_allreduce_segment(dist)
     assert not segment.exists()
+
+
+def test_exit_process_runs_exit_handlers_flushes_and_keeps_the_code(tmp_path):
+    marker = tmp_path / "handler-ran"
+    script = ("import atexit, pathlib, sys\n"
+              "from peft_dist.distributed.env import exit_process\n"
+              f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'yes')\n"
+              "print('unflushed', end='')\n"
+              "print('to stderr', end='', file=sys.stderr)\n"
+              "exit_process(75)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (75, "unflushed", "to stderr")
+    assert marker.read_text() == "yes"

@@ -76,4 +76,7 @@ def test_per_rank_matches_deepspeed_zero3_partitions(tmp_path):
 
 
 if __name__ == "__main__":
+    from peft_dist.distributed.env import exit_process
+
     worker(sys.argv[1])
+    exit_process(0)
