@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PretrainedConfig
 
 from peft_dist.config.schema import ConfigError, ModelConfig
 
@@ -50,21 +50,13 @@ def load_model_config(name_or_path: str) -> PretrainedConfig:
 
 
 def build_model(cfg: ModelConfig):
-    """Return ``(model, tokenizer)``. The builtin model is always initialised from seed 0, so that it
-    is one fixed base that adapter checkpoints can be loaded back onto."""
-    model_config = load_model_config(cfg.name_or_path)
-    tokenizer = load_tokenizer(cfg.name_or_path)
-    dtype = DTYPES[cfg.dtype]
-    if cfg.name_or_path == BUILTIN_TINY_LLAMA:
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, local_files_only=True)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    return model, tokenizer
+    """Return ``(model, tokenizer)``: the float base, whole in this process, through the same loader the
+    trainer uses (so the builtin model, initialised from seed 0, has the same values everywhere)."""
+    from peft_dist.config.schema import QuantizationConfig
+    from peft_dist.quant.loader import load_quantized_base  # the loader imports this module
+
+    model, _ = load_quantized_base(cfg, QuantizationConfig(enabled=False))
+    return model, load_tokenizer(cfg.name_or_path)
 
 
 def base_identity(cfg: ModelConfig, model_config: PretrainedConfig) -> dict:

@@ -103,7 +103,7 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, (nn.Linear, Int8Linear)):
         return module.out_features, module.in_features
     if isinstance(module, Conv1D):  # GPT-2 stores W^T: weight is (d_in, d_out)
-        return module.nf, module.weight.shape[0]
+        return module.nf, module.nx
     raise TypeError(f"{type(module).__name__} is not a linear layer")
 
 

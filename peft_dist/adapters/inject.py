@@ -13,6 +13,7 @@ from torch import nn
 
 from peft_dist.adapters.base import AdaptedLinear, AdapterModule, linear_dims
 from peft_dist.adapters.registry import get_method
+from peft_dist.distributed.zero3 import full_numel
 from peft_dist.quant.int8 import Int8Linear
 from peft_dist.targets import LINEAR_TYPES, find_modules, replace_module
 
@@ -109,13 +110,14 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
 
 
 def parameter_summary(model: nn.Module) -> dict[str, float]:
-    """Counts for the summary table: trainable, total, and base bytes as stored vs in bf16."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """Counts for the summary table: trainable, total, and base bytes as stored vs in bf16 (whole tensors,
+    also where ZeRO-3 already partitioned the base)."""
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(full_numel(p) for p in model.parameters())
     frozen = [p for p in model.parameters() if not p.requires_grad]
     return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1),
-            "base_bytes": sum(p.numel() * p.element_size() for p in frozen),
-            "base_bytes_bf16": sum(p.numel() * 2 for p in frozen)}
+            "base_bytes": sum(full_numel(p) * p.element_size() for p in frozen),
+            "base_bytes_bf16": sum(full_numel(p) * 2 for p in frozen)}
 
 
 def summary_table(model: nn.Module, injected: dict[str, list[str]]) -> str:

@@ -73,6 +73,11 @@ def is_partitioned(param: torch.Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def full_numel(param: torch.Tensor) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 has partitioned it (its local tensor is then empty)."""
+    return getattr(param, "ds_numel", param.numel())
+
+
 @contextlib.contextmanager
 def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
     """Make ZeRO-3-partitioned ``params`` whole inside the block (a no-op for ordinary tensors).

@@ -23,9 +23,10 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from peft_dist.config.schema import ConfigError, ModelConfig, QuantizationConfig
+from peft_dist.distributed.zero3 import full_numel
 from peft_dist.model import BUILTIN_TINY_LLAMA, DTYPES, load_model_config
 from peft_dist.quant.int8 import Int8Linear, quantize_rowwise
-from peft_dist.quant.model import quantize_model
+from peft_dist.quant.model import QuantReport, quantization_error, quantize_model
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class LoadReport:
     peak_private: int
     local_param_bytes: int  # this rank's share after loading (the ds_tensor partitions under ZeRO-3)
     full_param_bytes: int  # the whole (int8 + float) model
+    quantization: tuple[QuantReport, ...]  # one per int8 linear, in load order
 
     def line(self) -> str:
         mib = 2 ** 20
@@ -87,13 +89,8 @@ class CheckpointReader:
 
 def _param_bytes(model: nn.Module, local: bool) -> int:
     """Bytes of all parameters; with ``local``, only this rank's ZeRO-3 partition where there is one."""
-    total = 0
-    for p in model.parameters():
-        if hasattr(p, "ds_tensor"):
-            total += (p.ds_tensor.numel() if local else p.ds_numel) * p.element_size()
-        else:
-            total += p.numel() * p.element_size()
-    return total
+    return sum((p.ds_tensor.numel() if local and hasattr(p, "ds_tensor") else full_numel(p)) * p.element_size()
+               for p in model.parameters())
 
 
 def _zero3_enabled(ds_config: dict | None) -> bool:
@@ -115,8 +112,10 @@ def _zero3_dtype(ds_config: dict) -> torch.dtype:
 
 @torch.no_grad()
 def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointReader | None,
-          transposed: set[str], names_of: dict[int, list[str]], done: dict[int, nn.Parameter]) -> None:
-    """Give ``module``'s own parameters and buffers real CPU tensors holding checkpoint (or init) values."""
+          transposed: set[str], names_of: dict[int, list[str]], done: dict[int, nn.Parameter],
+          errors: list[QuantReport]) -> None:
+    """Give ``module``'s own parameters and buffers real CPU tensors holding checkpoint (or init) values;
+    an int8 linear's quantization error goes to ``errors``."""
     prefix = f"{name}." if name else ""
     for key, buf in module.named_buffers(recurse=False):
         if buf is not None and buf.is_meta:
@@ -132,8 +131,10 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
         fresh[key] = (param, names_of.get(id(meta), [prefix + key]))
     if isinstance(module, Int8Linear):
         if reader is None:  # config-only: the float linear transformers would have built, then quantized
+            # Built on meta so that only _init_weights draws random numbers, exactly as for an unquantized
+            # base: the builtin model has the same values with and without quantization.
             dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              dtype=module.weight_scale.dtype)
+                              dtype=module.weight_scale.dtype, device="meta").to_empty(device="cpu")
             model._init_weights(dense)
             weight, bias = dense.weight, dense.bias
         else:
@@ -141,6 +142,7 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
             weight = weight.t() if name in transposed else weight
             bias = reader.get(prefix + "bias") if module.bias is not None else None
         w8, scale = quantize_rowwise(weight)
+        errors.append(quantization_error(name, weight, w8, scale.to(module.weight_scale.dtype)))
         module.weight.copy_(w8)
         module.weight_scale.copy_(scale)
         if bias is not None:
@@ -164,7 +166,6 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     any other ``name_or_path`` must be a local safetensors checkpoint. Under a ZeRO-3 ``ds_config`` (with
     an initialized process group) every parameter ends ZeRO-3 partitioned, and the float tensors (int8
     scales included) take the config's precision as with ``zero.Init``; otherwise ``model_cfg.dtype``.
-    Prints the report on each rank.
     """
     zero3 = _zero3_enabled(ds_config)
     config: PretrainedConfig = load_model_config(model_cfg.name_or_path)
@@ -182,6 +183,7 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     for name, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(name)
     done: dict[int, nn.Parameter] = {}
+    errors: list[QuantReport] = []
     peak, peak_private = before.rss, before.rss - before.shared
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -189,7 +191,7 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
             if not any(True for _ in module.parameters(recurse=False)) and not any(
                     b is not None and b.is_meta for b in module.buffers(recurse=False)):
                 continue
-            _fill(model, name, module, reader, transposed, names_of, done)
+            _fill(model, name, module, reader, transposed, names_of, done, errors)
             now = process.memory_info()
             peak, peak_private = max(peak, now.rss), max(peak_private, now.rss - now.shared)
             if zero3:
@@ -202,6 +204,5 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     report = LoadReport(dist.get_rank() if dist.is_initialized() else 0,
                         dist.get_world_size() if dist.is_initialized() else 1, zero3, before.rss, peak,
                         before.rss - before.shared, peak_private, _param_bytes(model, local=True),
-                        _param_bytes(model, local=False))
-    print(report.line(), flush=True)
+                        _param_bytes(model, local=False), tuple(errors))
     return model, report

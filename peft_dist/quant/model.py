@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft_dist.quant.int8 import Int8Linear
+from peft_dist.quant.int8 import Int8Linear, dequantize_rowwise
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,14 @@ class QuantReport:
     shape: tuple[int, int]
     rel_error: float
     max_abs_error: float
+
+
+@torch.no_grad()
+def quantization_error(name: str, dense: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> QuantReport:
+    """How far the int8 ``(w8, scale)`` (scale in the dtype the layer keeps) is from ``dense``."""
+    error = dense.float() - dequantize_rowwise(w8, scale, scale.dtype).float()
+    return QuantReport(name, tuple(dense.shape), (error.norm() / dense.float().norm().clamp_min(1e-12)).item(),
+                       error.abs().max().item())
 
 
 def _is_float_linear(module: nn.Module) -> bool:
@@ -49,9 +57,6 @@ def quantize_model(model: nn.Module, targets: Any = "all-linear",
         if dense.is_meta:
             reports.append(QuantReport(name, tuple(dense.shape), float("nan"), float("nan")))
         else:
-            error = dense.float() - quantized.dequantized_weight().float()
-            reports.append(QuantReport(name, tuple(dense.shape),
-                                       (error.norm() / dense.float().norm().clamp_min(1e-12)).item(),
-                                       error.abs().max().item()))
+            reports.append(quantization_error(name, dense, quantized.weight, quantized.weight_scale))
         replace_module(model, name, quantized)
     return reports

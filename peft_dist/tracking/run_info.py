@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from peft_dist.config.load import flatten
+from peft_dist.distributed.zero3 import full_numel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("torch", "deepspeed", "transformers", "bitsandbytes", "mlflow", "peft-dist")
@@ -159,11 +160,11 @@ def gather_peak_memory(device: torch.device | str = "cpu") -> dict[str, float]:
 def matmul_parameters(model: nn.Module) -> int:
     """Parameters that take part in a matmul per token: all of them, less an untied input embedding
     (a lookup). Counts full sizes under ZeRO-3 (``ds_numel``), where local tensors are empty."""
-    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    total = sum(full_numel(p) for p in model.parameters())
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     if output is None or not any(p is embedding for p in output.parameters()):  # untied (or adapted) head
-        total -= getattr(embedding, "ds_numel", embedding.numel())
+        total -= full_numel(embedding)
     return total
 
 

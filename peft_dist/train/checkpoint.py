@@ -97,24 +97,23 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
         raise CheckpointError(f"{directory}: does not match this adapter config: {err}") from None
 
 
-def load_for_inference(directory: str | Path, dtype: torch.dtype | None = None):
+def load_for_inference(directory: str | Path):
     """Rebuild base + quantization + adapters from a checkpoint; returns ``(model, tokenizer)`` in eval mode.
 
-    The base is loaded from the ``model.name_or_path`` recorded at training time.
+    The base is loaded from the ``model.name_or_path`` recorded at training time, by the trainer's loader.
     """
     from peft_dist.adapters.registry import build_adapter_config
-    from peft_dist.model import base_identity, build_model
-    from peft_dist.quant.model import quantize_model
+    from peft_dist.model import base_identity, load_tokenizer
+    from peft_dist.quant.loader import load_quantized_base
 
     directory = Path(directory)
     metadata = read_metadata(directory)
     model_cfg = build_dataclass(ModelConfig, metadata["model"], "model")
     model_cfg.gradient_checkpointing = False
-    model, tokenizer = build_model(model_cfg)
-    check_base(metadata, base_identity(model_cfg, model.config), directory)
     quant = build_dataclass(QuantizationConfig, metadata["quantization"], "quantization")
-    if quant.enabled:
-        quantize_model(model, quant.target_modules, dtype or next(model.parameters()).dtype)
+    model, _ = load_quantized_base(model_cfg, quant)
+    check_base(metadata, base_identity(model_cfg, model.config), directory)
+    tokenizer = load_tokenizer(model_cfg.name_or_path)
     adapters = [build_adapter_config(a, f"adapters.{i}") for i, a in enumerate(metadata["adapters"])]
     inject_adapters(model, adapters)
     load_adapter_weights(model, directory)

@@ -28,8 +28,8 @@ from peft_dist.config.schema import RunConfig
 from peft_dist.data import GlobalBatchSampler, build_blocks
 from peft_dist.distributed.env import DistEnv, init_distributed, resolve_env, setup_logging
 from peft_dist.distributed.zero3 import build_ds_config, zero_gradients
-from peft_dist.model import base_identity, build_model, max_positions
-from peft_dist.quant.model import quantize_model
+from peft_dist.model import base_identity, load_tokenizer, max_positions
+from peft_dist.quant.loader import load_quantized_base
 from peft_dist.train import checkpoint as ckpt
 from peft_dist.train import faults
 from peft_dist.train.schedule import warmup_cosine
@@ -166,13 +166,16 @@ def train(cfg: RunConfig) -> TrainResult:
         (run_dir / "run_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     # --- setup: base model, 8-bit, adapters, data, engine
-    model, tokenizer = build_model(cfg.model)
+    # Streamed in one tensor at a time and, under ZeRO-3, partitioned module by module as it loads.
+    model, load_report = load_quantized_base(cfg.model, cfg.quantization, ds_config)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
     identity = base_identity(cfg.model, model.config)
-    if cfg.quantization.enabled:
-        reports = quantize_model(model, cfg.quantization.target_modules, model.dtype)
-        worst = max(reports, key=lambda r: r.rel_error)
-        log.info("int8 base: %d layers quantized, relative error mean %.4f, worst %.4f (%s)", len(reports),
-                 sum(r.rel_error for r in reports) / len(reports), worst.rel_error, worst.name)
+    log.info("%s", load_report.line())
+    if load_report.quantization:
+        errors = load_report.quantization
+        worst = max(errors, key=lambda r: r.rel_error)
+        log.info("int8 base: %d layers quantized, relative error mean %.4f, worst %.4f (%s)", len(errors),
+                 sum(r.rel_error for r in errors) / len(errors), worst.rel_error, worst.name)
     torch.manual_seed(cfg.train.seed)  # same adapter init on every rank
     injected = inject_adapters(model, cfg.adapters)
     hooks = [get_method(a.method).make_hook(model, a, cfg.train.max_steps)

@@ -5,6 +5,7 @@ all-gather int8 shards and adapter shards.
 """
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -20,11 +21,12 @@ PARTITION_ALL = "deepspeed.overrides.zero_optimization.stage3_param_persistence_
 
 
 def launch(tmp_path, name: str, nprocs: int, *overrides: str, launcher: str = "deepspeed") -> dict:
+    """result.json of the run, plus its combined output under "log"."""
     out = tmp_path / name
-    run_distributed([str(REPO / "launcher" / "train.py"), "--set", f"checkpoint.output_dir={out}",
+    proc = run_distributed([str(REPO / "launcher" / "train.py"), "--set", f"checkpoint.output_dir={out}",
                      "--set", "tracking.backend=none", "--set", PARTITION_ALL,
                      *[a for o in overrides for a in ("--set", o)]], nprocs, launcher=launcher)
-    return json.loads((out / "result.json").read_text())
+    return {**json.loads((out / "result.json").read_text()), "log": proc.stdout + proc.stderr}
 
 
 def test_two_ranks_zero3_loss_falls_and_adapter_reloads(tmp_path):
@@ -32,6 +34,10 @@ def test_two_ranks_zero3_loss_falls_and_adapter_reloads(tmp_path):
     losses = result["losses"]
     assert abs(losses[0] - math.log(512)) < 0.15, losses[0]  # random base: near-uniform predictions
     assert losses[-1] < losses[0] - 0.4, losses
+    # The base was streamed in and partitioned while loading: rank 0 held half of it from the start.
+    held, full = map(float, re.search(r"\[rank 0/2\] load_quantized_base zero3=True: .* parameters held "
+                                      r"([\d.]+) MiB of ([\d.]+) MiB", result["log"]).groups())
+    assert held == pytest.approx(full / 2, abs=0.01), (held, full)  # printed to 0.01 MiB
 
     # Reload the adapter onto a fresh base in this single process: same eval loss as the 2-rank run.
     model, tokenizer = load_for_inference(result["adapter_dir"])

@@ -63,6 +63,7 @@ def test_flops_per_token_matches_torch_flop_counter():
     """6N + 12 L d s against the FLOPs torch counts in a real forward and backward (eager attention,
     all parameters trainable, as the 6N convention assumes)."""
     model, _ = build_model(load_config(None).model)
+    model.requires_grad_(True)  # the loader returns a frozen base
     model.config._attn_implementation = "eager"
     seq, batch = 128, 2
     ids = torch.randint(0, model.config.vocab_size, (batch, seq))

@@ -49,6 +49,10 @@ def test_matches_from_pretrained_then_quantize(tmp_path, shard):
     assert report.local_param_bytes == report.full_param_bytes == sum(
         p.numel() * p.element_size() for p in model.parameters())
     assert report.peak_rss >= report.rss_before > 0
+    assert [(r.name, r.rel_error, r.max_abs_error) for r in report.quantization] == [
+        (r.name, r.rel_error, r.max_abs_error)
+        for r in sorted(quantize_model(AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)),
+                        key=lambda r: [r.name for r in report.quantization].index(r.name))]
 
 
 def test_tied_embeddings_stay_tied(tmp_path):
@@ -70,6 +74,15 @@ def test_config_only_is_initialised_like_transformers():
     q = model.model.layers[0].self_attn.q_proj
     std = q.dequantized_weight().std().item()
     assert abs(std - tiny_llama_config().initializer_range) < 0.002, std  # normal(0, 0.02), then int8
+
+
+def test_builtin_base_has_the_same_values_with_and_without_quantization():
+    """The int8 builtin base is exactly the float one, quantized: same random draws in the same order."""
+    quantized, _ = load_quantized_base(ModelConfig(), QuantizationConfig())
+    float_base, _ = load_quantized_base(ModelConfig(), QuantizationConfig(enabled=False))
+    quantize_model(float_base, "all-linear", torch.float32)
+    want = float_base.state_dict()
+    assert all(torch.equal(value, want[key]) for key, value in quantized.state_dict().items())
 
 
 def test_quantization_disabled_keeps_float_linears(tmp_path):
