@@ -99,10 +99,10 @@ def cpu_allreduce_segment(dist: DistEnv) -> Path:
 def release_cpu_allreduce_segment(dist: DistEnv) -> None:
     """Remove this rank's segment now and at exit.
 
-    DeepSpeed never unlinks it (tens of MB per rank and job pile up in /dev/shm), and a later job on
-    the same address and port would map a dead job's state, then abort ("terminate called without an
-    active exception") or hang. Removing it before the rendezvous is safe: peers only open it after
-    the rendezvous, which this rank joins afterwards; removing it at exit is safe: peers have it mapped.
+    DeepSpeed never unlinks it (66 MiB per rank and job pile up in /dev/shm), and a later job on the
+    same address and port would map a dead job's state. Removing it before the rendezvous is safe:
+    peers only open it after the rendezvous, which this rank joins afterwards; removing it at exit is
+    safe: peers have it mapped.
     """
     segment = cpu_allreduce_segment(dist)
     segment.unlink(missing_ok=True)
