@@ -95,11 +95,12 @@ def largest_layer(shape: ModelShape) -> tuple[int, int]:
     return sum(sizes), max(sizes)
 
 
-def gather_working_set(shape: ModelShape, itemsize: int) -> int:
+def gather_working_set(shape: ModelShape, itemsize: int, world: int) -> int:
     """ZeRO-3 holds the running layer and the prefetched next one whole (int8), and the int8 matmul
-    dequantizes one weight at a time: an int8 -> bf16 cast plus the scaled result."""
+    dequantizes one weight at a time: an int8 -> bf16 cast plus the scaled result. On one rank
+    DeepSpeed gathers nothing (the partition is the whole tensor)."""
     layer, biggest = largest_layer(shape)
-    return 2 * layer + 2 * itemsize * biggest
+    return (2 * layer if world > 1 else 0) + 2 * itemsize * biggest
 
 
 def step_flops(shape: ModelShape, adapter_params: int, tokens: int, seq: int, checkpointing: bool) -> float:
@@ -125,7 +126,7 @@ def evaluate(shape: ModelShape, held: RankBytes, hw: Hardware, work: Workload, m
         "optimizer state": held.optimizer,
         "activations": activation_bytes(shape, micro, work.seq_len, work.itemsize, checkpointing),
         "logits": logits_bytes(shape, micro, work.seq_len, work.itemsize),
-        "all-gather working set": gather_working_set(shape, work.itemsize),
+        "all-gather working set": gather_working_set(shape, work.itemsize, hw.world),
         "reserved": int(hw.reserve_gib * GIB),
     }
     tokens = per_gpu * work.seq_len

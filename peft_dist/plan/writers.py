@@ -23,15 +23,18 @@ from peft_dist.plan.planner import Plan
 def ds_config(plan: Plan, base_path: str) -> dict:
     """``base_path``'s DeepSpeed config with ZeRO-3 buckets sized for this model.
 
-    Prefetch one decoder layer ahead and keep at most two whole (the working set the plan counts);
-    overlap communication with compute (the step time assumes it). Batch sizes stay in the run
-    config, where ``build_ds_config`` takes them from.
+    Prefetch one decoder layer ahead and keep at most two whole (the working set the plan counts):
+    DeepSpeed keeps a used parameter gathered if it is reused within ``stage3_max_reuse_distance``
+    elements, and its default (1e9) would keep a whole small model, or a billion elements of a large
+    one, gathered from the end of the forward into the backward. Overlap communication with compute
+    (the step time assumes it). Batch sizes stay in the run config, where ``build_ds_config`` takes
+    them from.
     """
     config = json.loads(resolve_ds_config_path(base_path).read_text())
     layer, _ = largest_layer(plan.shape)
     zero = config.setdefault("zero_optimization", {})
     zero.update({"stage": 3, "overlap_comm": True, "stage3_prefetch_bucket_size": layer,
-                 "stage3_max_live_parameters": 2 * layer,
+                 "stage3_max_live_parameters": 2 * layer, "stage3_max_reuse_distance": layer,
                  "stage3_param_persistence_threshold": plan.persistence_threshold})
     return config
 
