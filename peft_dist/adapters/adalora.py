@@ -20,7 +20,7 @@ from torch import nn
 from peft_dist.adapters.base import AdaptedLinear, AdapterConfig, AdapterModule, TrainHook
 from peft_dist.adapters.inject import inject_linear_delta
 from peft_dist.adapters.registry import register
-from peft_dist.config.schema import ConfigError, TrainConfig, require
+from peft_dist.config.schema import TrainConfig, require
 from peft_dist.distributed import importance
 
 
