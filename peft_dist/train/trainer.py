@@ -170,7 +170,9 @@ def train(cfg: RunConfig) -> TrainResult:
     model, load_report = load_quantized_base(cfg.model, cfg.quantization, ds_config)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     identity = base_identity(cfg.model, model.config)
-    log.info("%s", load_report.line())
+    lines = [""] * dist.world_size  # every rank's peak memory while loading, printed by rank 0
+    torch.distributed.all_gather_object(lines, load_report.line())
+    log.info("base loaded\n%s", "\n".join(lines))
     if load_report.quantization:
         errors = load_report.quantization
         worst = max(errors, key=lambda r: r.rel_error)
