@@ -48,7 +48,7 @@ class LoraDelta(AdapterModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x).to(self.A.dtype)
-        return (x @ self.A.t()) @ self.B.t() * self.scale
+        return ((x @ self.A.t()) * self.scale) @ self.B.t()  # scaled at rank r, not at d_out
 
     def delta_weight(self) -> torch.Tensor:
         return (self.B @ self.A) * self.scale
