@@ -1,0 +1,380 @@
+"""Adaptation quality at CPU size: every method at matched trainable-parameter budgets, 3 seeds each.
+
+    python bench/quality.py --write docs/RESULTS.md   # the full table (about 20 minutes on 2 cores)
+    python bench/quality.py --quick                   # 1 seed, 0.1% budget, 5 methods, short runs (~2 min)
+    python bench/quality.py --sweep                   # the learning-rate sweep behind LEARNING_RATES
+
+Corpora (offline, from this Python's standard library, split by module so A and B share no file): A is
+the source code of the even-numbered modules (sorted by path), B the docstrings of the odd-numbered
+ones (module, class and function docstrings, one document per module): English prose about code
+instead of code. B's documents are split 80/10/10 into train, validation (for the learning-rate
+sweep) and test (the reported loss).
+
+1. Pretraining (cached under ``--cache``): a 4-layer Llama (hidden 256, FFN 768, vocab 512: the shipped
+   tokenizer; 3.67M parameters) trained on A from scratch, full parameters.
+2. Adaptation to B: each method from the same base, in fp32, plain PyTorch on one process (no DeepSpeed:
+   the quality of a method does not depend on the sharding, and a full fine-tuning run needs a trainable
+   base), AdamW with the trainer's warm-up/cosine schedule, gradient clipping 1.0. The learning rate of
+   each method is the best of a sweep on B's validation split (``--sweep``, recorded in
+   LEARNING_RATES). AdaLoRA is driven by its own hook as the trainer drives it (``engine=None``).
+
+Budgets: each method's size knob (rank, bottleneck width, prefix length, Kronecker factor shape, target
+modules) is chosen by ``match_budget`` so that its trainable parameters are closest (in ratio) to
+0.1% and 1% of the base, counted on the real injected model. AdaLoRA is matched on its final budget
+(``target_r``) with ``init_r = 1.5 x target_r`` rounded up, as in the AdaLoRA paper. Prefix tuning
+trains its vectors directly (no reparameterization MLP), so what trains is what is stored. BitFit on
+a Llama (no biases) trains the norm weights: a fixed 0.06%. Full fine-tuning trains everything.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from peft_dist.plan.models import ModelShape  # noqa: E402
+
+SHAPE = ModelShape("quality-llama", "llama", hidden=256, layers=4, heads=4, kv_heads=4, intermediate=768, vocab=512,
+                   max_positions=512, tied_embeddings=False)
+SEQ, BATCH = 128, 8
+PRETRAIN = {"steps": 1200, "lr": 3e-3, "modules": 300, "seed": 0}
+ADAPT_STEPS, WARMUP_STEPS, EVAL_BLOCKS = 96, 6, 96
+BUDGETS = (0.001, 0.01)
+SEEDS = (0, 1, 2)
+QV = ["q_proj", "v_proj"]
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ("full", "bitfit", "lora", "adalora", "krona", "krona_block", "krona_block_res", "parallel",
+           "scaled_parallel", "prefix", "mam")
+NAMES = {"full": "full fine-tuning", "bitfit": "BitFit (norms)", "lora": "LoRA", "adalora": "AdaLoRA",
+         "krona": "KronA", "krona_block": "KronA^B", "krona_block_res": "KronA^B_res", "parallel": "parallel adapter",
+         "scaled_parallel": "scaled parallel adapter (s=4)", "prefix": "prefix tuning", "mam": "MAM"}
+# Best of 3e-4, 1e-3, 3e-3, 1e-2, 3e-2 on B's validation split, seed 0, each budget (python bench/quality.py --sweep).
+LEARNING_RATES: dict[tuple[str, float | None], float] = {}
+
+
+@dataclass
+class Corpora:
+    """Packed blocks: ``a`` for pretraining, B's train / validation / test splits for adaptation."""
+
+    a: torch.Tensor
+    b_train: torch.Tensor
+    b_val: torch.Tensor
+    b_test: torch.Tensor
+
+
+def docstrings(source: str) -> str:
+    """Module, class and function docstrings of a Python source, in order, one paragraph each."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return ""
+    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+    return "\n\n".join(d for d in (ast.get_docstring(n) for n in nodes) if d)
+
+
+def build_corpora(tokenizer) -> Corpora:
+    from peft_dist.data import pack, stdlib_documents
+
+    modules = stdlib_documents()
+    a = [{"text": t} for t in modules[0::2][: PRETRAIN["modules"]]]
+    b = [{"text": d} for d in (docstrings(t) for t in modules[1::2]) if d]
+    order = torch.randperm(len(b), generator=torch.Generator().manual_seed(0)).tolist()
+    tenth = len(b) // 10
+    split = {"test": order[:tenth], "val": order[tenth: 2 * tenth], "train": order[2 * tenth:]}
+    blocks = {k: pack([b[i] for i in idx], tokenizer, SEQ)[0] for k, idx in split.items()}
+    return Corpora(pack(a, tokenizer, SEQ)[0], blocks["train"], blocks["val"][:EVAL_BLOCKS], blocks["test"][:EVAL_BLOCKS])
+
+
+def new_model() -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    from peft_dist.plan.models import hf_config
+
+    config = hf_config(SHAPE, "float32")
+    config.attn_implementation = "sdpa"
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def batches(blocks: torch.Tensor, steps: int, seed: int):
+    """``steps`` batches of ``BATCH`` blocks, a fresh permutation per epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < BATCH:
+            order += torch.randperm(len(blocks), generator=generator).tolist()
+        chosen, order = order[:BATCH], order[BATCH:]
+        yield blocks[chosen]
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, blocks: torch.Tensor) -> float:
+    """Mean next-token loss over ``blocks`` (equal-length blocks, so the mean of batch means)."""
+    model.eval()
+    losses = [model(input_ids=x, labels=x).loss.item() for x in blocks.split(BATCH)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def train(model: torch.nn.Module, blocks: torch.Tensor, steps: int, lr: float, seed: int, hooks: list) -> list[float]:
+    """AdamW over the trainable parameters, warm-up then cosine, clipping 1.0; returns each step's seconds."""
+    from peft_dist.adapters.inject import trainable_parameters
+    from peft_dist.train.schedule import warmup_cosine
+
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, WARMUP_STEPS, steps, 0.1))
+    times = []
+    for step, x in enumerate(batches(blocks, steps, seed), start=1):
+        began = time.perf_counter()
+        loss = model(input_ids=x, labels=x).loss
+        for hook in hooks:
+            extra = hook.extra_loss(model)
+            if extra is not None:
+                loss = loss + extra
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for hook in hooks:
+            hook.before_step(None, step)
+        optimizer.step()
+        schedule.step()
+        for hook in hooks:
+            hook.after_step(None, step)
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - began)
+    return times
+
+
+def pretrained_base(cache: Path, corpora: Corpora) -> tuple[dict, float, Path]:
+    """The base's state dict, its loss on B's test split, and where it is cached (trained on a miss)."""
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(json.dumps([asdict(SHAPE), PRETRAIN, SEQ, BATCH], sort_keys=True).encode()).hexdigest()[:12]
+    path = cache / f"quality-base-{key}.safetensors"
+    if not path.is_file():
+        torch.manual_seed(PRETRAIN["seed"])
+        model = new_model()
+        began = time.perf_counter()
+        train(model, corpora.a, PRETRAIN["steps"], PRETRAIN["lr"], PRETRAIN["seed"], [])
+        print(f"pretrained on A: {PRETRAIN['steps']} steps in {time.perf_counter() - began:.0f} s, "
+              f"loss on A's last blocks {mean_loss(model, corpora.a[-EVAL_BLOCKS:]):.3f}", flush=True)
+        cache.mkdir(parents=True, exist_ok=True)
+        save_file(model.state_dict(), str(path))
+    state = load_file(str(path))
+    model = new_model()
+    model.load_state_dict(state)
+    return state, mean_loss(model, corpora.b_test), path
+
+
+# ---- methods and budgets --------------------------------------------------------------------------
+
+def candidates(method: str) -> list[list[dict]]:
+    """Every configuration ``match_budget`` may pick for a method: each is an ``adapters`` list."""
+    # Kronecker factors: a1, a2 divide 256 and 768, with a1/a2 in {1/2, 1, 2} so that A and B stay near square
+    # and kron(A, B) can reach (at least half of) full rank; 1 x n factors would make it a rank-1 update.
+    factors = [(2**i, 2**j) for i in range(9) for j in range(9) if abs(i - j) <= 1]
+    adalora_schedule = {"tinit": ADAPT_STEPS // 8, "tfinal": ADAPT_STEPS // 4, "delta_t": 2}
+    if method == "lora":
+        return [[{"method": "lora", "r": r, "alpha": 2 * r, "target_modules": t}] for t in (QV, ALL) for r in range(1, 33)]
+    if method == "adalora":
+        return [[{"method": "adalora", "init_r": math.ceil(1.5 * r), "target_r": r, "alpha": 2 * math.ceil(1.5 * r),
+                  "target_modules": t, **adalora_schedule}] for t in (QV, ALL) for r in range(1, 33)]
+    if method == "krona":
+        return [[{"method": "krona", "a1": a1, "a2": a2, "target_modules": t}] for t in (QV, ALL) for a1, a2 in factors]
+    if method in ("krona_block", "krona_block_res"):
+        return [[{"method": "krona_block", "a1": a1, "a2": a2, "residual": method == "krona_block_res"}]
+                for a1, a2 in factors]
+    if method in ("parallel", "scaled_parallel"):
+        scale = 4.0 if method == "scaled_parallel" else 1.0
+        return [[{"method": "parallel_adapter", "sublayer": "ffn", "r": r, "scale": scale}] for r in range(1, 65)]
+    if method == "prefix":
+        return [[{"method": "prefix", "length": n, "reparameterize": False}] for n in range(1, 33)]
+    if method == "bitfit":
+        return [[{"method": "bitfit", "norm": True}]]
+    raise ValueError(f"no size knob for {method!r}")
+
+
+def trainable_count(adapters: list[dict]) -> int:
+    """Trainable parameters of ``adapters`` injected into the base, counted on the meta device; for AdaLoRA
+    its final budget (``target_r`` of every ``init_r`` triplets are kept)."""
+    from peft_dist.adapters.registry import build_adapter_config
+    from peft_dist.plan.dryrun import build_meta_model
+
+    configs = [build_adapter_config(dict(a), f"adapters.{i}") for i, a in enumerate(adapters)]
+    model = build_meta_model(SHAPE, configs, None, "float32")
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for a in adapters:
+        if a["method"] == "adalora":
+            count = count * a["target_r"] // a["init_r"]
+    return count
+
+
+def match_budget(method: str, budget: float) -> tuple[list[dict], int]:
+    """The configuration of ``method`` whose trainable parameters are closest (in ratio) to ``budget`` times
+    the base's parameters, and that count. MAM gives each part (prefix, scaled FFN adapter) half."""
+    if method == "mam":
+        (prefix,), p = match_budget("prefix", budget / 2)
+        (adapter,), q = match_budget("scaled_parallel", budget / 2)
+        return [{"method": "mam", "prefix_length": prefix["length"], "reparameterize": False, "r": adapter["r"],
+                 "scale": 4.0}], p + q
+    target = budget * SHAPE.total_params()
+    counted = [(adapters, trainable_count(adapters)) for adapters in candidates(method)]
+    return min(counted, key=lambda c: abs(math.log(c[1] / target)))
+
+
+def describe(adapters: list[dict]) -> str:
+    """A short config string for the table: the keys that set the size."""
+    a = dict(adapters[0])
+    targets = a.pop("target_modules", None)
+    keep = {k: v for k, v in a.items() if k in ("r", "target_r", "init_r", "a1", "a2", "length", "prefix_length", "scale")}
+    where = {None: "", str(QV): " on q,v", str(ALL): " on all linears"}[None if targets is None else str(targets)]
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in keep.items()) + where
+
+
+# ---- runs -----------------------------------------------------------------------------------------
+
+def adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: float, seed: int, steps: int,
+          validate: bool = False) -> dict:
+    """Adapt a fresh copy of the base to B; B's test loss (and validation loss) and the median step time."""
+    from peft_dist.adapters.inject import inject_adapters
+    from peft_dist.adapters.registry import build_adapter_config, get_method
+
+    model = new_model()
+    model.load_state_dict(state)
+    torch.manual_seed(seed)
+    hooks = []
+    if method == "full":
+        model.requires_grad_(True)
+    else:
+        configs = [build_adapter_config(dict(a), f"adapters.{i}") for i, a in enumerate(adapters)]
+        inject_adapters(model, configs)
+        hooks = [get_method(c.method).make_hook(model, c, steps) for c in configs if get_method(c.method).make_hook]
+    times = train(model, corpora.b_train, steps, lr, seed, hooks)
+    result = {"test": mean_loss(model, corpora.b_test), "step_s": statistics.median(times[1:])}
+    if validate:
+        result["val"] = mean_loss(model, corpora.b_val)
+    return result
+
+
+def plan(methods: tuple[str, ...], budgets: tuple[float, ...]) -> list[tuple[str, float | None, list[dict], int]]:
+    """(method, budget, adapters, trainable) of every row: full fine-tuning and BitFit have one size."""
+    rows = []
+    for method in methods:
+        if method == "full":
+            rows.append((method, None, [], SHAPE.total_params()))
+        elif method == "bitfit":
+            (adapters,) = candidates("bitfit")
+            rows.append((method, None, adapters, trainable_count(adapters)))
+        else:
+            rows += [(method, b, *match_budget(method, b)) for b in budgets]
+    return rows
+
+
+def sweep(rows: list, state: dict, corpora: Corpora) -> None:
+    """Each row's validation loss at a few learning rates (seed 0); prints the LEARNING_RATES entries."""
+    for method, budget, adapters, _ in rows:
+        grid = (1e-4, 3e-4, 1e-3, 3e-3) if method == "full" else (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+        scores = {lr: adapt(method, adapters, state, corpora, lr, 0, ADAPT_STEPS, validate=True)["val"] for lr in grid}
+        best = min(scores, key=scores.get)
+        print(f"    ({method!r}, {budget}): {best:g},  # " + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in scores.items()),
+              flush=True)
+
+
+def verdict(x: str, y: str, results: dict, budget: float | None) -> str:
+    """Whether ``x`` reaches a lower mean test loss than ``y`` at ``budget``, by more than the seeds' spread."""
+    (mx, sx), (my, sy) = results[x, budget]["loss"], results[y, budget]["loss"]
+    margin = max(sx, sy)
+    where = f"at {budget:.1%}" if budget else ""
+    if mx < my - margin:
+        outcome = "holds"
+    elif my < mx - margin:
+        outcome = "reversed"
+    else:
+        outcome = "no difference beyond the seed spread"
+    return f"{NAMES[x]} vs {NAMES[y]} {where}: {mx:.3f} vs {my:.3f} (difference {mx - my:+.3f}, spread {margin:.3f}): {outcome}"
+
+
+def claims(results: dict, budgets: tuple[float, ...]) -> list[str]:
+    """The papers' claims checked on this table (lower held-out loss on B is better)."""
+    pairs = [("krona", "lora", b) for b in budgets] + [("krona_block", "krona", b) for b in budgets]
+    pairs += [("krona_block_res", "krona_block", b) for b in budgets] + [("adalora", "lora", min(budgets))]
+    pairs += [("scaled_parallel", "parallel", b) for b in budgets]
+    pairs += [("mam", part, b) for b in budgets for part in ("prefix", "scaled_parallel")]
+    return [verdict(x, y, results, b) for x, y, b in pairs if (x, b) in results and (y, b) in results]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 seed, 0.1%% budget, 5 methods, short pretraining")
+    parser.add_argument("--sweep", action="store_true", help="learning-rate sweep on B's validation split")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "peft-dist-bench",
+                        help="where the pretrained base is kept")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--write", type=Path, help="write the results as Markdown to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    methods, budgets, seeds, steps = METHODS, BUDGETS, SEEDS, ADAPT_STEPS
+    if args.quick:
+        methods, budgets, seeds, steps = ("lora", "krona", "parallel", "scaled_parallel", "prefix"), (0.001,), (0,), 16
+        PRETRAIN["steps"] = 60
+
+    from peft_dist.model import load_tokenizer
+
+    began = time.perf_counter()
+    corpora = build_corpora(load_tokenizer(str(REPO / "peft_dist" / "assets" / "tiny_tokenizer")))
+    state, base_loss, path = pretrained_base(args.cache, corpora)
+    rows = plan(methods, budgets)
+    if args.sweep:
+        sweep(rows, state, corpora)
+        return
+    lines = [f"Base: {SHAPE.layers}-layer Llama, hidden {SHAPE.hidden}, FFN {SHAPE.intermediate}, vocab {SHAPE.vocab}, "
+             f"{SHAPE.total_params():,} parameters, pretrained {PRETRAIN['steps']} steps on A ({path}). "
+             f"Adaptation: {steps} steps of {BATCH} x {SEQ} tokens of B, seeds {', '.join(map(str, seeds))}; "
+             f"{len(corpora.b_train)} training blocks of B, loss on {len(corpora.b_test)} test blocks. "
+             f"{torch.get_num_threads()} threads.", "",
+             f"Held-out loss on B of the base before adaptation: {base_loss:.3f}", "",
+             "| method | budget | configuration | trainable | % of base | lr | held-out loss on B (mean ± std) | step (ms) |",
+             "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    results = {}
+    for method, budget, adapters, trainable in rows:
+        lr = LEARNING_RATES[method, budget]
+        runs = [adapt(method, adapters, state, corpora, lr, seed, steps) for seed in seeds]
+        losses = [r["test"] for r in runs]
+        spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
+        results[method, budget] = {"loss": (statistics.mean(losses), spread)}
+        step_ms = 1e3 * statistics.mean(r["step_s"] for r in runs)
+        line = (f"| {NAMES[method]} | {'-' if budget is None else f'{budget:.1%}'} | {describe(adapters) if adapters else 'all'} "
+                f"| {trainable:,} | {100 * trainable / SHAPE.total_params():.3f}% | {lr:g} | "
+                f"{statistics.mean(losses):.3f} ± {spread:.3f} | {step_ms:.0f} |")
+        lines.append(line)
+        print(line, flush=True)
+    verdicts = claims(results, budgets)
+    lines += ["", "Claims (lower loss is better; a claim holds if the difference exceeds the larger seed std):", ""]
+    lines += [f"- {v}" for v in verdicts]
+    print("\n".join(lines[-len(verdicts) - 2:]))
+    print(f"\ntotal {time.perf_counter() - began:.0f} s")
+    if args.write:
+        args.write.write_text(results_markdown(lines, " ".join(sys.argv[1:])))
+
+
+def results_markdown(lines: list[str], argv: str) -> str:
+    return "\n".join([
+        "# Adaptation quality at CPU size (bench/quality.py)", "",
+        f"Reproduce: `python bench/quality.py {argv}` (generated by that command; "
+        f"{time.strftime('%Y-%m-%d')}, a 2-core CPU shared with other jobs).", "",
+        *lines, ""])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""Pure helpers of the bench scripts: budget matching (bench/quality.py) and the scaling fit (bench/scaling.py)."""
+import sys
+
+import pytest
+
+from tests.multiproc import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import quality  # noqa: E402
+import scaling  # noqa: E402
+
+
+@pytest.mark.parametrize("budget", [0.001, 0.01])
+@pytest.mark.parametrize("method", ["prefix", "krona_block"])
+def test_matched_budget_is_near_the_target(method, budget):
+    adapters, count = quality.match_budget(method, budget)
+    assert count == quality.trainable_count(adapters)
+    assert 0.8 < count / (budget * quality.SHAPE.total_params()) < 1.25, (adapters, count)
+
+
+def test_mam_splits_its_budget_between_prefix_and_scaled_adapter():
+    (mam,), count = quality.match_budget("mam", 0.01)
+    (prefix,), p = quality.match_budget("prefix", 0.005)
+    assert (mam["prefix_length"], mam["scale"]) == (prefix["length"], 4.0)
+    assert count == quality.trainable_count([mam]) and count > p
+
+
+def test_adalora_is_counted_at_its_final_budget():
+    lora = [{"method": "lora", "r": 4, "alpha": 8, "target_modules": quality.QV}]
+    adalora = [{"method": "adalora", "init_r": 6, "target_r": 4, "target_modules": quality.QV, "tinit": 1, "tfinal": 1}]
+    per_matrix_lam = 4 * quality.SHAPE.layers * 2  # lam adds one value per kept triplet
+    assert quality.trainable_count(adalora) == quality.trainable_count(lora) + per_matrix_lam
+
+
+def test_fitted_exponent_recovers_a_power_law():
+    assert scaling.fitted_exponent([1, 2, 4], [8.0, 4.0, 2.0]) == pytest.approx(-1.0)
+    assert scaling.fitted_exponent([1, 2, 4], [5.0, 5.0, 5.0]) == pytest.approx(0.0)
+
+
+def test_docstrings_keeps_only_docstrings():
+    source = '"""Module."""\nx = 1\n\nclass A:\n    """Class."""\n    def f(self):\n        """Function."""\n        return "not this"\n'
+    assert quality.docstrings(source) == "Module.\n\nClass.\n\nFunction."
+    assert quality.docstrings("def broken(:\n") == ""
