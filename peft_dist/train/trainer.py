@@ -29,7 +29,7 @@ from peft_dist.data import GlobalBatchSampler, build_blocks
 from peft_dist.distributed.env import DistEnv, init_distributed, resolve_env, setup_logging
 from peft_dist.distributed.zero3 import build_ds_config, zero_gradients
 from peft_dist.model import base_identity, load_tokenizer, max_positions
-from peft_dist.quant.loader import load_quantized_base
+from peft_dist.quant.loader import LoadReport, load_quantized_base
 from peft_dist.train import checkpoint as ckpt
 from peft_dist.train import faults
 from peft_dist.train.schedule import warmup_cosine
@@ -167,7 +167,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
     # --- setup: base model, 8-bit, adapters, data, engine
     # Streamed in one tensor at a time and, under ZeRO-3, partitioned module by module as it loads.
-    model, load_report = load_quantized_base(cfg.model, cfg.quantization, ds_config)
+    model, load_report, injected = adapted_model(cfg, ds_config)
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     identity = base_identity(cfg.model, model.config)
     lines = [""] * dist.world_size  # every rank's peak memory while loading, printed by rank 0
@@ -178,8 +178,6 @@ def train(cfg: RunConfig) -> TrainResult:
         worst = max(errors, key=lambda r: r.rel_error)
         log.info("int8 base: %d layers quantized, relative error mean %.4f, worst %.4f (%s)", len(errors),
                  sum(r.rel_error for r in errors) / len(errors), worst.rel_error, worst.name)
-    torch.manual_seed(cfg.train.seed)  # same adapter init on every rank
-    injected = inject_adapters(model, cfg.adapters)
     hooks = [get_method(a.method).make_hook(model, a, cfg.train.max_steps)
              for a in cfg.adapters if get_method(a.method).make_hook]
     log.info("model summary\n%s", summary_table(model, injected))
@@ -308,6 +306,14 @@ def train(cfg: RunConfig) -> TrainResult:
     finally:
         bar.close()
         tracker.close(status)
+
+
+def adapted_model(cfg: RunConfig, ds_config: dict) -> tuple[torch.nn.Module, LoadReport, dict[str, list[str]]]:
+    """The base, streamed in (and under ZeRO-3 partitioned) as int8, with the configured adapters
+    initialised alike on every rank; also the load report and adapter name -> adapted modules."""
+    model, report = load_quantized_base(cfg.model, cfg.quantization, ds_config)
+    torch.manual_seed(cfg.train.seed)
+    return model, report, inject_adapters(model, cfg.adapters)
 
 
 def _build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict):

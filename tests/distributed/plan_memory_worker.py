@@ -16,12 +16,10 @@ import deepspeed
 import psutil
 import torch
 
-from peft_dist.adapters.inject import inject_adapters
 from peft_dist.config.load import load_config
 from peft_dist.distributed.env import exit_process, init_distributed, resolve_env
 from peft_dist.distributed.zero3 import build_ds_config
-from peft_dist.quant.loader import load_quantized_base
-from peft_dist.train.trainer import _build_engine
+from peft_dist.train.trainer import _build_engine, adapted_model
 
 
 def peak_rss_since_reset() -> int:
@@ -46,9 +44,7 @@ def main() -> None:
     gc.collect()
     baseline = psutil.Process().memory_info().rss
 
-    model, _ = load_quantized_base(cfg.model, cfg.quantization, ds_config)
-    torch.manual_seed(cfg.train.seed)
-    inject_adapters(model, cfg.adapters)
+    model, *_ = adapted_model(cfg, ds_config)
     engine = _build_engine(cfg, model, ds_config)
     # Loading read the checkpoint through mmap; those file pages count in VmHWM but are page cache, not
     # memory the run holds. Once they are unmapped, the peak restarts from what the run really holds.
