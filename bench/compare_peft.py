@@ -1,34 +1,40 @@
 """peft-dist against Hugging Face peft: the same model, data, batch, ZeRO-3 config and steps, per method.
 
-    python bench/compare_peft.py            # 2 CPU ranks, 12 steps per run (about 8 minutes)
-    python bench/compare_peft.py --quick    # 1 rank, 4 steps, LoRA and KronA/LoKr only (about 1 minute)
+    python bench/compare_peft.py            # 2 CPU ranks, 10 steps per run (about 8 minutes)
+    python bench/compare_peft.py --quick    # 1 rank, 4 steps, LoRA and KronA/LoKr only (about 1.5 minutes)
 
 Model: an 8-layer Llama, hidden 512, FFN 1536, vocab 512 (27M parameters in its linears), written to a
 temporary directory as a bf16 safetensors checkpoint with the shipped tiny tokenizer. Every run is
-``--world`` real CPU processes started by torchrun (gloo), DeepSpeed ZeRO-3 with bf16 training,
-``stage3_param_persistence_threshold: 0`` and the planner's bucket bounds (one layer prefetched, two
-live, reuse distance one layer), micro-batch 2 x 128 tokens of Python stdlib source per rank, AdamW
-over the adapter parameters with the trainer's warm-up/cosine schedule, the step loop of
+``--world`` real CPU processes started by torchrun (gloo, one thread each) with DeepSpeed ZeRO-3, bf16
+training, ``stage3_param_persistence_threshold: 0`` and the planner's bucket bounds (one layer prefetched,
+two live, reuse distance one layer); micro-batch 2 x 128 tokens of Python stdlib source per rank; AdamW
+over the adapter parameters with the trainer's warm-up/cosine schedule; the step of
 ``peft_dist.train.trainer.train_step`` on both sides. Three setups per method:
 
-* ``peft-dist``: the trainer's own setup: streaming int8 loader (each rank quantizes and keeps its
+* ``peft-dist``: the trainer's own setup: streaming int8 loader (each rank quantizes and keeps only its
   ZeRO-3 shard), adapter injection, engine.
-* ``peft+bnb8``: ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_8bit=True))``, then
-  ``get_peft_model``, then ``deepspeed.initialize``. It runs under ZeRO-3, but transformers loads a
-  quantized model whole on every rank (no ``zero.Init``) and bitsandbytes keeps its int8 weight in
-  ``Linear8bitLt.state.CB``, a reference ZeRO-3 never partitions: every rank holds the whole int8 base.
+* ``peft+bnb8``: ``from_pretrained(quantization_config=BitsAndBytesConfig(load_in_8bit=True))``,
+  ``get_peft_model``, ``deepspeed.initialize``. It runs under ZeRO-3, but transformers loads a quantized
+  model whole on every rank (no ``zero.Init`` for quantized models) and bitsandbytes keeps the int8
+  weight in ``Linear8bitLt.state.CB``, a reference ZeRO-3 does not partition: the int8 base stays whole
+  on every rank (the bytes are printed).
 * ``peft+bf16``: the nearest setup whose base ZeRO-3 does shard: a bf16 base loaded under
   ``HfDeepSpeedConfig`` (partitioned while loading), then ``get_peft_model``.
 
-Methods (same hyperparameters on both sides): LoRA r=8 on every decoder linear; AdaLoRA init_r=12 ->
-target_r=8 (peft calls ``update_and_allocate`` at the same point of the step where our hook scores);
-KronA vs peft's LoKr with the same full (not low-rank) factor shapes; prefix tuning with 16 vectors per
-layer and no reparameterization (both then train exactly ``layers x 2 x 16 x hidden`` parameters).
+A peft setup that fails under ZeRO-3 is run again under ZeRO-2 (gradients and optimizer state sharded,
+base whole on every rank), and both rows are printed.
 
-Reported per run: median step time over the steps after two warm-up steps (rank 0), the peak resident
-memory a rank added while training (``VmHWM`` reset once the model is loaded and the engine built, minus
-the resident set before loading; the maximum over ranks) and while loading, and the final loss (mean
-over ranks of the last step). Ratios are peft-dist / peft.
+Methods, same hyperparameters on both sides: LoRA r=8 on every decoder linear; AdaLoRA init_r=12 ->
+target_r=8 (peft's ``update_and_allocate`` runs where our hook reads gradients: after the last backward,
+before ``engine.step()`` zeroes them); KronA vs peft's LoKr with the same full (not low-rank) factor
+shapes; prefix tuning with 16 vectors per layer, no reparameterization (both train ``layers x 2 x 16 x
+hidden`` parameters).
+
+Reported per run: median step time after two warm-up steps (rank 0); peak resident memory a rank added
+while training (``VmHWM`` reset once the model is loaded and the engine built, minus the resident set
+before loading; the maximum over ranks) and while loading; the loss on 8 held-out micro-batches after
+training; for AdaLoRA the non-zero singular values left in DeepSpeed's fp32 master copy. Ratios are
+peft-dist / peft.
 """
 from __future__ import annotations
 
@@ -81,7 +87,7 @@ def run_overrides(model_dir: str, steps: int, stage: int) -> list[str]:
     layer = sum(o * i for _, o, i, _ in SHAPE.linears(0))
     zero = "deepspeed.overrides.zero_optimization"
     return [f"model.name_or_path={model_dir}", "model.dtype=bfloat16", "train.precision=bf16",
-            f"train.micro_batch_size={MICRO}", f"data.block_size={SEQ}", "data.max_documents=120",
+            f"train.micro_batch_size={MICRO}", f"data.block_size={SEQ}", "data.max_documents=60",
             f"train.max_steps={steps}", "train.warmup_steps=2", "train.lr=1e-3", "tracking.backend=none",
             f"deepspeed.zero_stage={stage}", f"{zero}.stage3_param_persistence_threshold=0", f"{zero}.stage3_prefetch_bucket_size={layer}",
             f"{zero}.stage3_max_live_parameters={2 * layer}", f"{zero}.stage3_max_reuse_distance={layer}"]
@@ -164,6 +170,12 @@ def live_ranks(model: torch.nn.Module) -> int:
     return sum(int(torch.count_nonzero(safe_get_full_fp32_param(p))) for p in params)
 
 
+def unsharded_int8_bytes(model: torch.nn.Module) -> int:
+    """Bytes of bitsandbytes int8 weights held outside DeepSpeed's partitions (``Linear8bitLt.state.CB``)."""
+    held = [m.state.CB for m in model.modules() if getattr(getattr(m, "state", None), "CB", None) is not None]
+    return sum(t.numel() * t.element_size() for t in held)
+
+
 def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out: str) -> None:
     """One rank of one run: build the setup's model, train ``steps`` steps, write its measurements."""
     import bitsandbytes  # noqa: F401  (imported before the baseline in every setup, as peft is)
@@ -231,7 +243,8 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
     if env.rank == 0:
         Path(out).write_text(json.dumps({
             "step_s": statistics.median(times[WARMUP_STEPS:]), "loss": loss, "trainable": trainable,
-            "load_bytes": max(p[0] for p in peaks), "train_bytes": max(p[1] for p in peaks), "live_ranks": ranks}))
+            "load_bytes": max(p[0] for p in peaks), "train_bytes": max(p[1] for p in peaks), "live_ranks": ranks,
+            "unsharded_int8": unsharded_int8_bytes(engine.module)}))
     del hf_ds_config
 
 
@@ -268,7 +281,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 rank, 4 steps, LoRA and KronA/LoKr only")
     parser.add_argument("--world", type=int, help="CPU processes per run (default 2; 1 with --quick)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 12; 4 with --quick)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 10; 4 with --quick)")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -278,12 +291,12 @@ def main() -> None:
 
         exit_process(0)
     world = args.world or (1 if args.quick else 2)
-    steps = args.steps or (4 if args.quick else 12)
+    steps = args.steps or (4 if args.quick else 10)
     methods = ("lora", "krona") if args.quick else METHODS
     print(f"{SHAPE.layers}-layer Llama, hidden {SHAPE.hidden}, FFN {SHAPE.intermediate}; {world} CPU "
           f"process(es) per run (torchrun, gloo), bf16, micro-batch {MICRO} x {SEQ} tokens per rank, {steps} "
           f"steps, step time = median after {WARMUP_STEPS} warm-up steps; a peft setup that fails under ZeRO-3 "
-          "is run again under ZeRO-2 (base not sharded), the nearest that might run\n")
+          "is run again under ZeRO-2 (base not sharded)\n")
     results: dict[tuple[str, str], dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         write_bench_model(Path(tmp))
@@ -298,6 +311,16 @@ def main() -> None:
                     if "error" not in r or setup == "peft-dist":
                         break
     print()
+    unsharded = [r["unsharded_int8"] for r in results.values() if r.get("unsharded_int8")]
+    if unsharded:
+        print(f"note: peft+bnb8: each rank holds {max(unsharded) / MIB:.1f} MiB of int8 weights in "
+              "Linear8bitLt.state.CB, outside DeepSpeed's partitions (the whole int8 base)")
+    for (method, setup), r in results.items():
+        if r.get("live_ranks") is not None:
+            matrices = len(TARGETS) * SHAPE.layers
+            budget = adalora_schedule(steps)["target_r"] * matrices
+            print(f"note: AdaLoRA {setup}: {r['live_ranks']} non-zero singular values in the fp32 master after "
+                  f"training; the final budget is {budget} of {adalora_schedule(steps)['init_r'] * matrices}")
     for method in methods:
         ours = results[method, "peft-dist"]
         for setup in SETUPS[1:]:

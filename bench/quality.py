@@ -1,29 +1,31 @@
-"""Adaptation quality at CPU size: every method at matched trainable-parameter budgets, 3 seeds each.
+"""Adaptation quality at CPU size: every method at matched parameter budgets (0.1% and 1%), 3 seeds each.
 
-    python bench/quality.py --write docs/RESULTS.md   # the full table (about 20 minutes on 2 cores)
-    python bench/quality.py --quick                   # 1 seed, 0.1% budget, 5 methods, short runs (~2 min)
-    python bench/quality.py --sweep                   # the learning-rate sweep behind LEARNING_RATES
+    python bench/quality.py --write docs/RESULTS.md   # the table (about 20 minutes on 2 cores; +4 to pretrain)
+    python bench/quality.py --quick                   # 1 seed, 0.1%, 5 methods, short runs (about 1 minute)
+    python bench/quality.py --sweep                   # the learning-rate sweep behind LEARNING_RATES (~30 min)
 
-Corpora (offline, from this Python's standard library, split by module so A and B share no file): A is
-the source code of the even-numbered modules (sorted by path), B the docstrings of the odd-numbered
-ones (module, class and function docstrings, one document per module): English prose about code
-instead of code. B's documents are split 80/10/10 into train, validation (for the learning-rate
-sweep) and test (the reported loss).
+Corpora (offline, from this Python's standard library, split by module so that A and B share no file): A is
+the source code of the even-numbered modules (sorted by path), B the docstrings of the odd-numbered ones
+(module, class and function docstrings, one document per module): English prose about code instead of
+code. B's documents are split 80/10/10 into train, validation (for the learning-rate sweep) and test
+(the reported loss).
 
-1. Pretraining (cached under ``--cache``): a 4-layer Llama (hidden 256, FFN 768, vocab 512: the shipped
-   tokenizer; 3.67M parameters) trained on A from scratch, full parameters.
-2. Adaptation to B: each method from the same base, in fp32, plain PyTorch on one process (no DeepSpeed:
-   the quality of a method does not depend on the sharding, and a full fine-tuning run needs a trainable
-   base), AdamW with the trainer's warm-up/cosine schedule, gradient clipping 1.0. The learning rate of
-   each method is the best of a sweep on B's validation split (``--sweep``, recorded in
-   LEARNING_RATES). AdaLoRA is driven by its own hook as the trainer drives it (``engine=None``).
+1. Pretraining, cached under ``--cache``: a 4-layer Llama (hidden 256, FFN 768, vocab 512 of the shipped
+   tokenizer; 3.67M parameters) trained from scratch on A, 1,200 steps of 8 x 128 tokens (~4 minutes).
+2. Adaptation to B: each method from the same base, fp32, plain PyTorch in this process (the quality of a
+   method does not depend on ZeRO sharding, and full fine-tuning needs a trainable base), 96 steps of
+   8 x 128 tokens, AdamW with the trainer's warm-up/cosine schedule, gradient clipping 1.0. Each method's
+   learning rate is the best of a sweep on B's validation split with seed 0 (``--sweep``; recorded in
+   LEARNING_RATES). AdaLoRA's hook is driven as the trainer drives it (``engine=None``).
 
 Budgets: each method's size knob (rank, bottleneck width, prefix length, Kronecker factor shape, target
-modules) is chosen by ``match_budget`` so that its trainable parameters are closest (in ratio) to
-0.1% and 1% of the base, counted on the real injected model. AdaLoRA is matched on its final budget
-(``target_r``) with ``init_r = 1.5 x target_r`` rounded up, as in the AdaLoRA paper. Prefix tuning
-trains its vectors directly (no reparameterization MLP), so what trains is what is stored. BitFit on
-a Llama (no biases) trains the norm weights: a fixed 0.06%. Full fine-tuning trains everything.
+modules) is picked by ``match_budget``: the configuration whose kept parameters (what its adapter
+checkpoint stores) are closest in ratio to 0.1% and 1% of the base, counted on the real injected model.
+Kept equals trained except for AdaLoRA, matched on its final budget (``target_r``) with ``init_r = 1.5 x
+target_r`` rounded up (the AdaLoRA paper's ratio), and for the reparameterized prefix, matched on its
+vectors as the prefix-tuning papers count it (its training MLP is discarded). Plain prefix tuning trains
+its vectors directly. BitFit on a Llama (no biases) trains the norm weights: a fixed 0.06%. MAM splits its
+budget evenly between its prefix and its scaled FFN adapter.
 """
 from __future__ import annotations
 
@@ -52,14 +54,16 @@ PRETRAIN = {"steps": 1200, "lr": 3e-3, "modules": 300, "seed": 0}
 ADAPT_STEPS, WARMUP_STEPS, EVAL_BLOCKS = 96, 6, 96
 BUDGETS = (0.001, 0.01)
 SEEDS = (0, 1, 2)
+PREFIX_MLP = 64  # hidden width of the reparameterized prefix's training MLP
 QV = ["q_proj", "v_proj"]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 METHODS = ("full", "bitfit", "lora", "adalora", "krona", "krona_block", "krona_block_res", "parallel",
-           "scaled_parallel", "prefix", "mam")
+           "scaled_parallel", "prefix", "prefix_reparam", "mam")
 NAMES = {"full": "full fine-tuning", "bitfit": "BitFit (norms)", "lora": "LoRA", "adalora": "AdaLoRA",
          "krona": "KronA", "krona_block": "KronA^B", "krona_block_res": "KronA^B_res", "parallel": "parallel adapter",
-         "scaled_parallel": "scaled parallel adapter (s=4)", "prefix": "prefix tuning", "mam": "MAM"}
-# Best of 3e-4, 1e-3, 3e-3, 1e-2, 3e-2 on B's validation split, seed 0, each budget (python bench/quality.py --sweep).
+         "scaled_parallel": "scaled parallel adapter (s=4)", "prefix": "prefix tuning",
+         "prefix_reparam": f"prefix tuning, reparameterized (MLP {PREFIX_MLP})", "mam": "MAM"}
+# The best validation loss of the grid in ``sweep`` (python bench/quality.py --sweep, seed 0).
 LEARNING_RATES: dict[tuple[str, float | None], float] = {}
 
 
@@ -199,36 +203,43 @@ def candidates(method: str) -> list[list[dict]]:
         return [[{"method": "parallel_adapter", "sublayer": "ffn", "r": r, "scale": scale}] for r in range(1, 65)]
     if method == "prefix":
         return [[{"method": "prefix", "length": n, "reparameterize": False}] for n in range(1, 33)]
+    if method == "prefix_reparam":
+        return [[{"method": "prefix", "length": n, "hidden": PREFIX_MLP}] for n in range(1, 33)]
     if method == "bitfit":
         return [[{"method": "bitfit", "norm": True}]]
     raise ValueError(f"no size knob for {method!r}")
 
 
-def trainable_count(adapters: list[dict]) -> int:
-    """Trainable parameters of ``adapters`` injected into the base, counted on the meta device; for AdaLoRA
-    its final budget (``target_r`` of every ``init_r`` triplets are kept)."""
+def parameter_counts(adapters: list[dict]) -> tuple[int, int]:
+    """``(kept, trained)`` parameters of ``adapters`` injected into the base, counted on the meta device.
+
+    kept: what the adapter checkpoint stores after training (``adapter_state_dict``), the budget matched:
+    for a reparameterized prefix only the vectors (the papers' count), for AdaLoRA its final budget
+    (``target_r`` of every ``init_r`` triplets). trained: what the optimizer updates.
+    """
+    from peft_dist.adapters.inject import adapter_state_dict
     from peft_dist.adapters.registry import build_adapter_config
     from peft_dist.plan.dryrun import build_meta_model
 
     configs = [build_adapter_config(dict(a), f"adapters.{i}") for i, a in enumerate(adapters)]
     model = build_meta_model(SHAPE, configs, None, "float32")
-    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    for a in adapters:
-        if a["method"] == "adalora":
-            count = count * a["target_r"] // a["init_r"]
-    return count
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if any(a["method"] == "adalora" for a in adapters):  # its compact export slices on values, not shapes
+        (a,) = adapters
+        return trained * a["target_r"] // a["init_r"], trained
+    return sum(t.numel() for t in adapter_state_dict(model).values()), trained
 
 
-def match_budget(method: str, budget: float) -> tuple[list[dict], int]:
-    """The configuration of ``method`` whose trainable parameters are closest (in ratio) to ``budget`` times
-    the base's parameters, and that count. MAM gives each part (prefix, scaled FFN adapter) half."""
+def match_budget(method: str, budget: float) -> tuple[list[dict], int, int]:
+    """The configuration of ``method`` whose kept parameters are closest (in ratio) to ``budget`` times the
+    base's parameters, with its ``parameter_counts``. MAM gives each part (prefix, scaled FFN adapter) half."""
     if method == "mam":
-        (prefix,), p = match_budget("prefix", budget / 2)
-        (adapter,), q = match_budget("scaled_parallel", budget / 2)
+        (prefix,), p, _ = match_budget("prefix", budget / 2)
+        (adapter,), q, _ = match_budget("scaled_parallel", budget / 2)
         return [{"method": "mam", "prefix_length": prefix["length"], "reparameterize": False, "r": adapter["r"],
-                 "scale": 4.0}], p + q
+                 "scale": 4.0}], p + q, p + q
     target = budget * SHAPE.total_params()
-    counted = [(adapters, trainable_count(adapters)) for adapters in candidates(method)]
+    counted = [(adapters, *parameter_counts(adapters)) for adapters in candidates(method)]
     return min(counted, key=lambda c: abs(math.log(c[1] / target)))
 
 
@@ -236,7 +247,8 @@ def describe(adapters: list[dict]) -> str:
     """A short config string for the table: the keys that set the size."""
     a = dict(adapters[0])
     targets = a.pop("target_modules", None)
-    keep = {k: v for k, v in a.items() if k in ("r", "target_r", "init_r", "a1", "a2", "length", "prefix_length", "scale")}
+    keep = {k: v for k, v in a.items()
+            if k in ("r", "target_r", "init_r", "a1", "a2", "length", "hidden", "prefix_length", "scale")}
     where = {None: "", str(QV): " on q,v", str(ALL): " on all linears"}[None if targets is None else str(targets)]
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in keep.items()) + where
 
@@ -266,15 +278,15 @@ def adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: 
     return result
 
 
-def plan(methods: tuple[str, ...], budgets: tuple[float, ...]) -> list[tuple[str, float | None, list[dict], int]]:
-    """(method, budget, adapters, trainable) of every row: full fine-tuning and BitFit have one size."""
+def plan(methods: tuple[str, ...], budgets: tuple[float, ...]) -> list[tuple[str, float | None, list[dict], int, int]]:
+    """(method, budget, adapters, kept, trained) of every row: full fine-tuning and BitFit have one size."""
     rows = []
     for method in methods:
         if method == "full":
-            rows.append((method, None, [], SHAPE.total_params()))
+            rows.append((method, None, [], SHAPE.total_params(), SHAPE.total_params()))
         elif method == "bitfit":
             (adapters,) = candidates("bitfit")
-            rows.append((method, None, adapters, trainable_count(adapters)))
+            rows.append((method, None, adapters, *parameter_counts(adapters)))
         else:
             rows += [(method, b, *match_budget(method, b)) for b in budgets]
     return rows
@@ -282,8 +294,8 @@ def plan(methods: tuple[str, ...], budgets: tuple[float, ...]) -> list[tuple[str
 
 def sweep(rows: list, state: dict, corpora: Corpora) -> None:
     """Each row's validation loss at a few learning rates (seed 0); prints the LEARNING_RATES entries."""
-    for method, budget, adapters, _ in rows:
-        grid = (1e-4, 3e-4, 1e-3, 3e-3) if method == "full" else (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+    for method, budget, adapters, *_ in rows:
+        grid = (3e-4, 1e-3, 3e-3, 1e-2) if method == "full" else (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
         scores = {lr: adapt(method, adapters, state, corpora, lr, 0, ADAPT_STEPS, validate=True)["val"] for lr in grid}
         best = min(scores, key=scores.get)
         print(f"    ({method!r}, {budget}): {best:g},  # " + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in scores.items()),
@@ -310,6 +322,7 @@ def claims(results: dict, budgets: tuple[float, ...]) -> list[str]:
     pairs += [("krona_block_res", "krona_block", b) for b in budgets] + [("adalora", "lora", min(budgets))]
     pairs += [("scaled_parallel", "parallel", b) for b in budgets]
     pairs += [("mam", part, b) for b in budgets for part in ("prefix", "scaled_parallel")]
+    pairs += [("prefix_reparam", "parallel", min(budgets))]
     return [verdict(x, y, results, b) for x, y, b in pairs if (x, b) in results and (y, b) in results]
 
 
@@ -343,11 +356,12 @@ def main() -> None:
              f"{len(corpora.b_train)} training blocks of B, loss on {len(corpora.b_test)} test blocks. "
              f"{torch.get_num_threads()} threads.", "",
              f"Held-out loss on B of the base before adaptation: {base_loss:.3f}", "",
-             "| method | budget | configuration | trainable | % of base | lr | held-out loss on B (mean ± std) | step (ms) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | budget | configuration | kept params | % of base | trained params | lr "
+             "| held-out loss on B (mean ± std) | step (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     results = {}
-    for method, budget, adapters, trainable in rows:
+    for method, budget, adapters, kept, trained in rows:
         lr = LEARNING_RATES[method, budget]
         runs = [adapt(method, adapters, state, corpora, lr, seed, steps) for seed in seeds]
         losses = [r["test"] for r in runs]
@@ -355,7 +369,7 @@ def main() -> None:
         results[method, budget] = {"loss": (statistics.mean(losses), spread)}
         step_ms = 1e3 * statistics.mean(r["step_s"] for r in runs)
         line = (f"| {NAMES[method]} | {'-' if budget is None else f'{budget:.1%}'} | {describe(adapters) if adapters else 'all'} "
-                f"| {trainable:,} | {100 * trainable / SHAPE.total_params():.3f}% | {lr:g} | "
+                f"| {kept:,} | {100 * kept / SHAPE.total_params():.3f}% | {trained:,} | {lr:g} | "
                 f"{statistics.mean(losses):.3f} ± {spread:.3f} | {step_ms:.0f} |")
         lines.append(line)
         print(line, flush=True)

@@ -12,25 +12,31 @@ import scaling  # noqa: E402
 
 
 @pytest.mark.parametrize("budget", [0.001, 0.01])
-@pytest.mark.parametrize("method", ["prefix", "krona_block"])
+@pytest.mark.parametrize("method", ["prefix", "krona_block", "prefix_reparam"])
 def test_matched_budget_is_near_the_target(method, budget):
-    adapters, count = quality.match_budget(method, budget)
-    assert count == quality.trainable_count(adapters)
+    adapters, count, _ = quality.match_budget(method, budget)
+    assert count == quality.parameter_counts(adapters)[0]
     assert 0.8 < count / (budget * quality.SHAPE.total_params()) < 1.25, (adapters, count)
 
 
 def test_mam_splits_its_budget_between_prefix_and_scaled_adapter():
-    (mam,), count = quality.match_budget("mam", 0.01)
-    (prefix,), p = quality.match_budget("prefix", 0.005)
+    (mam,), count, _ = quality.match_budget("mam", 0.01)
+    (prefix,), p, _ = quality.match_budget("prefix", 0.005)
     assert (mam["prefix_length"], mam["scale"]) == (prefix["length"], 4.0)
-    assert count == quality.trainable_count([mam]) and count > p
+    assert quality.parameter_counts([mam]) == (count, count) and count > p
 
 
 def test_adalora_is_counted_at_its_final_budget():
     lora = [{"method": "lora", "r": 4, "alpha": 8, "target_modules": quality.QV}]
     adalora = [{"method": "adalora", "init_r": 6, "target_r": 4, "target_modules": quality.QV, "tinit": 1, "tfinal": 1}]
-    per_matrix_lam = 4 * quality.SHAPE.layers * 2  # lam adds one value per kept triplet
-    assert quality.trainable_count(adalora) == quality.trainable_count(lora) + per_matrix_lam
+    lam = 4 * quality.SHAPE.layers * 2  # one singular value per kept triplet
+    kept, trained = quality.parameter_counts(adalora)
+    assert kept == quality.parameter_counts(lora)[0] + lam and trained == kept * 6 // 4
+
+
+def test_reparameterized_prefix_keeps_only_its_vectors():
+    kept, trained = quality.parameter_counts([{"method": "prefix", "length": 3, "hidden": 8}])
+    assert kept == quality.SHAPE.layers * 2 * 3 * quality.SHAPE.hidden and trained > kept
 
 
 def test_fitted_exponent_recovers_a_power_law():
