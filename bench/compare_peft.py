@@ -185,15 +185,14 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.integrations import HfDeepSpeedConfig
 
-    from peft_dist.adapters.inject import inject_adapters, parameter_summary
+    from peft_dist.adapters.inject import parameter_summary
     from peft_dist.adapters.registry import get_method
     from peft_dist.config.load import load_config
     from peft_dist.data import GlobalBatchSampler, build_blocks
     from peft_dist.distributed.env import init_distributed, resolve_env
     from peft_dist.distributed.zero3 import build_ds_config
     from peft_dist.model import load_tokenizer
-    from peft_dist.quant.loader import load_quantized_base
-    from peft_dist.train.trainer import _build_engine, evaluate, train_step
+    from peft_dist.train.trainer import adapted_model, build_engine, evaluate, train_step
 
     env = resolve_env()
     cfg = load_config(None, run_overrides(model_dir, steps, stage) + [ours_adapter(method, steps)])
@@ -206,9 +205,7 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
 
     hf_ds_config = None
     if setup == "peft-dist":
-        model, _ = load_quantized_base(cfg.model, cfg.quantization, ds_config)
-        torch.manual_seed(cfg.train.seed)
-        inject_adapters(model, cfg.adapters)
+        model, *_ = adapted_model(cfg, ds_config)
         hooks = [get_method(a.method).make_hook(model, a, steps) for a in cfg.adapters if get_method(a.method).make_hook]
     else:
         # Kept alive, as the HF Trainer does: from_pretrained then loads a float base partitioned, and
@@ -220,7 +217,7 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
         model = peft.get_peft_model(model, peft_config(method, steps))
         hooks = [PeftAdaLoraHook(model)] if method == "adalora" else []
     trainable = parameter_summary(model)["trainable"]
-    engine = _build_engine(cfg, model, ds_config)
+    engine = build_engine(cfg, model, ds_config)
     gc.collect()
     load_peak = rss_peak()
     # Loading read the checkpoint through mmap: those pages are page cache, not memory the run holds.

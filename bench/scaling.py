@@ -56,13 +56,11 @@ def worker(model_dir: str, steps: int, out: str) -> None:
     import deepspeed.comm.comm as deepspeed_comm
     import psutil
 
-    from peft_dist.adapters.inject import inject_adapters
     from peft_dist.config.load import load_config
     from peft_dist.distributed.env import init_distributed, resolve_env
     from peft_dist.distributed.memory import measured_model_state_bytes
     from peft_dist.distributed.zero3 import build_ds_config
-    from peft_dist.quant.loader import load_quantized_base
-    from peft_dist.train.trainer import _build_engine
+    from peft_dist.train.trainer import adapted_model, build_engine
 
     env = resolve_env()
     cfg = load_config(None, overrides(model_dir))
@@ -71,10 +69,8 @@ def worker(model_dir: str, steps: int, out: str) -> None:
     deepspeed.zero.Init(module=torch.nn.Linear(2, 2), config_dict_or_path=ds_config)  # one-time setup
     gc.collect()
     baseline = psutil.Process().memory_info().rss
-    model, _ = load_quantized_base(cfg.model, cfg.quantization, ds_config)
-    torch.manual_seed(cfg.train.seed)
-    inject_adapters(model, cfg.adapters)
-    engine = _build_engine(cfg, model, ds_config)
+    model, *_ = adapted_model(cfg, ds_config)
+    engine = build_engine(cfg, model, ds_config)
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # the peak restarts after loading (see compare_peft.py)
 

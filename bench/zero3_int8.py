@@ -54,7 +54,7 @@ def worker(variant: str, model_dir: str, out: str) -> None:
     from peft_dist.distributed.zero3 import build_ds_config
     from peft_dist.model import build_model
     from peft_dist.quant import quantize_model
-    from peft_dist.train.trainer import _build_engine, train_step
+    from peft_dist.train.trainer import build_engine, train_step
 
     overrides = ["deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0",
                  "train.precision=bf16", "model.dtype=bfloat16", f"model.name_or_path={model_dir}",
@@ -70,7 +70,7 @@ def worker(variant: str, model_dir: str, out: str) -> None:
     inject_adapters(model, cfg.adapters)
     blocks = build_blocks(cfg.data, tokenizer)
     sampler = GlobalBatchSampler(len(blocks.train_ids), cfg.train.micro_batch_size, 1, env.world_size, env.rank, 0)
-    engine = _build_engine(cfg, model, build_ds_config(cfg, env.world_size))
+    engine = build_engine(cfg, model, build_ds_config(cfg, env.world_size))
     backend = deepspeed_comm.cdb  # ZeRO-3 gathers through DeepSpeed's backend, which holds this function
     gathered = [0]
     original = backend.all_gather_function

@@ -184,7 +184,7 @@ def train(cfg: RunConfig) -> TrainResult:
     blocks = build_blocks(cfg.data, tokenizer, max_positions(model.config))
     sampler = GlobalBatchSampler(len(blocks.train_ids), cfg.train.micro_batch_size,
                                  cfg.train.gradient_accumulation_steps, dist.world_size, dist.rank, cfg.data.seed)
-    engine = _build_engine(cfg, model, ds_config)
+    engine = build_engine(cfg, model, ds_config)
     metadata = ckpt.adapter_metadata(cfg.adapters, cfg.quantization, cfg.model, identity, 0)
 
     start_step, run_id = 0, None
@@ -316,7 +316,7 @@ def adapted_model(cfg: RunConfig, ds_config: dict) -> tuple[torch.nn.Module, Loa
     return model, report, inject_adapters(model, cfg.adapters)
 
 
-def _build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict):
+def build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict):
     """Wrap the model in a DeepSpeed engine whose optimizer sees only the adapter parameters."""
     import deepspeed
 

@@ -1,7 +1,7 @@
 """Model-state memory and gradient flow of a ZeRO-3 engine (CPU, gloo); run by test_memory_zero3.py.
 
 Every rank builds the default run's model (tiny 4-layer int8 Llama, LoRA on every linear and lm_head)
-exactly as the trainer does and wraps it with the trainer's own ``_build_engine`` under ZeRO-3 with
+exactly as the trainer does and wraps it with the trainer's own ``build_engine`` under ZeRO-3 with
 persistence threshold 0, in fp32 and bf16, each also with the optimizer offloaded, and once with the
 config file's own threshold. Each variant runs one forward/backward/step on a batch that is the same
 on every rank and records, per rank, to ``--out/rank{R}.json``: the analytic and measured model-state
@@ -25,7 +25,7 @@ from peft_dist.distributed.memory import analytic_model_state_bytes, measured_mo
 from peft_dist.distributed.zero3 import build_ds_config
 from peft_dist.model import build_model
 from peft_dist.quant.model import quantize_model
-from peft_dist.train.trainer import _build_engine
+from peft_dist.train.trainer import build_engine
 
 VARIANTS = {  # name -> (precision, DeepSpeed config, stage3_param_persistence_threshold)
     "fp32": ("fp32", "ds_configs/zero3.json", 0),
@@ -68,7 +68,7 @@ def run_variant(precision: str, ds_file: str, threshold: int | None, world: int,
     zero = ds_config["zero_optimization"]
     analytic = analytic_model_state_bytes(model, world, precision, offload_optimizer="offload_optimizer" in zero,
                                           persistence_threshold=int(zero["stage3_param_persistence_threshold"]))
-    engine = _build_engine(cfg, model, ds_config)
+    engine = build_engine(cfg, model, ds_config)
     opt = engine.optimizer
     named = dict(engine.module.named_parameters())
     trainable = {id(p) for p in trainable_parameters(engine.module)}

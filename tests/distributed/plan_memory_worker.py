@@ -19,7 +19,7 @@ import torch
 from peft_dist.config.load import load_config
 from peft_dist.distributed.env import exit_process, init_distributed, resolve_env
 from peft_dist.distributed.zero3 import build_ds_config
-from peft_dist.train.trainer import _build_engine, adapted_model
+from peft_dist.train.trainer import build_engine, adapted_model
 
 
 def peak_rss_since_reset() -> int:
@@ -45,7 +45,7 @@ def main() -> None:
     baseline = psutil.Process().memory_info().rss
 
     model, *_ = adapted_model(cfg, ds_config)
-    engine = _build_engine(cfg, model, ds_config)
+    engine = build_engine(cfg, model, ds_config)
     # Loading read the checkpoint through mmap; those file pages count in VmHWM but are page cache, not
     # memory the run holds. Once they are unmapped, the peak restarts from what the run really holds.
     gc.collect()

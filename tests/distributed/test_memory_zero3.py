@@ -1,7 +1,7 @@
 """Gradients only on adapters, and model-state memory that divides by N, under real ZeRO-3 (CPU, gloo).
 
 The worker (mem_worker.py) builds the default run's model (tiny int8 Llama, LoRA on every linear and
-lm_head) with the trainer's ``_build_engine`` on 1, 2 and 4 processes, persistence threshold 0, in
+lm_head) with the trainer's ``build_engine`` on 1, 2 and 4 processes, persistence threshold 0, in
 fp32 and bf16, each with and without optimizer offload, plus bf16 with ds_configs/zero3.json's own
 threshold (1e5), and reports what the DeepSpeed optimizer holds.
 """
