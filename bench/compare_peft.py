@@ -153,14 +153,6 @@ class PeftAdaLoraHook:
         pass
 
 
-def rss_peak() -> int:
-    """``VmHWM``: the peak resident set since the process started or since the last reset."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def live_ranks(model: torch.nn.Module) -> int:
     """Non-zero AdaLoRA singular values (ours: ``lam``, peft: ``lora_E``) in DeepSpeed's fp32 master copy, the
     values the next step trains from; a collective under ZeRO-3."""
@@ -190,6 +182,7 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
     from peft_dist.config.load import load_config
     from peft_dist.data import GlobalBatchSampler, build_blocks
     from peft_dist.distributed.env import init_distributed, resolve_env
+    from peft_dist.distributed.memory import peak_rss_bytes, reset_peak_rss
     from peft_dist.distributed.zero3 import build_ds_config
     from peft_dist.model import load_tokenizer
     from peft_dist.train.trainer import adapted_model, build_engine, evaluate, train_step
@@ -219,10 +212,10 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
     trainable = parameter_summary(model)["trainable"]
     engine = build_engine(cfg, model, ds_config)
     gc.collect()
-    load_peak = rss_peak()
+    load_peak = peak_rss_bytes()
     # Loading read the checkpoint through mmap: those pages are page cache, not memory the run holds.
     # From here the peak restarts from what the process holds.
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_peak_rss()
     sampler = GlobalBatchSampler(len(blocks.train_ids), cfg.train.micro_batch_size, 1, env.world_size, env.rank,
                                  cfg.data.seed)
     times = []
@@ -231,7 +224,7 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
         train_step(engine, blocks, sampler.micro_batches(step - 1), hooks, step, env.rank)
         times.append(time.perf_counter() - began)
     peaks = [None] * env.world_size
-    torch.distributed.all_gather_object(peaks, (load_peak - baseline, rss_peak() - baseline))
+    torch.distributed.all_gather_object(peaks, (load_peak - baseline, peak_rss_bytes() - baseline))
     # peft's AdaLoRA adds its orthogonality penalty to the loss of every forward, also in eval mode: its
     # held-out loss is taken from the wrapped transformers model (the same modules, without the penalty).
     scored = engine.module.base_model.model if setup != "peft-dist" and method == "adalora" else engine

@@ -34,7 +34,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from compare_peft import SHAPE, TARGETS, rss_peak, write_bench_model  # noqa: E402  (bench/ is sys.path[0])
+from compare_peft import SHAPE, TARGETS, write_bench_model  # noqa: E402  (bench/ is sys.path[0])
 
 MICRO, SEQ, WARMUP_STEPS = 1, 128, 1
 MIB = 2**20
@@ -58,7 +58,7 @@ def worker(model_dir: str, steps: int, out: str) -> None:
 
     from peft_dist.config.load import load_config
     from peft_dist.distributed.env import init_distributed, resolve_env
-    from peft_dist.distributed.memory import measured_model_state_bytes
+    from peft_dist.distributed.memory import measured_model_state_bytes, peak_rss_bytes, reset_peak_rss
     from peft_dist.distributed.zero3 import build_ds_config
     from peft_dist.train.trainer import adapted_model, build_engine
 
@@ -72,7 +72,7 @@ def worker(model_dir: str, steps: int, out: str) -> None:
     model, *_ = adapted_model(cfg, ds_config)
     engine = build_engine(cfg, model, ds_config)
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # the peak restarts after loading (see compare_peft.py)
+    reset_peak_rss()  # the peak restarts after loading (see compare_peft.py)
 
     backend = deepspeed_comm.cdb  # ZeRO-3 gathers through DeepSpeed's backend, which holds this function
     original = backend.all_gather_function
@@ -92,7 +92,7 @@ def worker(model_dir: str, steps: int, out: str) -> None:
         times.append(time.perf_counter() - began)
     backend.all_gather_function = original
     Path(out, f"rank{env.rank}.json").write_text(json.dumps({
-        "base_bytes": measured_model_state_bytes(engine).frozen, "peak_bytes": rss_peak() - baseline,
+        "base_bytes": measured_model_state_bytes(engine).frozen, "peak_bytes": peak_rss_bytes() - baseline,
         "step_s": statistics.median(times[WARMUP_STEPS:]), "gather_bytes": gathered[0] / (steps - WARMUP_STEPS)}))
 
 

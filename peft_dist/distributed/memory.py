@@ -19,6 +19,7 @@ docs/MEMORY.md)::
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -123,3 +124,17 @@ def measured_model_state_bytes(engine) -> ModelStateBytes:
                 for value in per_param.values() if torch.is_tensor(value))
     return ModelStateBytes(frozen=frozen, adapter_params=adapter, gradients=gradients, master=master,
                            optimizer=state)
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set (Linux ``VmHWM``) since it started or since ``reset_peak_rss``."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory is read from Linux's /proc")
+
+
+def reset_peak_rss() -> None:
+    """Restart ``peak_rss_bytes`` from the current resident set: after loading, the checkpoint's mmap'd
+    pages (page cache, not memory the run holds) stop counting in the peak."""
+    Path("/proc/self/clear_refs").write_text("5")

@@ -18,15 +18,10 @@ import torch
 
 from peft_dist.config.load import load_config
 from peft_dist.distributed.env import exit_process, init_distributed, resolve_env
+from peft_dist.distributed.memory import peak_rss_bytes, reset_peak_rss
 from peft_dist.distributed.zero3 import build_ds_config
-from peft_dist.train.trainer import build_engine, adapted_model
+from peft_dist.train.trainer import adapted_model, build_engine
 
-
-def peak_rss_since_reset() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def main() -> None:
@@ -49,14 +44,14 @@ def main() -> None:
     # Loading read the checkpoint through mmap; those file pages count in VmHWM but are page cache, not
     # memory the run holds. Once they are unmapped, the peak restarts from what the run really holds.
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
+    reset_peak_rss()
     vocab = model.config.vocab_size
     for step in range(args.steps):
         ids = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.data.block_size),
                             generator=torch.Generator().manual_seed(step * 1000 + dist.rank))
         engine.backward(engine(input_ids=ids, labels=ids).loss)
         engine.step()
-    result = {"world": dist.world_size, "rank": dist.rank, "baseline": baseline, "peak": peak_rss_since_reset()}
+    result = {"world": dist.world_size, "rank": dist.rank, "baseline": baseline, "peak": peak_rss_bytes()}
     Path(args.out, f"rank{dist.rank}.json").write_text(json.dumps(result))
 
 

@@ -1,0 +1,18 @@
+"""The peak-resident-set reader that bench/ and the planner's memory test measure runs with."""
+import torch
+
+from peft_dist.distributed.memory import peak_rss_bytes, reset_peak_rss
+
+MIB = 2**20
+
+
+def test_peak_rises_with_touched_memory_and_restarts_after_reset():
+    reset_peak_rss()
+    before = peak_rss_bytes()
+    block = torch.ones(64 * MIB, dtype=torch.uint8)  # touched, so resident
+    during = peak_rss_bytes()
+    del block
+    reset_peak_rss()
+    after = peak_rss_bytes()
+    assert during - before >= 60 * MIB
+    assert after < during - 32 * MIB  # the freed block no longer counts
