@@ -171,9 +171,7 @@ def unsharded_int8_bytes(model: torch.nn.Module) -> int:
 def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out: str) -> None:
     """One rank of one run: build the setup's model, train ``steps`` steps, write its measurements."""
     import bitsandbytes  # noqa: F401  (imported before the baseline in every setup, as peft is)
-    import deepspeed
     import peft
-    import psutil
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -182,7 +180,7 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
     from peft_dist.config.load import load_config
     from peft_dist.data import GlobalBatchSampler, build_blocks
     from peft_dist.distributed.env import init_distributed, resolve_env
-    from peft_dist.distributed.memory import peak_rss_bytes, reset_peak_rss
+    from peft_dist.distributed.memory import peak_rss_bytes, reset_peak_rss, settled_rss_bytes
     from peft_dist.distributed.zero3 import build_ds_config
     from peft_dist.model import load_tokenizer
     from peft_dist.train.trainer import adapted_model, build_engine, evaluate, train_step
@@ -191,10 +189,8 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
     cfg = load_config(None, run_overrides(model_dir, steps, stage) + [ours_adapter(method, steps)])
     ds_config = build_ds_config(cfg, env.world_size)
     init_distributed(env)
-    deepspeed.zero.Init(module=torch.nn.Linear(2, 2), config_dict_or_path=ds_config)  # one-time setup
     blocks = build_blocks(cfg.data, load_tokenizer(model_dir), SHAPE.max_positions)
-    gc.collect()
-    baseline = psutil.Process().memory_info().rss
+    baseline = settled_rss_bytes(ds_config)
 
     hf_ds_config = None
     if setup == "peft-dist":

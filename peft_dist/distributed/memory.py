@@ -18,6 +18,7 @@ docs/MEMORY.md)::
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -124,6 +125,17 @@ def measured_model_state_bytes(engine) -> ModelStateBytes:
                 for value in per_param.values() if torch.is_tensor(value))
     return ModelStateBytes(frozen=frozen, adapter_params=adapter, gradients=gradients, master=master,
                            optimizer=state)
+
+
+def settled_rss_bytes(ds_config: dict) -> int:
+    """The resident set once DeepSpeed's one-time ZeRO setup (its first ``zero.Init``, a few hundred MiB
+    of imports and buffers) is done: the baseline that a measured run's own memory is counted from."""
+    import deepspeed
+    import psutil
+
+    deepspeed.zero.Init(module=nn.Linear(2, 2), config_dict_or_path=ds_config)
+    gc.collect()
+    return psutil.Process().memory_info().rss
 
 
 def peak_rss_bytes() -> int:

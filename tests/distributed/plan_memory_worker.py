@@ -12,13 +12,11 @@ import gc
 import json
 from pathlib import Path
 
-import deepspeed
-import psutil
 import torch
 
 from peft_dist.config.load import load_config
 from peft_dist.distributed.env import exit_process, init_distributed, resolve_env
-from peft_dist.distributed.memory import peak_rss_bytes, reset_peak_rss
+from peft_dist.distributed.memory import peak_rss_bytes, reset_peak_rss, settled_rss_bytes
 from peft_dist.distributed.zero3 import build_ds_config
 from peft_dist.train.trainer import adapted_model, build_engine
 
@@ -35,9 +33,7 @@ def main() -> None:
     cfg = load_config(None, args.overrides)
     ds_config = build_ds_config(cfg, dist.world_size)
     init_distributed(dist)
-    deepspeed.zero.Init(module=torch.nn.Linear(2, 2), config_dict_or_path=ds_config)  # one-time setup
-    gc.collect()
-    baseline = psutil.Process().memory_info().rss
+    baseline = settled_rss_bytes(ds_config)
 
     model, *_ = adapted_model(cfg, ds_config)
     engine = build_engine(cfg, model, ds_config)
