@@ -12,8 +12,9 @@ Per rank it reads the frozen base bytes DeepSpeed really holds (``measured_model
 resident memory the run added (``VmHWM`` reset after setup, minus the RSS before loading), the median
 step time, and the bytes of every all-gather ZeRO-3 issues (its backend's gather function is wrapped).
 Printed: the least-squares exponent of base bytes vs N (1/N sharding gives -1), and the all-gather bytes
-per step against the planner's ``2 x RankBytes.gathered`` (forward and backward gather every
-non-persistent tensor once per micro-batch; a ring receives (N-1)/N of it).
+per step against the planner's (``RankBytes.gathered`` for the forward plus ``backward_gather_bytes``:
+the backward gathers every non-persistent tensor again except the tail still gathered from the forward
+and the input embeddings; a ring receives (N-1)/N of it).
 """
 from __future__ import annotations
 
@@ -52,13 +53,11 @@ def overrides(model_dir: str) -> list[str]:
 
 def worker(model_dir: str, steps: int, out: str) -> None:
     """One rank: the trainer's setup, ``steps`` steps on random tokens, this rank's measurements to ``out``."""
-    import deepspeed
     import deepspeed.comm.comm as deepspeed_comm
-    import psutil
 
     from peft_dist.config.load import load_config
     from peft_dist.distributed.env import init_distributed, resolve_env
-    from peft_dist.distributed.memory import measured_model_state_bytes, peak_rss_bytes, reset_peak_rss
+    from peft_dist.distributed.memory import measured_model_state_bytes, peak_rss_bytes, reset_peak_rss, settled_rss_bytes
     from peft_dist.distributed.zero3 import build_ds_config
     from peft_dist.train.trainer import adapted_model, build_engine
 
@@ -66,9 +65,7 @@ def worker(model_dir: str, steps: int, out: str) -> None:
     cfg = load_config(None, overrides(model_dir))
     ds_config = build_ds_config(cfg, env.world_size)
     init_distributed(env)
-    deepspeed.zero.Init(module=torch.nn.Linear(2, 2), config_dict_or_path=ds_config)  # one-time setup
-    gc.collect()
-    baseline = psutil.Process().memory_info().rss
+    baseline = settled_rss_bytes(ds_config)
     model, *_ = adapted_model(cfg, ds_config)
     engine = build_engine(cfg, model, ds_config)
     gc.collect()
@@ -121,14 +118,16 @@ def fitted_exponent(xs: list[float], ys: list[float]) -> float:
 
 def planned_gather_bytes(world: int) -> tuple[int, int]:
     """The planner's (bytes all-gathered per step, bytes received per rank per step) at ``world`` ranks,
-    micro-batch 1: the base and adapters gathered for the forward and again for the backward."""
+    micro-batch 1: the forward's gather and the backward's (``backward_gather_bytes``)."""
     from peft_dist.config.load import load_config
     from peft_dist.plan.dryrun import build_meta_model, meta_inventory
+    from peft_dist.plan.estimate import backward_gather_bytes
     from peft_dist.plan.inventory import per_rank
 
     cfg = load_config(None, overrides("unused"))
     held = per_rank(meta_inventory(build_meta_model(SHAPE, cfg.adapters, "all-linear", "bfloat16")), world, 0)
-    gathered = 2 * held.gathered if world > 1 else 0  # on one rank the partition is the whole tensor
+    # On one rank the partition is the whole tensor: nothing is gathered.
+    gathered = held.gathered + backward_gather_bytes(SHAPE, held, 2) if world > 1 else 0
     return gathered, round(gathered * (world - 1) / world)
 
 

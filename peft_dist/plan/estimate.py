@@ -103,6 +103,25 @@ def gather_working_set(shape: ModelShape, itemsize: int, world: int) -> int:
     return (2 * layer if world > 1 else 0) + 2 * itemsize * biggest
 
 
+def backward_gather_bytes(shape: ModelShape, held: RankBytes, itemsize: int) -> int:
+    """Bytes the backward all-gathers again: the forward's, less two things it does not gather.
+
+    * The tail of the forward still gathered when the backward starts: with the written
+      ``stage3_max_live_parameters`` (two layers' elements) and reuse distance, DeepSpeed keeps the last
+      two layers' worth of elements (the head, the last layer, most of the one before) for the backward
+      that uses them next; counted at the pass's mean bytes per element.
+    * Frozen input embeddings, which no backward runs through (their inputs are token and position
+      ids). A tied token embedding is the head's weight, which the backward does use.
+
+    Measured by bench/scaling.py on 2 and 4 CPU ranks (docs/BENCHMARKS.md).
+    """
+    layer, _ = largest_layer(shape)
+    live = min(2 * layer, held.gathered_numel)
+    tail = live * held.gathered // held.gathered_numel if held.gathered_numel else 0
+    embeddings = (0 if shape.tied_embeddings else shape.vocab) + (shape.max_positions if shape.family != "llama" else 0)
+    return max(0, held.gathered - tail - embeddings * shape.hidden * itemsize)
+
+
 def step_flops(shape: ModelShape, adapter_params: int, tokens: int, seq: int, checkpointing: bool) -> float:
     """FLOPs of one optimizer step over ``tokens`` tokens (one GPU's share).
 
@@ -136,11 +155,13 @@ def evaluate(shape: ModelShape, held: RankBytes, hw: Hardware, work: Workload, m
     # in the forward, the backward and the recompute, for every weight, every micro-batch.
     quantized = sum(o * i for _, o, i, _ in shape.linears(0)) * shape.layers
     dequant = accumulation * (3 if checkpointing else 2) * 7 * quantized / (hw.hbm_gbs * 1e9)
-    # Per micro-batch: the base and adapters are all-gathered for the forward and again for the
-    # backward (a ring receives (W-1)/W of them); adapter gradients are reduce-scattered.
+    # Per micro-batch: the base and adapters are all-gathered for the forward and again (less the tail
+    # still gathered and the input embeddings) for the backward; a ring receives (W-1)/W of them.
+    # Adapter gradients are reduce-scattered.
     ring = (hw.world - 1) / hw.world
     trainable_whole = held.trainable_numel * work.itemsize
-    comm_bytes = int(accumulation * ring * (2 * held.gathered + trainable_whole))
+    gathered = held.gathered + backward_gather_bytes(shape, held, work.itemsize)
+    comm_bytes = int(accumulation * ring * (gathered + trainable_whole))
     comm = comm_bytes / (hw.link_gbs * 1e9)
     # Prefetching overlaps the all-gathers with compute: the slower of the two sets the pace.
     step = max(compute + dequant, comm)

@@ -44,7 +44,8 @@ class RankBytes:
     optimizer: int  # gradient partition, fp32 master, Adam moments of the owned elements
     trainable_numel: int  # elements of trainable tensors in the whole model
     total_numel: int  # elements of all tensors in the whole model
-    gathered: int  # bytes one forward (or backward) pass all-gathers: the non-persistent tensors, whole
+    gathered: int  # bytes one forward pass all-gathers: the non-persistent tensors, whole
+    gathered_numel: int  # their elements
 
     @property
     def params(self) -> int:
@@ -53,12 +54,13 @@ class RankBytes:
 
 def per_rank(inventory: list[TensorInfo], world: int, persistence_threshold: int) -> RankBytes:
     """Bytes one of ``world`` ZeRO-3 ranks holds for ``inventory`` (DeepSpeed's layout, see above)."""
-    frozen = trainable = optimizer = trainable_numel = total = gathered = 0
+    frozen = trainable = optimizer = trainable_numel = total = gathered = gathered_numel = 0
     for t in inventory:
         shard = math.ceil(t.numel / world)
         held = shard * t.itemsize + (t.numel * t.itemsize if t.numel <= persistence_threshold else 0)
         if t.numel > persistence_threshold:
             gathered += t.numel * t.itemsize
+            gathered_numel += t.numel
         total += t.numel
         if t.trainable:
             trainable += held
@@ -66,7 +68,7 @@ def per_rank(inventory: list[TensorInfo], world: int, persistence_threshold: int
             trainable_numel += t.numel
         else:
             frozen += held
-    return RankBytes(frozen, trainable, optimizer, trainable_numel, total, gathered)
+    return RankBytes(frozen, trainable, optimizer, trainable_numel, total, gathered, gathered_numel)
 
 
 def _candidate_linears(shape: ModelShape) -> list[tuple[str, int, int, bool]]:

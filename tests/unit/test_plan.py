@@ -10,7 +10,7 @@ from peft_dist.config import load_config
 from peft_dist.distributed.zero3 import REPO_ROOT, build_ds_config
 from peft_dist.plan.__main__ import main
 from peft_dist.plan.dryrun import build_meta_model, meta_inventory
-from peft_dist.plan.estimate import GIB, Hardware, Workload, activation_bytes, choose
+from peft_dist.plan.estimate import GIB, Hardware, Workload, activation_bytes, backward_gather_bytes, choose
 from peft_dist.plan.inventory import TensorInfo, analytic_inventory, per_rank
 from peft_dist.plan.models import PRESETS, PlanError, hf_config, load_shape, with_layers
 
@@ -67,7 +67,7 @@ def test_per_rank_follows_zero3_padding_and_persistence():
     held = per_rank(inventory, world=4, persistence_threshold=16)
     assert held.frozen == 251 * 1 + (3 * 2 + 10 * 2)  # ceil(1001/4) int8; norm: its shard and a whole copy
     assert held.trainable == 10 * 2 and held.optimizer == 10 * (2 + 4 + 8)  # bf16 grad, fp32 master, Adam
-    assert held.gathered == 1001 + 40 * 2  # persistent tensors are never gathered again
+    assert held.gathered == 1001 + 40 * 2 and held.gathered_numel == 1041  # persistent ones are never gathered again
     assert held.trainable_numel == 40 and held.total_numel == 1051
 
 
@@ -118,10 +118,19 @@ def test_choice_is_the_fastest_that_fits_and_memory_shrinks_with_nodes():
     _, twice = held_for("gpt3-175b", 256, threshold=0)
     assert twice.frozen == pytest.approx(held_for("gpt3-175b", 128, threshold=0)[1].frozen / 2, rel=1e-6)
     assert held_for("gpt3-175b", 256)[1].gathered == held.gathered
-    # Comm per micro-batch = two gathers of the whole non-persistent model (+ adapter grads), ring factor.
+    # Comm per micro-batch = the forward's gather and the backward's (+ adapter grads), ring factor.
     one = next(c for c in candidates if c.micro_batch == 4)
-    expected = (127 / 128) * (2 * held.gathered + held.trainable_numel * 2)
+    expected = (127 / 128) * (held.gathered + backward_gather_bytes(shape, held, 2) + held.trainable_numel * 2)
     assert one.comm_bytes == math.floor(expected)
+
+
+def test_backward_gathers_all_but_the_live_tail_and_the_input_embeddings():
+    shape, held = held_for("gpt3-175b", 128, threshold=0)
+    layer = 12 * 12288**2  # a GPT-3 layer's linears: qkv 3h^2, proj h^2, fc 4h^2, proj 4h^2
+    tail = 2 * layer * held.gathered // held.gathered_numel  # two layers' elements, at the mean bytes per element
+    positions = 2048 * 12288 * 2  # wpe, bf16 (wte is tied to the head: the backward uses it)
+    assert backward_gather_bytes(shape, held, 2) == held.gathered - tail - positions
+    assert held.gathered - backward_gather_bytes(shape, held, 2) < 0.03 * held.gathered  # ~2 of 96 layers
 
 
 def test_too_small_gpus_do_not_fit_and_say_what_to_change(capsys):
