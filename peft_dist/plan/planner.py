@@ -60,8 +60,9 @@ def make_plan(shape: ModelShape, cfg: RunConfig, hardware: Hardware, work: Workl
         plan.notes.append("does not fit even at micro-batch 1 with checkpointing: add nodes (the base and "
                           "optimizer shards shrink as 1/GPUs), shorten --seq-len, or use GPUs with more memory")
     if choice.comm_s > choice.compute_s + choice.dequant_s:
-        plan.notes.append("communication-bound: every micro-batch all-gathers the whole base twice; a larger "
-                          "micro-batch (more memory per GPU) or fewer, larger nodes amortise it")
+        plan.notes.append("communication-bound: every micro-batch all-gathers the base for its forward and again "
+                          "for its backward; a larger micro-batch (more memory per GPU) or fewer, larger nodes "
+                          "amortise it")
     return plan
 
 
