@@ -64,7 +64,30 @@ NAMES = {"full": "full fine-tuning", "bitfit": "BitFit (norms)", "lora": "LoRA",
          "scaled_parallel": "scaled parallel adapter (s=4)", "prefix": "prefix tuning",
          "prefix_reparam": f"prefix tuning, reparameterized (MLP {PREFIX_MLP})", "mam": "MAM"}
 # The best validation loss of the grid in ``sweep`` (python bench/quality.py --sweep, seed 0).
-LEARNING_RATES: dict[tuple[str, float | None], float] = {}
+LEARNING_RATES: dict[tuple[str, float | None], float] = {
+    ('full', None): 0.003,  # 0.0003: 3.871, 0.001: 3.811, 0.003: 3.782, 0.01: 3.961
+    ('bitfit', None): 0.03,  # 0.003: 4.052, 0.01: 4.010, 0.03: 3.980, 0.1: 3.981, 0.3: 3.998
+    ('lora', 0.001): 0.03,  # 0.003: 4.056, 0.01: 4.043, 0.03: 4.030, 0.1: 5.365, 0.3: 6.337
+    ('lora', 0.01): 0.01,  # 0.003: 4.016, 0.01: 3.999, 0.03: 4.055, 0.1: 5.726, 0.3: 5.965
+    ('adalora', 0.001): 0.1,  # 0.003: 4.121, 0.01: 4.112, 0.03: 4.048, 0.1: 4.035, 0.3: 4.049
+    ('adalora', 0.01): 0.03,  # 0.003: 4.116, 0.01: 4.052, 0.03: 4.007, 0.1: 4.017, 0.3: 4.915
+    ('krona', 0.001): 0.03,  # 0.003: 4.074, 0.01: 4.035, 0.03: 4.007, 0.1: 4.028, 0.3: 5.328
+    ('krona', 0.01): 0.03,  # 0.003: 4.060, 0.01: 4.019, 0.03: 3.992, 0.1: 4.018, 0.3: 5.377
+    ('krona_block', 0.001): 0.1,  # 0.003: 4.104, 0.01: 4.040, 0.03: 3.972, 0.1: 3.953, 0.3: 3.955
+    ('krona_block', 0.01): 0.1,  # 0.003: 4.083, 0.01: 3.993, 0.03: 3.950, 0.1: 3.937, 0.3: 3.948
+    ('krona_block_res', 0.001): 0.1,  # 0.003: 4.108, 0.01: 4.041, 0.03: 3.975, 0.1: 3.954, 0.3: 3.954
+    ('krona_block_res', 0.01): 0.1,  # 0.003: 4.086, 0.01: 3.993, 0.03: 3.946, 0.1: 3.940, 0.3: 3.942
+    ('parallel', 0.001): 0.3,  # 0.003: 4.078, 0.01: 4.036, 0.03: 3.995, 0.1: 3.982, 0.3: 3.975
+    ('parallel', 0.01): 0.1,  # 0.003: 3.995, 0.01: 3.961, 0.03: 3.937, 0.1: 3.933, 0.3: 3.992
+    ('scaled_parallel', 0.001): 0.1,  # 0.003: 4.051, 0.01: 4.005, 0.03: 3.981, 0.1: 3.970, 0.3: 3.979
+    ('scaled_parallel', 0.01): 0.03,  # 0.003: 3.970, 0.01: 3.942, 0.03: 3.921, 0.1: 3.969, 0.3: 4.112
+    ('prefix', 0.001): 3.0,  # 0.03: 4.115, 0.1: 4.110, 0.3: 4.083, 1: 4.064, 3: 4.049
+    ('prefix', 0.01): 1.0,  # 0.03: 4.114, 0.1: 4.109, 0.3: 4.082, 1: 4.046, 3: 4.237
+    ('prefix_reparam', 0.001): 0.03,  # 0.003: 4.103, 0.01: 4.072, 0.03: 4.043, 0.1: 4.056, 0.3: 5.029
+    ('prefix_reparam', 0.01): 0.03,  # 0.003: 4.097, 0.01: 4.064, 0.03: 4.053, 0.1: 4.054, 0.3: 4.935
+    ('mam', 0.001): 0.03,  # 0.003: 4.041, 0.01: 3.993, 0.03: 3.974, 0.1: 3.977, 0.3: 3.987
+    ('mam', 0.01): 0.03,  # 0.003: 3.978, 0.01: 3.949, 0.03: 3.930, 0.1: 3.950, 0.3: 4.063
+}
 
 
 @dataclass
@@ -295,7 +318,8 @@ def plan(methods: tuple[str, ...], budgets: tuple[float, ...]) -> list[tuple[str
 def sweep(rows: list, state: dict, corpora: Corpora) -> None:
     """Each row's validation loss at a few learning rates (seed 0); prints the LEARNING_RATES entries."""
     for method, budget, adapters, *_ in rows:
-        grid = (3e-4, 1e-3, 3e-3, 1e-2) if method == "full" else (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+        grid = {"full": (3e-4, 1e-3, 3e-3, 1e-2), "prefix": (3e-2, 1e-1, 3e-1, 1.0, 3.0)}.get(
+            method, (3e-3, 1e-2, 3e-2, 1e-1, 3e-1))  # plain prefix vectors need far larger steps
         scores = {lr: adapt(method, adapters, state, corpora, lr, 0, ADAPT_STEPS, validate=True)["val"] for lr in grid}
         best = min(scores, key=scores.get)
         print(f"    ({method!r}, {budget}): {best:g},  # " + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in scores.items()),
