@@ -48,3 +48,20 @@ def test_docstrings_keeps_only_docstrings():
     source = '"""Module."""\nx = 1\n\nclass A:\n    """Class."""\n    def f(self):\n        """Function."""\n        return "not this"\n'
     assert quality.docstrings(source) == "Module.\n\nClass.\n\nFunction."
     assert quality.docstrings("def broken(:\n") == ""
+
+
+def test_writing_results_keeps_the_hand_written_reading():
+    old = quality.results_markdown(["| old table |"], "--write docs/RESULTS.md", "")
+    assert old.endswith(quality.HAND_WRITTEN + "\n")
+    previous = old + "\n## Reading the table\n\nKronA holds at 0.1%.\n"
+    new = quality.results_markdown(["| new table |"], "--write docs/RESULTS.md", previous)
+    assert "| new table |" in new and "| old table |" not in new
+    assert new.endswith(quality.HAND_WRITTEN + "\n\n## Reading the table\n\nKronA holds at 0.1%.\n")
+
+
+@pytest.mark.parametrize("x_loss, spread, outcome", [
+    (3.90, 0.01, "holds"), (4.10, 0.01, "reversed"), (3.995, 0.01, "no difference beyond the seed spread"),
+    (3.90, 0.0, "one seed, no spread to judge by")])
+def test_verdict_needs_a_difference_beyond_the_seed_spread(x_loss, spread, outcome):
+    results = {("krona", 0.001): {"loss": (x_loss, spread)}, ("lora", 0.001): {"loss": (4.0, spread / 2)}}
+    assert quality.verdict("krona", "lora", results, 0.001).endswith(outcome)
