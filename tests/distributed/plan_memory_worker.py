@@ -21,7 +21,6 @@ from peft_dist.distributed.zero3 import build_ds_config
 from peft_dist.train.trainer import adapted_model, build_engine
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
