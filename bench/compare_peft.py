@@ -176,7 +176,7 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
     from transformers.integrations import HfDeepSpeedConfig
 
     from peft_dist.adapters.inject import parameter_summary
-    from peft_dist.adapters.registry import get_method
+    from peft_dist.adapters.registry import make_hooks
     from peft_dist.config.load import load_config
     from peft_dist.data import GlobalBatchSampler, build_blocks
     from peft_dist.distributed.env import init_distributed, resolve_env
@@ -195,7 +195,7 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
     hf_ds_config = None
     if setup == "peft-dist":
         model, *_ = adapted_model(cfg, ds_config)
-        hooks = [get_method(a.method).make_hook(model, a, steps) for a in cfg.adapters if get_method(a.method).make_hook]
+        hooks = make_hooks(model, cfg.adapters, steps)
     else:
         # Kept alive, as the HF Trainer does: from_pretrained then loads a float base partitioned, and
         # peft's AdaLoRA sees that DeepSpeed is on (it gathers gradients with safe_get_full_grad).

@@ -283,7 +283,7 @@ def adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: 
           validate: bool = False) -> dict:
     """Adapt a fresh copy of the base to B; B's test loss (and validation loss) and the median step time."""
     from peft_dist.adapters.inject import inject_adapters
-    from peft_dist.adapters.registry import build_adapter_config, get_method
+    from peft_dist.adapters.registry import build_adapter_config, make_hooks
 
     model = new_model()
     model.load_state_dict(state)
@@ -294,7 +294,7 @@ def adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: 
     else:
         configs = [build_adapter_config(dict(a), f"adapters.{i}") for i, a in enumerate(adapters)]
         inject_adapters(model, configs)
-        hooks = [get_method(c.method).make_hook(model, c, steps) for c in configs if get_method(c.method).make_hook]
+        hooks = make_hooks(model, configs, steps)
     times = train(model, corpora.b_train, steps, lr, seed, hooks)
     result = {"test": mean_loss(model, corpora.b_test), "step_s": statistics.median(times[1:])}
     if validate:

@@ -57,6 +57,12 @@ def get_method(name: str) -> AdapterMethod:
     return known[name]
 
 
+def make_hooks(model: nn.Module, adapters: list, total_steps: int) -> list:
+    """The per-step hooks of the injected ``adapters`` that have one (AdaLoRA's budget), in order."""
+    return [get_method(a.method).make_hook(model, a, total_steps)
+            for a in adapters if get_method(a.method).make_hook]
+
+
 def build_adapter_config(data: Any, path: str) -> Any:
     """``{'method': 'lora', 'r': 8, ...}`` -> the method's validated config dataclass."""
     if not isinstance(data, dict) or "method" not in data:

@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from peft_dist.adapters.inject import inject_adapters, summary_table, trainable_parameters
-from peft_dist.adapters.registry import get_method
+from peft_dist.adapters.registry import make_hooks
 from peft_dist.config.load import config_to_dict
 from peft_dist.config.schema import RunConfig
 from peft_dist.data import GlobalBatchSampler, build_blocks
@@ -178,8 +178,7 @@ def train(cfg: RunConfig) -> TrainResult:
         worst = max(errors, key=lambda r: r.rel_error)
         log.info("int8 base: %d layers quantized, relative error mean %.4f, worst %.4f (%s)", len(errors),
                  sum(r.rel_error for r in errors) / len(errors), worst.rel_error, worst.name)
-    hooks = [get_method(a.method).make_hook(model, a, cfg.train.max_steps)
-             for a in cfg.adapters if get_method(a.method).make_hook]
+    hooks = make_hooks(model, cfg.adapters, cfg.train.max_steps)
     log.info("model summary\n%s", summary_table(model, injected))
     blocks = build_blocks(cfg.data, tokenizer, max_positions(model.config))
     sampler = GlobalBatchSampler(len(blocks.train_ids), cfg.train.micro_batch_size,
