@@ -41,9 +41,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -236,18 +234,13 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
 
 def run(setup: str, method: str, model_dir: Path, steps: int, world: int, stage: int) -> dict:
     """One torchrun job; returns rank 0's measurements or ``{"error": ...}`` with the job's last error line."""
-    from peft_dist.distributed.env import free_port
+    from tests.multiproc import run_distributed
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
-               "TOKENIZERS_PARALLELISM": "false"}
-        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(key, None)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_addr",
-               "127.0.0.1", "--master_port", str(free_port()), __file__, "--worker", setup, method,
-               str(model_dir), str(steps), str(stage), str(out)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        proc = run_distributed([__file__, "--worker", setup, method, str(model_dir), str(steps), str(stage), str(out)],
+                               world, env={"MALLOC_MMAP_THRESHOLD_": "65536", "TOKENIZERS_PARALLELISM": "false"},
+                               timeout=900, returncode=None)
         if proc.returncode != 0 or not out.is_file():
             errors = [line for line in proc.stderr.splitlines() if "Error:" in line]
             return {"error": (errors[0].split("]: ")[-1] if errors else f"exit code {proc.returncode}")[:150]}

@@ -19,12 +19,10 @@ and the input embeddings; a ring receives (N-1)/N of it).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,21 +53,10 @@ def worker(model_dir: str, steps: int, out: str) -> None:
     """One rank: the trainer's setup, ``steps`` steps on random tokens, this rank's measurements to ``out``."""
     import deepspeed.comm.comm as deepspeed_comm
 
-    from peft_dist.config.load import load_config
-    from peft_dist.distributed.env import init_distributed, resolve_env
-    from peft_dist.distributed.memory import measured_model_state_bytes, peak_rss_bytes, reset_peak_rss, settled_rss_bytes
-    from peft_dist.distributed.zero3 import build_ds_config
-    from peft_dist.train.trainer import adapted_model, build_engine
+    from peft_dist.distributed.memory import measured_model_state_bytes, peak_rss_bytes
+    from tests.distributed.plan_memory_worker import measured_setup
 
-    env = resolve_env()
-    cfg = load_config(None, overrides(model_dir))
-    ds_config = build_ds_config(cfg, env.world_size)
-    init_distributed(env)
-    baseline = settled_rss_bytes(ds_config)
-    model, *_ = adapted_model(cfg, ds_config)
-    engine = build_engine(cfg, model, ds_config)
-    gc.collect()
-    reset_peak_rss()  # the peak restarts after loading (see compare_peft.py)
+    env, _, engine, baseline = measured_setup(overrides(model_dir))  # the peak restarts after loading
 
     backend = deepspeed_comm.cdb  # ZeRO-3 gathers through DeepSpeed's backend, which holds this function
     original = backend.all_gather_function
@@ -95,17 +82,11 @@ def worker(model_dir: str, steps: int, out: str) -> None:
 
 def run(world: int, model_dir: Path, steps: int) -> list[dict]:
     """One torchrun job of ``world`` processes; every rank's measurements."""
-    from peft_dist.distributed.env import free_port
+    from tests.multiproc import run_distributed
 
     with tempfile.TemporaryDirectory() as out:
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(key, None)
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, "--worker",
-                               str(model_dir), str(steps), out], env=env, capture_output=True, text=True, timeout=900)
-        if proc.returncode != 0:
-            raise RuntimeError(f"N={world} failed:\n{proc.stderr[-4000:]}")
+        run_distributed([__file__, "--worker", str(model_dir), str(steps), out], world,
+                        env={"MALLOC_MMAP_THRESHOLD_": "65536"}, timeout=900)
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world)]
 
 

@@ -12,8 +12,6 @@ output bytes, and (b) reads the engine's partitions with ``measured_model_state_
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -93,14 +91,11 @@ def worker(variant: str, model_dir: str, out: str) -> None:
 
 
 def run_variant(variant: str, model_dir: Path) -> dict:
+    from tests.multiproc import run_distributed
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                               "--master_port", str(29000 + os.getpid() % 1000), __file__, "--worker", variant,
-                               str(model_dir), str(out)], env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{variant} run failed:\n{proc.stderr[-4000:]}")
+        run_distributed([__file__, "--worker", variant, str(model_dir), str(out)], 2)
         return json.loads(out.read_text())
 
 

@@ -1,4 +1,5 @@
-"""A launcher for real multi-process test runs (CPU, gloo): ``from tests.multiproc import run_distributed``."""
+"""A launcher for real multi-process runs of tests and bench/ scripts (CPU, gloo):
+``from tests.multiproc import run_distributed``."""
 import os
 import subprocess
 import sys

@@ -2,8 +2,9 @@
 
 The run is the trainer's own setup (streaming int8 loader, adapter injection, DeepSpeed engine with
 the optimizer over the adapters) on the default config with ``--set`` overrides. Memory is what the
-run adds to the process: the peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``
-once the process group and DeepSpeed's one-time setup exist) minus the resident set at that moment.
+run adds to the process: the peak resident set while training (``VmHWM``, reset once the engine is
+built) minus the resident set before loading (once the process group and DeepSpeed's one-time setup
+exist). bench/scaling.py measures its runs with the same ``measured_setup``.
 """
 from __future__ import annotations
 
@@ -21,6 +22,23 @@ from peft_dist.distributed.zero3 import build_ds_config
 from peft_dist.train.trainer import adapted_model, build_engine
 
 
+def measured_setup(overrides: list[str]):
+    """The trainer's setup for ``overrides`` (streamed int8 base, adapters, engine) on this rank, and the
+    resident set before loading: ``(env, cfg, engine, baseline)``. The peak is reset once the engine is
+    built: loading read the checkpoint through mmap, and those file pages count in VmHWM but are page
+    cache, not memory the run holds."""
+    dist = resolve_env()
+    cfg = load_config(None, overrides)
+    ds_config = build_ds_config(cfg, dist.world_size)
+    init_distributed(dist)
+    baseline = settled_rss_bytes(ds_config)
+    model, *_ = adapted_model(cfg, ds_config)
+    engine = build_engine(cfg, model, ds_config)
+    gc.collect()
+    reset_peak_rss()
+    return dist, cfg, engine, baseline
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -28,19 +46,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
 
-    dist = resolve_env()
-    cfg = load_config(None, args.overrides)
-    ds_config = build_ds_config(cfg, dist.world_size)
-    init_distributed(dist)
-    baseline = settled_rss_bytes(ds_config)
-
-    model, *_ = adapted_model(cfg, ds_config)
-    engine = build_engine(cfg, model, ds_config)
-    # Loading read the checkpoint through mmap; those file pages count in VmHWM but are page cache, not
-    # memory the run holds. Once they are unmapped, the peak restarts from what the run really holds.
-    gc.collect()
-    reset_peak_rss()
-    vocab = model.config.vocab_size
+    dist, cfg, engine, baseline = measured_setup(args.overrides)
+    vocab = engine.module.config.vocab_size
     for step in range(args.steps):
         ids = torch.randint(0, vocab, (cfg.train.micro_batch_size, cfg.data.block_size),
                             generator=torch.Generator().manual_seed(step * 1000 + dist.rank))
@@ -48,7 +55,6 @@ def main() -> None:
         engine.step()
     result = {"world": dist.world_size, "rank": dist.rank, "baseline": baseline, "peak": peak_rss_bytes()}
     Path(args.out, f"rank{dist.rank}.json").write_text(json.dumps(result))
-
 
 if __name__ == "__main__":
     main()
