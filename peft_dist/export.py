@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -68,24 +69,35 @@ def check_mergeable(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def plain_model(adapted: nn.Module, model_cfg: ModelConfig, merge: bool) -> nn.Module:
-    """A fresh, un-quantized base with the adapted model's dense (optionally merged) weights."""
+def plain_model(adapted: nn.Module, model_cfg: ModelConfig, merge: bool) -> tuple[nn.Module, list[str]]:
+    """A fresh, un-quantized base with the adapted model's dense (optionally merged) weights, and the linears
+    that had to be untied from the input embeddings because merging changed them (e.g. a LoRA on a tied
+    ``lm_head``): they get their own weight and the config says ``tie_word_embeddings: false``."""
     if merge:
         check_mergeable(adapted)
     plain, _ = build_model(model_cfg)
-    modules = dict(plain.named_modules())
-    for name, (weight, bias) in dense_linears(adapted, merge).items():
-        target = modules[name]
-        target.weight.copy_(weight.t() if isinstance(target, Conv1D) else weight)
-        if bias is not None:
-            target.bias.copy_(bias)
     # Embeddings, norms and other float tensors come from the adapted model too, not from a fresh init of
-    # the base (whose values depend on how it was built); BitFit's trained ones only when merging.
+    # the base (whose values depend on how it was built); BitFit's trained ones only when merging. They go
+    # first, so that a tied embedding cannot overwrite a merged linear written below.
     params = dict(plain.named_parameters())
     for name, param in adapted.named_parameters():
         if name in params and param.is_floating_point() and (merge or not param.requires_grad):
             params[name].copy_(param)
-    return plain
+    shared = Counter(id(p) for _, p in plain.named_parameters(remove_duplicate=False))
+    modules = dict(plain.named_modules())
+    untied = []
+    for name, (weight, bias) in dense_linears(adapted, merge).items():
+        target = modules[name]
+        weight = weight.t() if isinstance(target, Conv1D) else weight
+        if shared[id(target.weight)] > 1 and not torch.equal(target.weight, weight.to(target.weight.dtype)):
+            target.weight = nn.Parameter(torch.empty_like(target.weight), requires_grad=False)
+            untied.append(name)
+        target.weight.copy_(weight)
+        if bias is not None:
+            target.bias.copy_(bias)
+    if untied:
+        plain.config.tie_word_embeddings = False
+    return plain, untied
 
 
 def peft_lora_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], LoraDelta, list[str]]:
@@ -117,12 +129,16 @@ def export(adapter_dir: str | Path, out: str | Path, fmt: str = "merged") -> Pat
     model_cfg.gradient_checkpointing = False
     adapted, tokenizer = load_for_inference(adapter_dir)
     if fmt == "merged":
-        plain_model(adapted, model_cfg, merge=True).save_pretrained(out)
+        plain, untied = plain_model(adapted, model_cfg, merge=True)
+        plain.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        for name in untied:
+            print(f"peft-dist export: {name} was tied to the input embeddings and its adapter changed it: "
+                  "exported with its own weight (tie_word_embeddings: false)", file=sys.stderr)
     elif fmt == "peft":
         state, lora, targets = peft_lora_state(adapted)
         config = next(a for a in metadata["adapters"] if a["method"] == "lora")
-        base = plain_model(adapted, model_cfg, merge=False)
+        base, _ = plain_model(adapted, model_cfg, merge=False)
         base.save_pretrained(out / "base")
         tokenizer.save_pretrained(out / "base")
         (out / "adapter").mkdir(parents=True)
@@ -136,7 +152,7 @@ def export(adapter_dir: str | Path, out: str | Path, fmt: str = "merged") -> Pat
         raise ExportError(f"--format {fmt!r}: use merged or peft")
     from peft_dist.tracking.offline import record_export
 
-    record_export(adapter_dir.parent, out)  # tags the training run, if it was tracked
+    record_export(adapter_dir.parent, out, fmt)  # tags the training run, if it was tracked
     return out
 
 

@@ -24,15 +24,16 @@ def name_matches(name: str, targets: Any) -> bool:
 
 
 def find_modules(model: nn.Module, targets: Any, accept: Callable[[nn.Module], bool],
-                 what: str, key: str) -> list[tuple[str, nn.Module]]:
-    """All ``(name, module)`` pairs whose name matches ``targets`` and that ``accept`` admits.
+                 what: str, key: str, skip: tuple[str, ...] = ()) -> list[tuple[str, nn.Module]]:
+    """All ``(name, module)`` pairs whose name matches ``targets`` and that ``accept`` admits, except names
+    starting with a prefix in ``skip``.
 
     ``all-linear`` means every accepted module outside the output head. Raises ``ConfigError`` naming ``key``
     and listing candidate names when nothing matches, because a silent no-op run wastes a whole job.
     """
     found = []
     for name, module in model.named_modules():
-        if not accept(module):
+        if not accept(module) or name.startswith(skip):
             continue
         if targets == "all-linear":
             if name.split(".")[-1] not in HEAD_NAMES:
@@ -40,7 +41,8 @@ def find_modules(model: nn.Module, targets: Any, accept: Callable[[nn.Module], b
         elif name_matches(name, targets):
             found.append((name, module))
     if not found:
-        candidates = sorted({n.split(".")[-1] for n, m in model.named_modules() if accept(m) and n})
+        candidates = sorted({n.split(".")[-1] for n, m in model.named_modules()
+                             if accept(m) and n and not n.startswith(skip)})
         raise ConfigError(
             f"{key}: {targets!r} matches no {what} in {type(model).__name__}. "
             f"Candidate names: {', '.join(candidates[:30]) or 'none'}")

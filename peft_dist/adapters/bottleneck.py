@@ -27,13 +27,13 @@ from torch import nn
 
 from peft_dist.adapters.base import AdaptedLinear, AdapterConfig, AdapterModule
 from peft_dist.adapters.krona import KronaDelta, factor_dim
-from peft_dist.adapters.inject import outside_adapters
+from peft_dist.adapters.inject import find_targets
 from peft_dist.adapters.registry import register
 from peft_dist.config.schema import ConfigError, require
-from peft_dist.targets import LINEAR_TYPES, find_modules, replace_module
+from peft_dist.targets import LINEAR_TYPES, replace_module
 
 # Module-name suffixes of each sub-layer kind in Llama-style and GPT-2 models (target_modules: auto).
-SUBLAYER_NAMES = {"attn": ["self_attn", "attn"], "ffn": ["mlp"]}
+SUBLAYER_NAMES = {"attn": ["self_attn", "attn", "attention"], "ffn": ["mlp"]}  # Llama-style, GPT-2, GPT-NeoX
 
 
 class Bottleneck(AdapterModule):
@@ -119,10 +119,17 @@ def _float_dtype(module: nn.Module) -> torch.dtype:
 
 def attach_to_sublayers(model: nn.Module, config: Any, make_adapter: Any, sequential: bool) -> list[str]:
     """Wrap every targeted sub-layer in ``AdaptedSublayer`` (reusing an existing wrapper, so methods
-    compose) and attach ``make_adapter(hidden_size)`` under ``config.name``."""
-    targets = outside_adapters(model, find_modules(
-        model, config.target_modules, _is_sublayer, "attention or FFN sub-layer",
-        f"adapters[{config.name}].target_modules"))
+    compose) and attach ``make_adapter(hidden_size)`` under ``config.name``.
+
+    With ``target_modules: auto`` each sub-layer kind of the method's placement must be found (Houlsby on a
+    model without an FFN module is refused, not silently reduced to its attention half)."""
+    key = f"adapters[{config.name}].target_modules"
+    what = "attention or FFN sub-layer"
+    if config.target_modules == "auto":
+        targets = [t for kind in config.sublayer_kinds()
+                   for t in find_targets(model, SUBLAYER_NAMES[kind], _is_sublayer, what, key)]
+    else:
+        targets = find_targets(model, config.target_modules, _is_sublayer, what, key)
     d = model.config.hidden_size
     names = []
     for name, module in targets:
@@ -138,12 +145,10 @@ def attach_to_sublayers(model: nn.Module, config: Any, make_adapter: Any, sequen
     return names
 
 
-def _resolve_targets(config: AdapterConfig, kinds: tuple[str, ...]) -> None:
+def _check_targets(config: AdapterConfig) -> None:
     require(config.target_modules != "all-linear", "target_modules",
             "sub-layer adapters wrap attention or FFN blocks, not linears; leave it unset (auto) or name "
             "the blocks, e.g. [mlp]")
-    if config.target_modules == "auto":
-        config.target_modules = [n for kind in kinds for n in SUBLAYER_NAMES[kind]]
 
 
 @dataclass
@@ -179,7 +184,10 @@ class ParallelAdapterConfig(BottleneckConfig):
     def __post_init__(self) -> None:
         require(self.sublayer in SUBLAYER_NAMES, "sublayer", f"got {self.sublayer!r}; use ffn or attn")
         super().__post_init__()
-        _resolve_targets(self, (self.sublayer,))
+        _check_targets(self)
+
+    def sublayer_kinds(self) -> tuple[str, ...]:
+        return (self.sublayer,)
 
 
 @dataclass
@@ -192,7 +200,10 @@ class SequentialAdapterConfig(BottleneckConfig):
         require(self.placement in ("houlsby", "pfeiffer"), "placement",
                 f"got {self.placement!r}; use houlsby or pfeiffer")
         super().__post_init__()
-        _resolve_targets(self, ("attn", "ffn") if self.placement == "houlsby" else ("ffn",))
+        _check_targets(self)
+
+    def sublayer_kinds(self) -> tuple[str, ...]:
+        return ("attn", "ffn") if self.placement == "houlsby" else ("ffn",)
 
 
 @dataclass
@@ -211,7 +222,10 @@ class KronaBlockConfig(AdapterConfig):
         super().__post_init__()
         require(self.a1 >= 0 and self.a2 >= 0, "a1", "use positive divisors of the hidden size, or 0")
         require(self.scale != 0, "scale", "must be non-zero (a zero scale trains nothing)")
-        _resolve_targets(self, ("ffn",))
+        _check_targets(self)
+
+    def sublayer_kinds(self) -> tuple[str, ...]:
+        return ("ffn",)
 
     def make(self, d: int) -> KronaBlock:
         a1, _ = factor_dim(d, self.a1, "a1", "the hidden size")

@@ -22,11 +22,12 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, LINEAR_TYPES)
 
 
-def outside_adapters(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """Drop matches inside injected adapters (a parallel adapter's ``down`` is not a base linear,
-    a prefix's ``mlp`` is not the FFN block)."""
+def find_targets(model: nn.Module, targets: Any, accept: Callable[[nn.Module], bool], what: str,
+                 key: str) -> list[tuple[str, nn.Module]]:
+    """``find_modules`` outside the adapters injected so far (a parallel adapter's ``down`` is not a base
+    linear, a prefix's ``mlp`` is not the FFN block); raises if nothing outside them matches."""
     inside = tuple(n + "." for n, m in model.named_modules() if isinstance(m, AdapterModule))
-    return [(n, m) for n, m in targets if not n.startswith(inside)]
+    return find_modules(model, targets, accept, what, key, skip=inside)
 
 
 def inject_linear_delta(model: nn.Module, config: Any,
@@ -36,10 +37,8 @@ def inject_linear_delta(model: nn.Module, config: Any,
     A linear already adapted by another method is reused, so methods compose on one layer.
     """
     adapted_names = {name for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
-    targets = outside_adapters(model, find_modules(
-        model, config.target_modules,
-        lambda m: _is_linear(m) or isinstance(m, AdaptedLinear), "linear layer",
-        f"adapters[{config.name}].target_modules"))
+    targets = find_targets(model, config.target_modules, lambda m: _is_linear(m) or isinstance(m, AdaptedLinear),
+                           "linear layer", f"adapters[{config.name}].target_modules")
     names = []
     for name, module in targets:
         if any(name.startswith(a + ".") for a in adapted_names):

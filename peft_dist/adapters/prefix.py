@@ -9,41 +9,50 @@ the module into plain vectors. The MLP is per layer rather than one shared MLP o
 keeps each layer's parameters inside the layer (below) and costs only one extra ``d x hidden`` matrix
 per layer, the large output matrix being the same size either way.
 
-How the prefix reaches the attention: each self-attention module is wrapped (``PrefixAttention``) and
-called with a stand-in cache whose ``update`` prepends the prefix to the keys and values the module has
-just computed (after the real cache, if any, has stored them), and with the attention mask widened by
-``l`` admitted columns. Why this and not a top-level hook that passes a prefilled cache:
+How the prefix reaches the attention: each self-attention module is wrapped (``PrefixAttention``), which
+computes the layer's prefix and hands it to the module as one extra keyword argument. The module passes
+its keyword arguments on to its attention function (transformers' ``AttentionInterface``: every model of
+transformers 5 calls ``attention_interface(self, query, key, value, attention_mask, **kwargs)``), and
+peft-dist registers one that prepends the prefix to the keys and values it receives (already rotated and
+joined with the cache) and admits the prefix in the mask, then calls the model's own ``sdpa`` or ``eager``
+function. Nothing depends on what a release calls the cache argument. Why this and not a prefilled cache:
 
-* ZeRO-3: the prefix parameters belong to a module that runs inside its decoder layer, so DeepSpeed's
-  module hooks gather and release them layer by layer, in its traced order, like every other parameter.
-  A top-level hook would compute every layer's prefix before the model runs.
 * Positions: a prefilled cache shifts the position ids of the real tokens by ``l`` (RoPE angles, GPT-2's
   learned positions); here positions are untouched and the prefix carries none, which is the formula.
 * Nothing extra from the caller: training passes only ``input_ids``/``labels``; a generation cache holds
   real tokens only; gradient checkpointing recomputes the wrapper like any module.
+* The prefix parameters belong to a module that runs inside its decoder layer, so they are used layer by
+  layer like every other parameter.
 
-It relies on the attention module calling ``past_key_values.update(k, v, layer_idx)`` and receiving
-``attention_mask`` by keyword, true of Llama-style and GPT-2 attention in transformers 5 with the
-``eager`` and ``sdpa`` implementations (others are refused at injection).
+A model whose attention does not pass the argument on is refused at its first forward (the wrapper checks
+that the prefix was applied), never trained silently without it.
 """
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from torch.nn import functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from peft_dist.adapters.base import AdapterConfig, AdapterModule
 from peft_dist.adapters.bottleneck import AdaptedSublayer
-from peft_dist.adapters.inject import outside_adapters
+from peft_dist.adapters.inject import find_targets
 from peft_dist.adapters.registry import register
 from peft_dist.config.schema import ConfigError, require
-from peft_dist.targets import find_modules, replace_module
+from peft_dist.targets import replace_module
 
-ATTENTION_NAMES = ["self_attn", "attn"]  # Llama-style, GPT-2
-SUPPORTED_ATTENTION = ("eager", "sdpa")
+ATTENTION_NAMES = ["self_attn", "attn", "attention"]  # Llama-style, GPT-2, GPT-NeoX
+# The attention implementations prefix tuning wraps, and the names their prefix-aware twins register under.
+PREFIXED = {"eager": "peft_dist_prefix_eager", "sdpa": "peft_dist_prefix_sdpa"}
+PREFIX_ARGUMENT = "peft_dist_prefix"  # the keyword that carries a layer's prefix to the attention function
 
 
 @dataclass
@@ -89,7 +98,7 @@ class PrefixKV(AdapterModule):
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mlp is None:
             return self.key, self.value
-        return self._split(self.mlp(self.embedding))  # a module call, so ZeRO-3 gathers the MLP
+        return self._split(self.mlp(self.embedding))
 
     @torch.no_grad()
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -111,39 +120,75 @@ class PrefixKV(AdapterModule):
         super().load_adapter_state_dict(state)
 
 
-class PrefixCache:
-    """Stands in for the layer's cache during one attention call: ``update`` lets the real cache (if
-    any) store the new keys and values, then prepends the prefix to what the attention will use."""
+@dataclass
+class PrefixStates:
+    """One layer's prefix on its way to the attention function; ``applied`` is set when it was used."""
 
-    def __init__(self, key: torch.Tensor, value: torch.Tensor, cache: Any) -> None:
-        self.key, self.value = key, value
-        self.cache = getattr(cache, "self_attention_cache", cache)  # GPT-2's EncoderDecoderCache
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.cache is not None:
-            key_states, value_states = self.cache.update(key_states, value_states, layer_idx, *args, **kwargs)
-        batch = key_states.shape[0]
-        key = self.key.to(key_states.dtype).expand(batch, -1, -1, -1)
-        value = self.value.to(value_states.dtype).expand(batch, -1, -1, -1)
-        return torch.cat([key, key_states], dim=2), torch.cat([value, value_states], dim=2)
+    key: torch.Tensor  # (kv_heads, l, head_dim)
+    value: torch.Tensor
+    applied: bool = False
 
 
-def extend_mask(mask: torch.Tensor | None, length: int, q_len: int, past: int, implementation: str,
-                dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def extend_mask(mask: torch.Tensor | None, length: int, q_len: int, kv_len: int, additive_dtype: torch.dtype | None,
+                device: torch.device) -> torch.Tensor:
     """The attention mask with ``length`` admitted prefix columns in front.
 
-    ``None`` stands for sdpa's ``is_causal`` (query ``i`` sees real keys ``0 .. past + i``); it becomes an
-    explicit mask because ``is_causal`` would misalign once the keys outnumber the queries. A boolean
-    mask admits with True, an additive (eager) one with 0.
+    ``None`` stands for sdpa's ``is_causal`` (query ``i`` sees real keys ``0 .. kv_len - q_len + i``); it becomes
+    an explicit mask because ``is_causal`` would misalign once the keys outnumber the queries. A boolean mask
+    admits with True, an additive one (``additive_dtype``, eager) with 0.
     """
     if mask is None:
-        keys = torch.arange(past + q_len, device=device)
-        mask = (keys[None, :] <= past + torch.arange(q_len, device=device)[:, None])[None, None]
-        if implementation == "eager":
-            mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
+        past = kv_len - q_len
+        mask = (torch.arange(kv_len, device=device)[None, :]
+                <= past + torch.arange(q_len, device=device)[:, None])[None, None]
+        if additive_dtype is not None:
+            mask = torch.zeros(mask.shape, dtype=additive_dtype, device=device).masked_fill(
+                ~mask, torch.finfo(additive_dtype).min)
     admit = True if mask.dtype == torch.bool else 0.0
     return F.pad(mask, (length, 0), value=admit)
+
+
+def _model_eager_attention(module: nn.Module) -> Callable:
+    """The eager attention function of ``module``'s own modeling file (models differ: scaling, softcap)."""
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _prefixed(implementation: str) -> Callable:
+    """An attention function that prepends the layer's prefix, then runs ``implementation``."""
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
+        prefix: PrefixStates | None = kwargs.pop(PREFIX_ARGUMENT, None)
+        if prefix is not None:
+            batch, length = key.shape[0], prefix.key.shape[1]
+            attention_mask = extend_mask(attention_mask, length, query.shape[2], key.shape[2],
+                                         None if implementation == "sdpa" else query.dtype, query.device)
+            key = torch.cat([prefix.key.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
+            value = torch.cat([prefix.value.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+            prefix.applied = True
+        inner = ALL_ATTENTION_FUNCTIONS["sdpa"] if implementation == "sdpa" else _model_eager_attention(module)
+        return inner(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
+
+
+def use_prefixed_attention(model: nn.Module, key: str) -> None:
+    """Switch ``model`` to the prefix-aware twin of its ``eager`` / ``sdpa`` attention (registered with
+    transformers' attention and mask interfaces on first use)."""
+    implementation = model.config._attn_implementation
+    if implementation in PREFIXED.values():
+        return
+    if implementation not in PREFIXED:
+        raise ConfigError(f"{key}: prefix tuning supports the {' and '.join(PREFIXED)} attention "
+                          f"implementations, this model uses {implementation!r}; load it with "
+                          "attn_implementation='sdpa'")
+    if implementation == "eager" and getattr(model.config, "reorder_and_upcast_attn", False):
+        raise ConfigError(f"{key}: prefix tuning does not support GPT-2's reorder_and_upcast_attn with eager "
+                          "attention; set reorder_and_upcast_attn=false or use attn_implementation='sdpa'")
+    name = PREFIXED[implementation]
+    AttentionInterface.register(name, _prefixed(implementation))
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[implementation])
+    model.config._attn_implementation = name
 
 
 class PrefixAttention(nn.Module):
@@ -155,19 +200,16 @@ class PrefixAttention(nn.Module):
         self.prefixes = nn.ModuleDict()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if len(args) > 1:
-            raise TypeError("PrefixAttention expects the hidden states as the only positional argument "
-                            "(attention_mask and past_key_values by keyword, as Llama and GPT-2 layers call it)")
-        hidden = args[0] if args else kwargs["hidden_states"]
         keys, values = zip(*(prefix() for prefix in self.prefixes.values()))
-        key, value = torch.cat(keys, dim=1), torch.cat(values, dim=1)
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length(self.module.layer_idx) if cache is not None else 0
-        kwargs["attention_mask"] = extend_mask(kwargs.get("attention_mask"), key.shape[1], hidden.shape[1], past,
-                                               self.module.config._attn_implementation, hidden.dtype,
-                                               hidden.device)
-        kwargs["past_key_values"] = PrefixCache(key, value, cache)
-        return self.module(*args, **kwargs)
+        prefix = PrefixStates(torch.cat(keys, dim=1), torch.cat(values, dim=1))
+        output = self.module(*args, **kwargs, **{PREFIX_ARGUMENT: prefix})
+        if not prefix.applied:
+            raise RuntimeError(
+                f"prefix tuning: {type(self.module).__name__} did not pass its keyword arguments on to its "
+                f"attention function (attn_implementation {self.module.config._attn_implementation!r}, "
+                f"transformers {transformers.__version__}), so the prefix was not applied; use a model whose "
+                "attention calls transformers' AttentionInterface (docs/COMPATIBILITY.md)")
+        return output
 
 
 def _innermost(module: nn.Module) -> nn.Module:
@@ -176,22 +218,22 @@ def _innermost(module: nn.Module) -> nn.Module:
     return module
 
 
+def _head_dim(attention: nn.Module) -> int | None:
+    return getattr(attention, "head_dim", None) or getattr(attention, "head_size", None)  # GPT-NeoX: head_size
+
+
 def _is_self_attention(module: nn.Module) -> bool:
     inner = _innermost(module)
-    return (hasattr(inner, "layer_idx") and hasattr(inner, "head_dim") and hasattr(inner, "config")
+    return (hasattr(inner, "layer_idx") and _head_dim(inner) is not None and hasattr(inner, "config")
             and not getattr(inner, "is_cross_attention", False))
 
 
 @register("prefix", PrefixConfig)
 def inject_prefix(model: nn.Module, config: PrefixConfig) -> list[str]:
     key = f"adapters[{config.name}]"
-    implementation = model.config._attn_implementation
-    if implementation not in SUPPORTED_ATTENTION:
-        raise ConfigError(f"{key}: prefix tuning supports the {' and '.join(SUPPORTED_ATTENTION)} attention "
-                          f"implementations, this model uses {implementation!r}; load it with "
-                          "attn_implementation='sdpa'")
-    targets = outside_adapters(model, find_modules(model, config.target_modules, _is_self_attention,
-                                                   "self-attention module", f"{key}.target_modules"))
+    targets = find_targets(model, config.target_modules, _is_self_attention, "self-attention module",
+                           f"{key}.target_modules")
+    use_prefixed_attention(model, key)
     kv_heads = getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads
     names = []
     for name, module in targets:
@@ -204,7 +246,7 @@ def inject_prefix(model: nn.Module, config: PrefixConfig) -> list[str]:
             raise ValueError(f"adapter {config.name!r} is already attached; give each adapter its own name")
         attention = module.module
         dtype = next(p.dtype for p in attention.parameters() if p.is_floating_point())
-        module.prefixes[config.name] = PrefixKV(kv_heads, attention.head_dim, config.length,
+        module.prefixes[config.name] = PrefixKV(kv_heads, _head_dim(attention), config.length,
                                                 model.config.hidden_size, config.reparameterize,
                                                 config.hidden).to(dtype)
         names.append(name)

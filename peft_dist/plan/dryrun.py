@@ -8,28 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from peft_dist.adapters.inject import inject_adapters
-from peft_dist.model import DTYPES
 from peft_dist.plan.inventory import TensorInfo
 from peft_dist.plan.models import ModelShape, hf_config
-from peft_dist.quant.model import quantize_model
+from peft_dist.train.preflight import meta_model
 
 
 def build_meta_model(shape: ModelShape, adapters: list, quant_targets: Any | None,
                      dtype: str = "bfloat16") -> nn.Module:
     """The adapted int8 model a run of ``shape`` would train, with meta tensors only."""
-    from transformers import AutoModelForCausalLM
-
-    torch_dtype = DTYPES[dtype]
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config(shape, dtype), dtype=torch_dtype)
-        if quant_targets is not None:
-            quantize_model(model, quant_targets, torch_dtype)
-        inject_adapters(model, adapters)
-    return model
+    return meta_model(hf_config(shape, dtype), adapters, quant_targets, dtype)
 
 
 def meta_inventory(model: nn.Module) -> list[TensorInfo]:

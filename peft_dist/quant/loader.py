@@ -20,6 +20,8 @@ import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.pytorch_utils import Conv1D
 
 from peft_dist.config.schema import ConfigError, ModelConfig, QuantizationConfig
@@ -57,34 +59,56 @@ class LoadReport:
 
 
 class CheckpointReader:
-    """One tensor at a time from a local safetensors checkpoint, single file or sharded with an index."""
+    """One tensor at a time from a local safetensors checkpoint, single file or sharded with an index, by the
+    model's own parameter names.
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    Checkpoint keys are mapped to module names the way ``from_pretrained`` maps them, through transformers'
+    own conversion mapping for the architecture (e.g. GPT-NeoX stores ``embed_out.weight`` for the module
+    ``lm_head``; a checkpoint of the base model alone lacks the ``model.`` prefix), so any checkpoint that
+    transformers loads by renaming keys streams here too. Conversions that merge or split tensors (fused
+    experts) are refused when a tensor needs one.
+    """
+
+    def __init__(self, directory: str | os.PathLike, model: nn.Module) -> None:
         directory = Path(directory)
         index = directory / "model.safetensors.index.json"
         single = directory / "model.safetensors"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: directory / file for name, file in weight_map.items()}
+            files = {name: directory / file for name, file in weight_map.items()}
         elif single.is_file():
             with safe_open(single, framework="pt") as f:
-                self.files = {name: single for name in f.keys()}
+                files = {name: single for name in f.keys()}
         else:
             raise ConfigError(f"model.name_or_path: no model.safetensors or model.safetensors.index.json in "
                               f"{str(directory)!r}; save the model with save_pretrained(safe_serialization=True)")
+        self.files, self.keys, self.converted = files, {}, {}
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+        names = model.state_dict()
+        for key in files:
+            name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
+            (self.converted if converter else self.keys)[name] = key
         self._open: dict[Path, object] = {}
 
     def __contains__(self, name: str) -> bool:
-        return name in self.files
+        return name in self.keys
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.files:
+        """The tensor of the model's parameter or buffer ``name``."""
+        if name in self.converted:
+            raise ConfigError(f"model.name_or_path: the checkpoint stores {name!r} in a form that transformers "
+                              f"converts while loading (from {self.converted[name]!r}); the streaming loader only "
+                              "renames keys, so this architecture is not supported (docs/COMPATIBILITY.md)")
+        if name not in self.keys:
             raise ConfigError(f"model.name_or_path: the checkpoint has no tensor {name!r} that the model "
                               "needs; is it a checkpoint of this architecture?")
-        path = self.files[name]
+        key = self.keys[name]
+        path = self.files[key]
         if path not in self._open:
             self._open[path] = safe_open(path, framework="pt")
-        return self._open[path].get_tensor(name)
+        return self._open[path].get_tensor(key)
 
 
 def _param_bytes(model: nn.Module, local: bool) -> int:
@@ -169,10 +193,10 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     """
     zero3 = _zero3_enabled(ds_config)
     config: PretrainedConfig = load_model_config(model_cfg.name_or_path)
-    reader = None if model_cfg.name_or_path == BUILTIN_TINY_LLAMA else CheckpointReader(model_cfg.name_or_path)
     dtype = _zero3_dtype(ds_config) if zero3 else DTYPES[model_cfg.dtype]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    reader = None if model_cfg.name_or_path == BUILTIN_TINY_LLAMA else CheckpointReader(model_cfg.name_or_path, model)
     transposed = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
     if quant_cfg.enabled:
         quantize_model(model, quant_cfg.target_modules, dtype)

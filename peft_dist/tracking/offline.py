@@ -16,7 +16,8 @@ from peft_dist.config.schema import TrackingConfig
 from peft_dist.tracking.mlflow import RUN_FILE, MlflowTracker
 from peft_dist.tracking.records import BACKLOG
 
-EXPORT_TAG = "export.merged_model_path"
+# One tag per export format, so a later export of the other format does not overwrite the first.
+EXPORT_TAGS = {"merged": "export.merged_model_path", "peft": "export.peft_path"}
 
 
 def reopen(run_dir: str | Path, uri: str = "") -> MlflowTracker:
@@ -36,18 +37,19 @@ def send_backlog(run_dir: str | Path, uri: str = "") -> bool:
     return not (run_dir / BACKLOG).exists()
 
 
-def record_export(run_dir: str | Path, export_path: str | Path) -> bool:
-    """Record where the merged model of this run was exported: the tag ``export.merged_model_path``
-    and an artifact ``export/merged_model_path.txt`` (the model itself is not uploaded). False, and
-    nothing done, when the run was not tracked (no ``tracking.json``)."""
+def record_export(run_dir: str | Path, export_path: str | Path, fmt: str = "merged") -> bool:
+    """Record where this run was exported in format ``fmt``: the tag ``EXPORT_TAGS[fmt]`` (e.g.
+    ``export.merged_model_path``) and an artifact ``export/<tag suffix>.txt`` (the model itself is not
+    uploaded). False, and nothing done, when the run was not tracked (no ``tracking.json``)."""
     run_dir = Path(run_dir)
     if not (run_dir / RUN_FILE).exists():
         return False
+    tag = EXPORT_TAGS[fmt]
     path = str(Path(export_path).resolve())
-    note = run_dir / "merged_model_path.txt"
+    note = run_dir / f"{tag.removeprefix('export.')}.txt"
     note.write_text(path + "\n")
     tracker = reopen(run_dir)
-    tracker.set_tags({EXPORT_TAG: path})
+    tracker.set_tags({tag: path})
     tracker.log_artifact(note, "export")
     tracker.close(status=None)
     return True

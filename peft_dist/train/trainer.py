@@ -32,6 +32,7 @@ from peft_dist.model import base_identity, load_tokenizer, max_positions
 from peft_dist.quant.loader import LoadReport, load_quantized_base
 from peft_dist.train import checkpoint as ckpt
 from peft_dist.train import faults
+from peft_dist.train.preflight import preflight
 from peft_dist.train.schedule import warmup_cosine
 from peft_dist.tracking import create_tracker
 from peft_dist.tracking.plots import write_plots
@@ -155,7 +156,8 @@ def train(cfg: RunConfig) -> TrainResult:
     dist = resolve_env()
     log = setup_logging(dist.rank)
     run_dir = Path(cfg.checkpoint.output_dir)
-    ckpt.check_run_dir(run_dir, cfg.checkpoint)  # both checks before any process group starts
+    ckpt.check_run_dir(run_dir, cfg.checkpoint)  # these checks run before any process group starts
+    preflight(cfg)
     ds_config = build_ds_config(cfg, dist.world_size)
     init_distributed(dist)
     torch.distributed.barrier()

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from peft_dist.adapters import adapter_state_dict, inject_adapters, load_adapter_state_dict
@@ -54,11 +53,27 @@ def attention_ref(model, layer: int, x: torch.Tensor, key: torch.Tensor, value: 
     return out_proj((probs @ V).transpose(1, 2).reshape(batch, length, d))
 
 
+def decoder_layer_ref(model, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      padding: torch.Tensor) -> torch.Tensor:
+    """The first decoder layer written out around ``attention_ref``: pre-norm attention and MLP, each with
+    its residual (Llama: input/post-attention RMSNorm; GPT-2: ln_1/ln_2)."""
+    if hasattr(model, "model"):
+        layer = model.model.layers[0]
+        first, second = layer.input_layernorm, layer.post_attention_layernorm
+    else:
+        layer = model.transformer.h[0]
+        first, second = layer.ln_1, layer.ln_2
+    h = x + attention_ref(model, 0, first(x), key, value, padding)
+    return h + layer.mlp(second(h))
+
+
 @pytest.mark.parametrize("model_fn", [tiny_llama, tiny_llama_gqa, tiny_gpt2])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("reparameterize", [False, True])
 @pytest.mark.parametrize("padded", [False, True])
-def test_attention_matches_float64_reference(model_fn, attn: str, reparameterize: bool, padded: bool) -> None:
+def test_decoder_layer_matches_float64_reference(model_fn, attn: str, reparameterize: bool, padded: bool) -> None:
+    """Through the whole model (its own mask, its own decoder layer calling the wrapped attention): the first
+    layer's output equals the reference, and so do the gradients of the input and the prefix parameters."""
     model = model_fn(attn=attn).double()
     inject_adapters(model, [prefix(length=3, reparameterize=reparameterize, hidden=16)])
     batch, length, d = 2, 6, model.config.hidden_size
@@ -66,26 +81,22 @@ def test_attention_matches_float64_reference(model_fn, attn: str, reparameterize
     if padded:
         padding[0, :2] = 0  # left padding in the first row
     x = torch.randn(batch, length, d, dtype=torch.float64, requires_grad=True)
-    position_ids = torch.arange(length)[None]
-    mask = create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=padding if padded else None,
-                              past_key_values=None, position_ids=position_ids)
-    wrapper = (model.model.layers[1].self_attn if hasattr(model, "model") else model.transformer.h[1].attn)
+    hidden = model(inputs_embeds=x, attention_mask=padding, output_hidden_states=True).hidden_states
+    layer_in, out = hidden[0], hidden[1]  # GPT-2's layer input is x plus its position embeddings
+    wrapper = model.model.layers[0].self_attn if hasattr(model, "model") else model.transformer.h[0].attn
     assert isinstance(wrapper, PrefixAttention)
-    if hasattr(model, "model"):
-        out = wrapper(hidden_states=x, attention_mask=mask,
-                      position_embeddings=model.model.rotary_emb(x, position_ids))[0]
-    else:
-        out = wrapper(x, attention_mask=mask)[0]
     kv = wrapper.prefixes["prefix"]
     key, value = kv()
-    ref = attention_ref(model, 1, x, key, value, padding)
+    ref = decoder_layer_ref(model, layer_in, key, value, padding)
     rows = padding.bool()  # padded queries' outputs are never used; compare the real ones
     tol = 1e-6 if attn == "eager" else 1e-10  # transformers' eager softmax runs in float32 even for float64
     torch.testing.assert_close(out[rows], ref[rows], rtol=tol, atol=tol)
+    without = decoder_layer_ref(model, layer_in, key[:, :0], value[:, :0], padding)
+    assert (out[rows] - without[rows]).abs().max() > 1e-3  # the prefix really changed the layer
     params = list(kv.parameters())
     assert len(params) == (5 if reparameterize else 2)  # E, W1, b1, W2, b2 or P_k, P_v
     upstream = torch.randn_like(out) * rows[..., None]
-    got = torch.autograd.grad((out * upstream).sum(), [x, *params])
+    got = torch.autograd.grad((out * upstream).sum(), [x, *params], retain_graph=True)
     want = torch.autograd.grad((ref * upstream).sum(), [x, *params])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=tol * 10, atol=tol)

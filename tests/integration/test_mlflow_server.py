@@ -25,7 +25,7 @@ from peft_dist.config.schema import TrackingConfig
 from peft_dist.distributed.env import free_port
 from peft_dist.tracking.mlflow import RUN_FILE, MlflowTracker
 from peft_dist.tracking.records import BACKLOG
-from peft_dist.tracking.offline import EXPORT_TAG, record_export, send_backlog
+from peft_dist.tracking.offline import EXPORT_TAGS, record_export, send_backlog
 from tests.multiproc import REPO, run_distributed
 
 pytestmark = pytest.mark.slow
@@ -161,11 +161,15 @@ def test_tracker_outage_never_stalls_and_everything_arrives_after_restart(server
     resumed.close("FINISHED")
     assert client.get_run(run_id).info.status == "FINISHED"
 
-    # A later merged-model export is recorded on the same run, found through run_dir/tracking.json.
+    # Later exports are recorded on the same run, found through run_dir/tracking.json; a peft-format export
+    # after the merged one keeps the merged model's tag.
     assert record_export(run_dir, tmp_path / "merged")
+    assert record_export(run_dir, tmp_path / "peft", "peft")
     assert not record_export(tmp_path / "untracked", tmp_path / "merged")  # no tracking.json: no new run
     run = client.get_run(run_id)
-    assert run.data.tags[EXPORT_TAG] == str((tmp_path / "merged").resolve()) and run.info.status == "FINISHED"
+    assert run.data.tags[EXPORT_TAGS["merged"]] == str((tmp_path / "merged").resolve())
+    assert run.data.tags[EXPORT_TAGS["peft"]] == str((tmp_path / "peft").resolve())
+    assert run.info.status == "FINISHED"
     local = client.download_artifacts(run_id, "export/merged_model_path.txt", str(tmp_path / "dl"))
     assert Path(local).read_text().strip() == str((tmp_path / "merged").resolve())
 

@@ -61,6 +61,26 @@ def test_merged_export_of_a_gpt2_conv1d_base(tmp_path):
     torch.testing.assert_close(logits, reference_logits(adapter, IDS), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "gemma"])
+def test_lora_on_a_tied_head_is_exported_untied(tmp_path, arch):
+    """GPT-2 (Conv1D, tied head) and Gemma (tied head): a LoRA on ``lm_head`` changes the head but not the
+    input embeddings, so the merged export must give the head its own weight, not drop the update."""
+    from tests.architectures import write_checkpoint
+
+    base = write_checkpoint(arch, tmp_path / arch)
+    targets = "[c_attn, c_proj, c_fc, lm_head]" if arch == "gpt2" else "[q_proj, v_proj, lm_head]"
+    adapter = trained_adapter(tmp_path, (f"adapters.0.target_modules={targets}",), base_dir=base)
+    out = export(adapter, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert plain.config.tie_word_embeddings is False
+    embeddings = AutoModelForCausalLM.from_pretrained(base).get_input_embeddings().weight
+    assert torch.equal(plain.get_input_embeddings().weight, embeddings)  # the embeddings keep their values
+    assert not torch.equal(plain.get_output_embeddings().weight, embeddings)  # the head took its update
+    with torch.no_grad():
+        logits = plain(input_ids=IDS).logits
+    torch.testing.assert_close(logits, reference_logits(adapter, IDS), rtol=1e-4, atol=1e-4)
+
+
 def test_peft_format_loads_with_peft_onto_the_dequantized_base(tmp_path):
     peft = pytest.importorskip("peft")
     adapter = trained_adapter(tmp_path)
@@ -94,7 +114,8 @@ def test_frozen_float_tensors_come_from_the_adapted_model(tmp_path, merge):
     with torch.no_grad():
         adapted.model.embed_tokens.weight.add_(0.5)
         adapted.model.norm.weight.mul_(2.0)
-    plain = plain_model(adapted, ModelConfig(), merge=merge)
+    plain, untied = plain_model(adapted, ModelConfig(), merge=merge)
+    assert untied == []  # the tiny Llama's head is not tied
     assert torch.equal(plain.model.embed_tokens.weight, adapted.model.embed_tokens.weight)
     assert torch.equal(plain.model.norm.weight, adapted.model.norm.weight)
     q = adapted.model.layers[0].self_attn.q_proj

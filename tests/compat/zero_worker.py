@@ -1,16 +1,18 @@
-"""Compatibility-matrix cells, all in one process group (run by test_compat_matrix.py).
+"""ZeRO compatibility-matrix cells, all in one process group (run by test_compat_matrix.py and
+``python -m tests.compat``).
 
 Every rank runs, for each ZeRO stage asked for (each cell builds its own engine), every registered
 method and each base (int8 weights with fp32 training, or a bf16
 base with bf16 training), a short real training job through ``peft_dist.train.trainer.train``. Rank 0 then
 reloads the saved adapter onto a fresh base in-process and evaluates the same eval blocks, and writes one
-JSON record per cell to ``--out``. A cell that raises is recorded with its error (every rank raises the
+JSON record per cell to ``--out``/zero_cells.json. A cell that raises is recorded with its error (every rank raises the
 same configuration or shape error, so the group stays in step).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import traceback
 from pathlib import Path
@@ -47,11 +49,15 @@ RELOAD_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}  # relative eval-loss gap after 
 
 def write_corpus(path: Path) -> Path:
     """A small, very learnable text (rotations of one word cycle), so a few steps show the loss falling
-    for every method; reading the standard library would cost seconds per cell."""
+    for every method; reading the standard library would cost seconds per cell. Every rank may write it:
+    each writes a file of its own and renames it over ``path``, so readers only ever see a whole file."""
     words = "the cat sat on a mat and the dog ran to the red door while birds sang".split()
     paragraphs = [" ".join(words[(start + j) % len(words)] for j in range(60))
                   for start in (i * 7 % len(words) for i in range(120))]
-    path.write_text("\n\n".join(paragraphs) + "\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    own = path.with_name(f".{path.name}.{os.getpid()}")
+    own.write_text("\n\n".join(paragraphs) + "\n")
+    os.replace(own, path)
     return path
 
 
@@ -71,9 +77,8 @@ def cell_config(method: str, base: str, stage: int, out: Path, corpus: Path) -> 
 
 
 @torch.no_grad()
-def reloaded_eval_loss(adapter_dir: str, cfg) -> float:
-    """The trainer's eval (first ``eval_batches`` micro-batches) on a fresh base with the saved adapter."""
-    model, tokenizer = load_for_inference(adapter_dir)
+def eval_loss(model: torch.nn.Module, tokenizer, cfg) -> float:
+    """The trainer's eval (first ``eval_batches`` micro-batches of the eval split) in this one process."""
     blocks = build_blocks(cfg.data, tokenizer, max_positions(model.config))
     n = cfg.train.eval_batches * cfg.train.micro_batch_size
     total, count = 0.0, 0
@@ -95,7 +100,7 @@ def run_cell(method: str, base: str, stage: int, out: Path, corpus: Path) -> dic
                       eval_loss=result.eval_loss)
         record["loss_fell"] = result.losses[-1] < result.losses[0]
         if resolve_env().rank == 0:
-            reloaded = reloaded_eval_loss(result.adapter_dir, cfg)
+            reloaded = eval_loss(*load_for_inference(result.adapter_dir), cfg)
             record["reloaded_eval_loss"] = reloaded
             gap = abs(reloaded - result.eval_loss) / result.eval_loss
             record["round_trip"] = gap <= RELOAD_TOLERANCE[cfg.train.precision]
@@ -112,15 +117,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stages", type=int, nargs="+", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--corpus", required=True, help="a text file written by write_corpus")
     parser.add_argument("--methods", nargs="*", default=None)
     parser.add_argument("--bases", nargs="*", default=list(BASES))
     args = parser.parse_args()
     out = Path(args.out)
-    records = [run_cell(method, base, stage, out, Path(args.corpus)) for stage in args.stages
+    corpus = write_corpus(out / "zero_corpus.txt")
+    records = [run_cell(method, base, stage, out, corpus) for stage in args.stages
                for method in (args.methods or sorted(methods())) for base in args.bases]
     if resolve_env().rank == 0:
-        (out / "cells.json").write_text(json.dumps(records, indent=2))
+        (out / "zero_cells.json").write_text(json.dumps(records, indent=2))
 
 
 if __name__ == "__main__":
