@@ -19,8 +19,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_dist.adapters import inject_adapters
-from peft_dist.adapters.registry import build_adapter_config, get_method
+from peft_dist.adapters.registry import build_adapter_config
 from peft_dist.distributed import importance
+from peft_dist.distributed.hooks import make_hooks
 from peft_dist.quant.model import quantize_model
 
 D = 1024
@@ -35,8 +36,8 @@ def build(method: dict, steps: int):
     quantize_model(model)
     adapter = build_adapter_config(method, "adapters.0")
     inject_adapters(model, [adapter])
-    make_hook = get_method(adapter.method).make_hook
-    hook = make_hook(model, adapter, steps + 10) if make_hook else None
+    hooks = make_hooks(model, [adapter], steps + 10)
+    hook = hooks[0] if hooks else None
     params = [p for p in model.parameters() if p.requires_grad]
     return model, hook, params, torch.optim.AdamW(params, lr=1e-3)
 

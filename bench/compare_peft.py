@@ -166,16 +166,27 @@ def unsharded_int8_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in held)
 
 
+def peft_model(setup: str, method: str, model_dir: Path, steps: int, seed: int):
+    """``peft``'s model of ``setup`` (``peft+bnb8``: a bitsandbytes int8 base; ``peft+bf16``) and its hooks."""
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_8bit=True) if setup == "peft+bnb8" else None
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=quantization)
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(model, peft_config(method, steps))
+    return model, [PeftAdaLoraHook(model)] if method == "adalora" else []
+
+
 def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out: str) -> None:
     """One rank of one run: build the setup's model, train ``steps`` steps, write its measurements."""
     import bitsandbytes  # noqa: F401  (imported before the baseline in every setup, as peft is)
-    import peft
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    import peft  # noqa: F401  (likewise)
     from transformers.integrations import HfDeepSpeedConfig
 
-    from peft_dist.adapters.inject import parameter_summary
-    from peft_dist.adapters.registry import make_hooks
-    from peft_dist.config.load import load_config
+    from peft_dist.tracking.run_info import parameter_summary
+    from peft_dist.distributed.hooks import make_hooks
+    from peft_dist.train.config import load_config
     from peft_dist.data import GlobalBatchSampler, build_blocks
     from peft_dist.distributed.env import init_distributed, resolve_env
     from peft_dist.distributed.memory import peak_rss_bytes, reset_peak_rss, settled_rss_bytes
@@ -198,11 +209,7 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
         # Kept alive, as the HF Trainer does: from_pretrained then loads a float base partitioned, and
         # peft's AdaLoRA sees that DeepSpeed is on (it gathers gradients with safe_get_full_grad).
         hf_ds_config = HfDeepSpeedConfig(ds_config)
-        quantization = BitsAndBytesConfig(load_in_8bit=True) if setup == "peft+bnb8" else None
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=quantization)
-        torch.manual_seed(cfg.train.seed)
-        model = peft.get_peft_model(model, peft_config(method, steps))
-        hooks = [PeftAdaLoraHook(model)] if method == "adalora" else []
+        model, hooks = peft_model(setup, method, model_dir, steps, cfg.train.seed)
     trainable = parameter_summary(model)["trainable"]
     engine = build_engine(cfg, model, ds_config)
     gc.collect()

@@ -100,7 +100,7 @@ def fitted_exponent(xs: list[float], ys: list[float]) -> float:
 def planned_gather_bytes(world: int) -> tuple[int, int]:
     """The planner's (bytes all-gathered per step, bytes received per rank per step) at ``world`` ranks,
     micro-batch 1: the forward's gather and the backward's (``backward_gather_bytes``)."""
-    from peft_dist.config.load import load_config
+    from peft_dist.train.config import load_config
     from peft_dist.plan.dryrun import build_meta_model, meta_inventory
     from peft_dist.plan.estimate import backward_gather_bytes
     from peft_dist.plan.inventory import per_rank

@@ -45,12 +45,12 @@ def worker(variant: str, model_dir: str, out: str) -> None:
     import deepspeed.comm.comm as deepspeed_comm
 
     from peft_dist.adapters import inject_adapters
-    from peft_dist.config import load_config
+    from peft_dist.train.config import load_config
     from peft_dist.data import GlobalBatchSampler, build_blocks
     from peft_dist.distributed.env import init_distributed, resolve_env
     from peft_dist.distributed.memory import measured_model_state_bytes
     from peft_dist.distributed.zero3 import build_ds_config
-    from peft_dist.model import build_model
+    from peft_dist.quant.loader import build_model
     from peft_dist.quant import quantize_model
     from peft_dist.train.trainer import build_engine, train_step
 

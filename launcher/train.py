@@ -28,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from peft_dist.config import ConfigError, config_to_dict, load_config
+    from peft_dist.config import ConfigError, config_to_dict
+    from peft_dist.train.config import load_config
     from peft_dist.data import DataError
     from peft_dist.train.checkpoint import CheckpointError
 

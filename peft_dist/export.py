@@ -27,9 +27,11 @@ from peft_dist.adapters.base import AdaptedLinear, AdapterModule, dense_weight
 from peft_dist.adapters.lora import LoraDelta
 from peft_dist.config.load import build_dataclass
 from peft_dist.config.schema import ModelConfig
-from peft_dist.model import build_model
+from peft_dist.quant.loader import build_model
 from peft_dist.quant.int8 import Int8Linear
-from peft_dist.train.checkpoint import load_for_inference, read_metadata
+from peft_dist.tracking.offline import record_export
+from peft_dist.train.checkpoint import CheckpointError, read_metadata
+from peft_dist.inference import load_for_inference
 
 
 class ExportError(ValueError):
@@ -65,7 +67,7 @@ def check_mergeable(model: nn.Module) -> None:
     if blocking:
         raise ExportError(f"{blocking[0]} is an adapter in the forward path, not a weight update, so it cannot be "
                           "merged into a plain transformers model; serve it with peft-dist "
-                          "(peft_dist.train.checkpoint.load_for_inference) or export a weight-space method")
+                          "(peft_dist.inference.load_for_inference) or export a weight-space method")
 
 
 @torch.no_grad()
@@ -150,8 +152,6 @@ def export(adapter_dir: str | Path, out: str | Path, fmt: str = "merged") -> Pat
             "base_model_name_or_path": str((out / "base").resolve())}, indent=2))
     else:
         raise ExportError(f"--format {fmt!r}: use merged or peft")
-    from peft_dist.tracking.offline import record_export
-
     record_export(adapter_dir.parent, out, fmt)  # tags the training run, if it was tracked
     return out
 
@@ -162,8 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="a new directory to write")
     parser.add_argument("--format", default="merged", choices=["merged", "peft"])
     args = parser.parse_args(argv)
-    from peft_dist.train.checkpoint import CheckpointError
-
     try:
         print(export(args.adapter_dir, args.out, args.format))
     except (ExportError, CheckpointError) as err:

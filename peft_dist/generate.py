@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from peft_dist.train.checkpoint import load_for_inference
+from peft_dist.inference import load_for_inference
 
 
 def generate(adapter_dir: str, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from peft_dist.config.schema import ConfigError, ModelConfig
 
@@ -41,22 +42,10 @@ def load_model_config(name_or_path: str) -> PretrainedConfig:
         raise ConfigError(f"model.name_or_path: cannot load a model config from {name_or_path!r} ({err}). "
                           "Pass a local Hugging Face model directory, an already cached hub id, or "
                           f"{BUILTIN_TINY_LLAMA}") from None
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(f"model.name_or_path: {name_or_path!r} is a {config.model_type!r} model, "
                           "not a causal language model; peft-dist adapts causal LMs only")
     return config
-
-
-def build_model(cfg: ModelConfig):
-    """Return ``(model, tokenizer)``: the float base, whole in this process, through the same loader the
-    trainer uses (so the builtin model, initialised from seed 0, has the same values everywhere)."""
-    from peft_dist.config.schema import QuantizationConfig
-    from peft_dist.quant.loader import load_quantized_base  # the loader imports this module
-
-    model, _ = load_quantized_base(cfg, QuantizationConfig(enabled=False))
-    return model, load_tokenizer(cfg.name_or_path)
 
 
 def base_identity(cfg: ModelConfig, model_config: PretrainedConfig) -> dict:

@@ -3,15 +3,30 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peft_dist.config.schema import ConfigError
-from peft_dist.quant.int8 import Int8Linear
 
-LINEAR_TYPES = (nn.Linear, Conv1D, Int8Linear)
+
+@runtime_checkable
+class QuantizedLinear(Protocol):
+    """A frozen linear stored quantized (``peft_dist.quant.int8.Int8Linear``) that knows its shape and how
+    to dequantize itself, so that code above it (adapters, export) needs no quantization import."""
+
+    in_features: int
+    out_features: int
+    bias: torch.Tensor | None
+
+    def dequantized_weight(self) -> torch.Tensor: ...
+
+    def to_linear(self) -> nn.Linear: ...
+
+
+LINEAR_TYPES = (nn.Linear, Conv1D, QuantizedLinear)
 # Output heads are never adapted or quantized by "all-linear": they tie to embeddings and set the logits.
 HEAD_NAMES = ("lm_head", "embed_out", "output")
 

@@ -8,9 +8,9 @@ from peft_dist.adapters import bitfit  # noqa: F401
 from peft_dist.adapters import mam  # noqa: F401
 from peft_dist.adapters.base import AdaptedLinear, AdapterConfig, AdapterModule
 from peft_dist.adapters.inject import (adapter_state_dict, inject_adapters, load_adapter_state_dict,
-                                       parameter_summary, summary_table, trainable_parameters)
+                                       trainable_parameters)
 from peft_dist.adapters.registry import get_method, methods, register
 
 __all__ = ["AdaptedLinear", "AdapterConfig", "AdapterModule", "adapter_state_dict", "inject_adapters",
-           "load_adapter_state_dict", "parameter_summary", "summary_table", "trainable_parameters",
+           "load_adapter_state_dict", "trainable_parameters",
            "get_method", "methods", "register"]

@@ -22,7 +22,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peft_dist.config.schema import TrainConfig, require
-from peft_dist.quant.int8 import Int8Linear
+from peft_dist.targets import QuantizedLinear
 
 
 @dataclass
@@ -69,47 +69,24 @@ class AdapterModule(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into a linear weight")
 
 
-class TrainHook:
-    """Per-step work a method asks of the trainer (e.g. AdaLoRA's budget schedule). All no-ops here.
-
-    The trainer calls, per optimizer step ``step`` (counted from 1): ``extra_loss`` on every
-    micro-batch (added to the loss, so DeepSpeed divides it by the accumulation steps like the loss);
-    ``before_step`` at the accumulation boundary after the last backward, gradients reduced and not
-    yet applied; ``after_step`` after ``engine.step()``. ``state_dict`` is saved with every checkpoint
-    and restored on resume; ``metrics`` goes to the tracker at each logging interval.
-    """
-
-    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
-        return None
-
-    def before_step(self, engine: Any, step: int) -> None:
-        pass
-
-    def after_step(self, engine: Any, step: int) -> None:
-        pass
-
-    def metrics(self) -> dict[str, float]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """``(d_out, d_in)`` of a linear-like module, whatever its storage layout."""
-    if isinstance(module, (nn.Linear, Int8Linear)):
+    if isinstance(module, (nn.Linear, QuantizedLinear)):
         return module.out_features, module.in_features
     if isinstance(module, Conv1D):  # GPT-2 stores W^T: weight is (d_in, d_out)
         return module.nf, module.nx
     raise TypeError(f"{type(module).__name__} is not a linear layer")
 
 
+def float_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype an adapter on ``module`` takes: that of its first floating-point parameter (a quantized
+    linear's scale)."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The ``(d_out, d_in)`` weight of a linear-like module in floating point (dequantized if int8)."""
-    if isinstance(module, Int8Linear):
+    if isinstance(module, QuantizedLinear):
         return module.dequantized_weight()
     if isinstance(module, Conv1D):
         return module.weight.t()
@@ -142,7 +119,7 @@ class AdaptedLinear(nn.Module):
     def merge(self) -> None:
         """Fold every delta into the base weight. An int8 base is first dequantized to a float linear,
         so merging is exact and ``unmerge`` restores the unmerged function up to rounding."""
-        if isinstance(self.base, Int8Linear):
+        if isinstance(self.base, QuantizedLinear):
             self.base = self.base.to_linear()
         for name, delta in self.deltas.items():
             if name not in self.merged:

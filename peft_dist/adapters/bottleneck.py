@@ -13,8 +13,7 @@ layer), not of one linear:
   ``s_res`` initialised to 1. The Kronecker math is ``krona.KronaDelta``; none of these are mergeable.
 
 ``AdaptedSublayer`` wraps the frozen sub-layer and calls it unchanged (Llama's attention takes keyword
-arguments and returns a tuple; GPT-2's is called positionally; MLPs return a tensor), so ZeRO-3's module
-hooks gather the wrapped module's parameters exactly as before.
+arguments and returns a tuple; GPT-2's is called positionally; MLPs return a tensor).
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_dist.adapters.base import AdaptedLinear, AdapterConfig, AdapterModule
+from peft_dist.adapters.base import AdaptedLinear, AdapterConfig, AdapterModule, float_dtype
 from peft_dist.adapters.krona import KronaDelta, factor_dim
 from peft_dist.adapters.inject import find_targets
 from peft_dist.adapters.registry import register
@@ -72,8 +71,7 @@ class KronaBlock(KronaDelta):
 
     def __init__(self, d: int, a1: int, a2: int, scale: float, residual: bool) -> None:
         super().__init__(d, d, a1, a2, scale)
-        # Shape (1,), not a 0-dim scalar: DeepSpeed ZeRO-3 cannot partition 0-dim parameters.
-        self.residual_scale = nn.Parameter(torch.ones(1)) if residual else None
+        self.residual_scale = nn.Parameter(torch.ones(())) if residual else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
@@ -113,10 +111,6 @@ def _is_sublayer(module: nn.Module) -> bool:
     return not isinstance(module, (*LINEAR_TYPES, AdaptedLinear, nn.LayerNorm, nn.Embedding, nn.ModuleList))
 
 
-def _float_dtype(module: nn.Module) -> torch.dtype:
-    return next(p.dtype for p in module.parameters() if p.is_floating_point())
-
-
 def attach_to_sublayers(model: nn.Module, config: Any, make_adapter: Any, sequential: bool) -> list[str]:
     """Wrap every targeted sub-layer in ``AdaptedSublayer`` (reusing an existing wrapper, so methods
     compose) and attach ``make_adapter(hidden_size)`` under ``config.name``.
@@ -140,7 +134,7 @@ def attach_to_sublayers(model: nn.Module, config: Any, make_adapter: Any, sequen
             adapter = make_adapter(d)
         except ConfigError as err:
             raise ConfigError(f"adapters[{config.name}].{err}") from None
-        module.add_adapter(config.name, adapter.to(_float_dtype(module.module)), sequential)
+        module.add_adapter(config.name, adapter.to(float_dtype(module.module)), sequential)
         names.append(name)
     return names
 

@@ -11,10 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_dist.adapters.base import AdaptedLinear, AdapterModule, linear_dims
+from peft_dist.adapters.base import AdaptedLinear, AdapterModule, float_dtype, linear_dims
 from peft_dist.adapters.registry import get_method
-from peft_dist.distributed.zero3 import full_numel
-from peft_dist.quant.int8 import Int8Linear
 from peft_dist.targets import LINEAR_TYPES, find_modules, replace_module
 
 
@@ -47,15 +45,9 @@ def inject_linear_delta(model: nn.Module, config: Any,
             module = AdaptedLinear(module)
             replace_module(model, name, module)
         delta = make_delta(*linear_dims(module.base))
-        module.add_delta(config.name, delta.to(_float_dtype(module.base)))
+        module.add_delta(config.name, delta.to(float_dtype(module.base)))
         names.append(name)
     return names
-
-
-def _float_dtype(module: nn.Module) -> torch.dtype:
-    if isinstance(module, Int8Linear):
-        return module.weight_scale.dtype
-    return module.weight.dtype
 
 
 def inject_adapters(model: nn.Module, configs: list) -> dict[str, list[str]]:
@@ -76,10 +68,8 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every adapter module's exported tensors plus trainable parameters outside adapters (BitFit).
-
-    Under ZeRO-3 call this inside ``zero3.gathered`` so that partitioned tensors are whole.
-    """
+    """Every adapter module's exported tensors plus trainable parameters outside adapters (BitFit); the
+    tensors must be whole (``train.checkpoint.save_adapter`` gathers them)."""
     modules = adapter_modules(model)
     state = {}
     for name, module in modules.items():
@@ -106,26 +96,3 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) ->
     if remaining:
         raise ValueError(f"checkpoint holds tensors this model has no adapter for: {sorted(remaining)[:5]}; "
                          "was it saved with a different adapter config?")
-
-
-def parameter_summary(model: nn.Module) -> dict[str, float]:
-    """Counts for the summary table: trainable, total, and base bytes as stored vs in bf16 (whole tensors,
-    also where ZeRO-3 already partitioned the base)."""
-    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(full_numel(p) for p in model.parameters())
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1),
-            "base_bytes": sum(full_numel(p) * p.element_size() for p in frozen),
-            "base_bytes_bf16": sum(full_numel(p) * 2 for p in frozen)}
-
-
-def summary_table(model: nn.Module, injected: dict[str, list[str]]) -> str:
-    s = parameter_summary(model)
-    rows = [("adapters", ", ".join(f"{k} ({len(v)} modules)" for k, v in injected.items()) or "none"),
-            ("trainable params", f"{s['trainable']:,}"),
-            ("total params", f"{s['total']:,}"),
-            ("trainable %", f"{s['trainable_pct']:.4f}%"),
-            ("frozen base bytes (as stored)", f"{s['base_bytes'] / 2**20:,.2f} MiB"),
-            ("frozen base bytes (if bf16)", f"{s['base_bytes_bf16'] / 2**20:,.2f} MiB")]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}} | {v}" for k, v in rows)

@@ -102,12 +102,13 @@ class PrefixKV(AdapterModule):
 
     @torch.no_grad()
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The prefix vectors only. The MLP is applied through ``Linear.forward`` (the same arithmetic as
-        the training forward, but no module hooks: under ZeRO-3 the caller has gathered the parameters)."""
+        """The prefix vectors only: the MLP's output, written out from its weights (the training forward's
+        arithmetic, without running the modules)."""
         if self.mlp is None:
             return {"key": self.key.detach(), "value": self.value.detach()}
         first, _, last = self.mlp
-        key, value = self._split(last.forward(torch.tanh(first.forward(self.embedding))))
+        key, value = self._split(F.linear(torch.tanh(F.linear(self.embedding, first.weight, first.bias)),
+                                          last.weight, last.bias))
         return {"key": key.contiguous(), "value": value.contiguous()}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:

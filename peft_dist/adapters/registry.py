@@ -11,42 +11,37 @@ from peft_dist.config.load import build_dataclass
 from peft_dist.config.schema import ConfigError
 
 InjectFn = Callable[[nn.Module, Any], list[str]]
-# Builds a method's per-step hook from (model after injection, config, total optimizer steps).
-HookFn = Callable[[nn.Module, Any, int], Any]
 
 
 @dataclass(frozen=True)
 class AdapterMethod:
     """A registered method. ``inject(model, config)`` adds the adapter and returns the adapted module
-    names; it must raise ``ConfigError`` if nothing matches. ``make_hook``, if set, builds the
-    ``TrainHook`` that the trainer drives every step."""
+    names; it must raise ``ConfigError`` if nothing matches."""
 
     name: str
     config_cls: type
     inject: InjectFn
-    make_hook: HookFn | None = None
 
 
 _METHODS: dict[str, AdapterMethod] = {}
 
 
-def register(name: str, config_cls: type, make_hook: HookFn | None = None
-             ) -> Callable[[InjectFn], InjectFn]:
+def register(name: str, config_cls: type) -> Callable[[InjectFn], InjectFn]:
     """Decorator for a method's inject function: ``@register("lora", LoraConfig)``."""
 
     def decorator(inject: InjectFn) -> InjectFn:
         if name in _METHODS:
             raise ValueError(f"adapter method {name!r} is registered twice")
         config_cls.method = name
-        _METHODS[name] = AdapterMethod(name, config_cls, inject, make_hook)
+        _METHODS[name] = AdapterMethod(name, config_cls, inject)
         return inject
 
     return decorator
 
 
 def methods() -> dict[str, AdapterMethod]:
-    import peft_dist.adapters  # noqa: F401  (importing the package registers every method)
-
+    """Every registered method (importing ``peft_dist.adapters``, which any import of this module does
+    first, registers them all)."""
     return dict(_METHODS)
 
 
@@ -55,12 +50,6 @@ def get_method(name: str) -> AdapterMethod:
     if name not in known:
         raise ConfigError(f"method: unknown adapter method {name!r}; known: {', '.join(sorted(known))}")
     return known[name]
-
-
-def make_hooks(model: nn.Module, adapters: list, total_steps: int) -> list:
-    """The per-step hooks of the injected ``adapters`` that have one (AdaLoRA's budget), in order."""
-    return [get_method(a.method).make_hook(model, a, total_steps)
-            for a in adapters if get_method(a.method).make_hook]
 
 
 def build_adapter_config(data: Any, path: str) -> Any:

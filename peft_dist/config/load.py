@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from peft_dist.config.schema import SECTIONS, ConfigError, RunConfig
+from peft_dist.config.schema import SECTIONS, ConfigError
 
 
 class _Loader(yaml.SafeLoader):
@@ -88,31 +88,19 @@ def build_dataclass(cls: type, data: Any, path: str) -> Any:
         raise ConfigError(f"{path}.{err}") from None
 
 
-def build_run_config(data: dict) -> RunConfig:
-    """Convert a plain mapping (parsed YAML plus overrides) into a validated ``RunConfig``."""
-    from peft_dist.adapters.registry import build_adapter_config
-
+def build_sections(data: Any) -> tuple[dict[str, Any], list]:
+    """The validated sections of a plain mapping (parsed YAML plus overrides), and its raw ``adapters`` list
+    (which the adapter registry validates: ``peft_dist.train.config.build_run_config``)."""
     if not isinstance(data, dict):
         raise ConfigError("config: the top level must be a mapping of sections")
     allowed = set(SECTIONS) | {"adapters"}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section. Valid sections: {', '.join(sorted(allowed))}")
-    sections = {name: build_dataclass(cls, data.get(name), name) for name, cls in SECTIONS.items()}
     raw_adapters = data.get("adapters") or []
     if not isinstance(raw_adapters, list):
         raise ConfigError("adapters: expected a list of adapter configs, each with a 'method' key")
-    adapters = [build_adapter_config(item, f"adapters.{i}") for i, item in enumerate(raw_adapters)]
-    for i, adapter in enumerate(adapters):
-        try:
-            adapter.check_training(sections["train"])
-        except ConfigError as err:
-            raise ConfigError(f"adapters.{i}.{err}") from None
-    names = [a.name for a in adapters]
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise ConfigError(f"adapters: name {duplicated[0]!r} is used twice; give each adapter its own name")
-    return RunConfig(adapters=adapters, **sections)
+    return {name: build_dataclass(cls, data.get(name), name) for name, cls in SECTIONS.items()}, raw_adapters
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -170,11 +158,6 @@ def default_config_dict() -> dict:
                           "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
                                              "gate_proj", "up_proj", "down_proj", "lm_head"]}],
             "train": {"lr": 1e-2}}
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Load, override and validate a run config. ``path=None`` gives the embedded default."""
-    return build_run_config(load_config_dict(path, overrides))
 
 
 def config_to_dict(config: Any) -> Any:

@@ -1,4 +1,5 @@
-"""Per-rank model-state memory under ZeRO-3: the analytic formula and what an engine really holds.
+"""Memory: this process's resident set and its peak (read by the loader, the tracker, bench/ and tests),
+and per-rank model-state memory under ZeRO-3: the analytic formula and what an engine really holds.
 
 Model state = parameters + gradients + optimizer state (activations, communication buckets and
 prefetch buffers are not model state and are not counted). With a frozen int8 base and adapters, the
@@ -22,6 +23,7 @@ import gc
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import psutil
 import torch
 from torch import nn
 
@@ -127,15 +129,21 @@ def measured_model_state_bytes(engine) -> ModelStateBytes:
                            optimizer=state)
 
 
+def resident_bytes() -> tuple[int, int]:
+    """This process's resident set now, and its private part: the resident set minus file-backed shared
+    pages (a checkpoint read through mmap counts in the resident set although the kernel may drop it)."""
+    info = psutil.Process().memory_info()
+    return info.rss, info.rss - info.shared
+
+
 def settled_rss_bytes(ds_config: dict) -> int:
     """The resident set once DeepSpeed's one-time ZeRO setup (its first ``zero.Init``, a few hundred MiB
     of imports and buffers) is done: the baseline that a measured run's own memory is counted from."""
     import deepspeed
-    import psutil
 
     deepspeed.zero.Init(module=nn.Linear(2, 2), config_dict_or_path=ds_config)
     gc.collect()
-    return psutil.Process().memory_info().rss
+    return resident_bytes()[0]
 
 
 def peak_rss_bytes() -> int:

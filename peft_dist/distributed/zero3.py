@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from peft_dist.config.load import flatten
 from peft_dist.config.schema import ConfigError, RunConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 
 def resolve_ds_config_path(path: str) -> Path:
@@ -78,20 +80,54 @@ def full_numel(param: torch.Tensor) -> int:
     return getattr(param, "ds_numel", param.numel())
 
 
+def scalars_as_vectors(model: nn.Module) -> None:
+    """Give every 0-dim parameter the shape (1,), in place, before DeepSpeed takes the model: its engine
+    broadcasts (and ZeRO-3 partitions) parameters through a byte view, which a 0-dim tensor cannot take.
+    Arithmetic is unchanged (a (1,) tensor broadcasts like a scalar); ``gathered`` shows such a parameter
+    as a scalar again, so a checkpoint holds the shape the adapter declares (KronA^B_res's ``s_res``)."""
+    for param in model.parameters():
+        if param.dim() == 0:
+            param.data = param.data.reshape(1)
+            param.declared_scalar = True
+
+
 @contextlib.contextmanager
 def gathered(params: list[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
-    """Make ZeRO-3-partitioned ``params`` whole inside the block (a no-op for ordinary tensors).
+    """Make ``params`` whole, in their declared shapes, inside the block: ZeRO-3 partitions are gathered
+    (ordinary tensors are already whole) and ``scalars_as_vectors``' parameters are scalars again.
 
     With ``modifier_rank`` set, that rank's in-block writes are broadcast and re-partitioned on exit.
     """
     partitioned = [p for p in params if is_partitioned(p)]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
+    scalars = [p for p in params if getattr(p, "declared_scalar", False)]
+    with contextlib.ExitStack() as stack:
+        if partitioned:
+            import deepspeed
 
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
-        yield
+            stack.enter_context(deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank))
+        for param in scalars:
+            param.data = param.data.reshape(())
+        try:
+            yield
+        finally:
+            for param in scalars:
+                param.data = param.data.reshape(1)
+
+
+def call_as_forward(module: nn.Module, compute: Callable[[], T]) -> T:
+    """``compute()`` run as ``module``'s forward, through ``module.__call__``.
+
+    Under ZeRO-3 a parameter is whole only while its module runs: DeepSpeed's module hooks gather it
+    before the forward, release it after, and gather it again for the backward of what the forward
+    returned. A term computed from parameters outside the forward (AdaLoRA's orthogonality penalty of
+    P and Q) must therefore be computed inside a module call; this is that call, for any ``compute``.
+    Without ZeRO-3 it is just ``compute()``.
+    """
+    module.forward = compute  # an instance attribute shadows the class's forward for this one call
+    try:
+        return module()
+    finally:
+        del module.forward
 
 
 def zero_gradients(params: list[nn.Parameter]) -> None:

@@ -12,7 +12,7 @@ import argparse
 import shlex
 import sys
 
-from peft_dist.config.load import load_config
+from peft_dist.train.config import load_config
 from peft_dist.config.schema import ConfigError
 from peft_dist.plan.estimate import Hardware, Workload
 from peft_dist.plan.models import PRESETS, PlanError, load_shape

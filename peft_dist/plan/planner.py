@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peft_dist.config.schema import RunConfig
+from peft_dist.plan.dryrun import build_meta_model, meta_inventory
 from peft_dist.plan.estimate import GIB, Choice, Hardware, Workload, activation_bytes, choose, steps_for
 from peft_dist.plan.inventory import RankBytes, analytic_inventory, per_rank
 from peft_dist.plan.models import ModelShape
@@ -48,8 +49,6 @@ def make_plan(shape: ModelShape, cfg: RunConfig, hardware: Hardware, work: Workl
         counted_by = "analytic model"
     meta = None
     if dry_run or held is None:  # the real model skeleton: exact for every method
-        from peft_dist.plan.dryrun import build_meta_model, meta_inventory
-
         model = build_meta_model(shape, cfg.adapters, quant_targets, "bfloat16")
         meta = per_rank(meta_inventory(model), hardware.world, persistence_threshold)
         held = held or meta

@@ -14,7 +14,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
@@ -25,8 +24,9 @@ from transformers.core_model_loading import WeightRenaming, rename_source_key
 from transformers.pytorch_utils import Conv1D
 
 from peft_dist.config.schema import ConfigError, ModelConfig, QuantizationConfig
+from peft_dist.distributed.memory import resident_bytes
 from peft_dist.distributed.zero3 import full_numel
-from peft_dist.model import BUILTIN_TINY_LLAMA, DTYPES, load_model_config
+from peft_dist.model import BUILTIN_TINY_LLAMA, DTYPES, load_model_config, load_tokenizer
 from peft_dist.quant.int8 import Int8Linear, quantize_rowwise
 from peft_dist.quant.model import QuantReport, quantization_error, quantize_model
 
@@ -201,14 +201,13 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     if quant_cfg.enabled:
         quantize_model(model, quant_cfg.target_modules, dtype)
     model.requires_grad_(False)
-    process = psutil.Process()
-    before = process.memory_info()  # after the imports and the meta skeleton: what follows is weights
+    rss_before, private_before = resident_bytes()  # after the imports and the meta skeleton: what follows is weights
     names_of: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(name)
     done: dict[int, nn.Parameter] = {}
     errors: list[QuantReport] = []
-    peak, peak_private = before.rss, before.rss - before.shared
+    peak, peak_private = rss_before, private_before
     with torch.random.fork_rng():
         torch.manual_seed(0)
         for name, module in reversed(list(model.named_modules())):  # children before their parents
@@ -216,8 +215,8 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
                     b is not None and b.is_meta for b in module.buffers(recurse=False)):
                 continue
             _fill(model, name, module, reader, transposed, names_of, done, errors)
-            now = process.memory_info()
-            peak, peak_private = max(peak, now.rss), max(peak_private, now.rss - now.shared)
+            rss, private = resident_bytes()
+            peak, peak_private = max(peak, rss), max(peak_private, private)
             if zero3:
                 import deepspeed
 
@@ -226,7 +225,14 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     if model_cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     report = LoadReport(dist.get_rank() if dist.is_initialized() else 0,
-                        dist.get_world_size() if dist.is_initialized() else 1, zero3, before.rss, peak,
-                        before.rss - before.shared, peak_private, _param_bytes(model, local=True),
+                        dist.get_world_size() if dist.is_initialized() else 1, zero3, rss_before, peak,
+                        private_before, peak_private, _param_bytes(model, local=True),
                         _param_bytes(model, local=False), tuple(errors))
     return model, report
+
+
+def build_model(cfg: ModelConfig):
+    """Return ``(model, tokenizer)``: the float base, whole in this process, through the same loader the
+    trainer uses (so the builtin model, initialised from seed 0, has the same values everywhere)."""
+    model, _ = load_quantized_base(cfg, QuantizationConfig(enabled=False))
+    return model, load_tokenizer(cfg.name_or_path)

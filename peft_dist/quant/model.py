@@ -9,6 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peft_dist.quant.int8 import Int8Linear, dequantize_rowwise
+from peft_dist.targets import find_modules, replace_module
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,6 @@ def quantize_model(model: nn.Module, targets: Any = "all-linear",
 
     On the meta device (planner dry runs) the layers are swapped alike and the errors are NaN.
     """
-    from peft_dist.targets import find_modules, replace_module  # targets imports quant.int8: avoid a cycle
-
     reports = []
     for name, module in find_modules(model, targets, _is_float_linear, "linear layer",
                                      "quantization.target_modules"):

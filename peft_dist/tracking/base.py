@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from peft_dist.config.schema import TrackingConfig
+from peft_dist.tracking.mlflow import MlflowTracker
 
 log = logging.getLogger("peft_dist")
 
@@ -69,8 +70,6 @@ def create_tracker(cfg: TrackingConfig, run_dir: str | Path, is_main: bool,
     if not is_main or cfg.backend == "none":
         return NullTracker()
     try:
-        from peft_dist.tracking.mlflow import MlflowTracker
-
         return MlflowTracker(cfg, run_dir, resume_run_id)
     except Exception as err:
         log.warning("tracking: cannot start the MLflow tracker (%s: %s); this run is not tracked",

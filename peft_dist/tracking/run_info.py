@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import socket
 import subprocess
 from importlib import metadata
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from peft_dist.config.load import flatten
+from peft_dist.distributed.memory import peak_rss_bytes
 from peft_dist.distributed.zero3 import full_numel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -124,12 +124,29 @@ def write_run_files(run_dir: str | Path, ds_config: dict, environ: dict[str, str
     return files
 
 
-# --- memory ---------------------------------------------------------------------------------------
+# --- model summary and memory ----------------------------------------------------------------------
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory since it started (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if platform.system() == "Darwin" else peak * 1024
+def parameter_summary(model: nn.Module) -> dict[str, float]:
+    """Counts for the summary table: trainable, total, and base bytes as stored vs in bf16 (whole tensors,
+    also where ZeRO-3 already partitioned the base)."""
+    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(full_numel(p) for p in model.parameters())
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1),
+            "base_bytes": sum(full_numel(p) * p.element_size() for p in frozen),
+            "base_bytes_bf16": sum(full_numel(p) * 2 for p in frozen)}
+
+
+def summary_table(model: nn.Module, injected: dict[str, list[str]]) -> str:
+    s = parameter_summary(model)
+    rows = [("adapters", ", ".join(f"{k} ({len(v)} modules)" for k, v in injected.items()) or "none"),
+            ("trainable params", f"{s['trainable']:,}"),
+            ("total params", f"{s['total']:,}"),
+            ("trainable %", f"{s['trainable_pct']:.4f}%"),
+            ("frozen base bytes (as stored)", f"{s['base_bytes'] / 2**20:,.2f} MiB"),
+            ("frozen base bytes (if bf16)", f"{s['base_bytes_bf16'] / 2**20:,.2f} MiB")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}} | {v}" for k, v in rows)
 
 
 def gather_peak_memory(device: torch.device | str = "cpu") -> dict[str, float]:

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peft_dist import __version__
-from peft_dist.adapters.inject import adapter_state_dict, inject_adapters, load_adapter_state_dict
-from peft_dist.config.load import build_dataclass, config_to_dict
+from peft_dist.adapters.inject import adapter_state_dict, load_adapter_state_dict
+from peft_dist.config.load import config_to_dict
 from peft_dist.config.schema import CheckpointConfig, ConfigError, ModelConfig, QuantizationConfig
 from peft_dist.distributed.zero3 import gathered
 from peft_dist.train import faults
@@ -95,29 +95,6 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
         load_adapter_state_dict(model, state)
     except (RuntimeError, ValueError) as err:
         raise CheckpointError(f"{directory}: does not match this adapter config: {err}") from None
-
-
-def load_for_inference(directory: str | Path):
-    """Rebuild base + quantization + adapters from a checkpoint; returns ``(model, tokenizer)`` in eval mode.
-
-    The base is loaded from the ``model.name_or_path`` recorded at training time, by the trainer's loader.
-    """
-    from peft_dist.adapters.registry import build_adapter_config
-    from peft_dist.model import base_identity, load_tokenizer
-    from peft_dist.quant.loader import load_quantized_base
-
-    directory = Path(directory)
-    metadata = read_metadata(directory)
-    model_cfg = build_dataclass(ModelConfig, metadata["model"], "model")
-    model_cfg.gradient_checkpointing = False
-    quant = build_dataclass(QuantizationConfig, metadata["quantization"], "quantization")
-    model, _ = load_quantized_base(model_cfg, quant)
-    check_base(metadata, base_identity(model_cfg, model.config), directory)
-    tokenizer = load_tokenizer(model_cfg.name_or_path)
-    adapters = [build_adapter_config(a, f"adapters.{i}") for i, a in enumerate(metadata["adapters"])]
-    inject_adapters(model, adapters)
-    load_adapter_weights(model, directory)
-    return model.eval(), tokenizer
 
 
 # --- resumable training checkpoints -------------------------------------------------------------

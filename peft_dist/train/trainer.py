@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import signal
@@ -16,28 +17,29 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from tqdm import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from peft_dist.adapters.inject import inject_adapters, summary_table, trainable_parameters
-from peft_dist.adapters.registry import make_hooks
+from peft_dist.adapters.inject import inject_adapters, trainable_parameters
 from peft_dist.config.load import config_to_dict
 from peft_dist.config.schema import RunConfig
-from peft_dist.data import GlobalBatchSampler, build_blocks
+from peft_dist.data import Blocks, GlobalBatchSampler, build_blocks
 from peft_dist.distributed.env import DistEnv, init_distributed, resolve_env, setup_logging
-from peft_dist.distributed.zero3 import build_ds_config, zero_gradients
+from peft_dist.distributed.hooks import TrainHook, make_hooks
+from peft_dist.distributed.zero3 import build_ds_config, scalars_as_vectors, zero_gradients
 from peft_dist.model import base_identity, load_tokenizer, max_positions
 from peft_dist.quant.loader import LoadReport, load_quantized_base
 from peft_dist.train import checkpoint as ckpt
 from peft_dist.train import faults
 from peft_dist.train.preflight import preflight
-from peft_dist.train.schedule import warmup_cosine
-from peft_dist.tracking import create_tracker
+from peft_dist.tracking import Tracker, create_tracker
 from peft_dist.tracking.plots import write_plots
 from peft_dist.tracking.run_info import (SLURM_JOB_IDS_TAG, gather_peak_memory, model_flops_per_token, run_params,
-                                         slurm_job_entry, throughput_metrics, write_run_files)
+                                         slurm_job_entry, summary_table, throughput_metrics, write_run_files)
 
 # torch 2.13 deprecates collectives DeepSpeed's ZeRO uses; one warning per step drowns the progress bar.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated")
@@ -151,8 +153,166 @@ def train_step(engine, blocks, micro_batches: list[torch.Tensor], hooks: list, s
     return loss_sum / len(micro_batches)
 
 
+@dataclass
+class Run:
+    """A set-up training job: what ``setup`` built and the phases that use it (``train_steps``,
+    ``finish``, ``close``). Every rank holds one; only rank 0's writes files and tracks."""
+
+    cfg: RunConfig
+    dist: DistEnv
+    log: logging.Logger
+    run_dir: Path
+    engine: Any
+    blocks: Blocks
+    sampler: GlobalBatchSampler
+    hooks: list[TrainHook]
+    tracker: Tracker
+    metadata: dict  # the adapter checkpoint's metadata (its step set at each save)
+    flops_per_token: float
+    result: TrainResult
+    stop: StopFlag = field(default_factory=StopFlag)
+    interactive: bool = field(default_factory=sys.stderr.isatty)  # a live bar on a terminal, else log lines
+    bar: Any = None
+
+    def train_steps(self) -> bool:
+        """Train from the step after the resumed one to ``max_steps``; True if it stopped early to be
+        requeued (a signal or ``checkpoint.exit_interval``), with a checkpoint written."""
+        cfg, start = self.cfg, self.result.step
+        self.bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train", dynamic_ncols=True,
+                        disable=not (self.dist.is_main and self.interactive))
+        nonfinite_in_a_row = 0
+        for step in range(start + 1, cfg.train.max_steps + 1):
+            began = time.perf_counter()
+            faults.inject("kill", self.dist.rank, step)
+            faults.inject("signal", self.dist.rank, step)
+            # Seeded per step and rank: dropout differs across ranks and a resumed run draws the same masks.
+            torch.manual_seed(cfg.train.seed + 1_000_003 * self.dist.rank + step)
+            local_loss = train_step(self.engine, self.blocks, self.sampler.micro_batches(step - 1), self.hooks,
+                                    step, self.dist.rank)
+            mean_loss, stop_votes = all_reduce_sum([local_loss or 0.0, float(self.stop.requested)],
+                                                   self.engine.device)
+            mean_loss = mean_loss / self.dist.world_size if local_loss is not None else float("nan")
+            self.result.losses.append(mean_loss)
+            self.result.step = step
+            nonfinite_in_a_row = self._count_nonfinite(step, local_loss is None, nonfinite_in_a_row)
+            self._report(step, mean_loss, time.perf_counter() - began)
+            if self._checkpoint_or_stop(step, stop_votes > 0):
+                return True
+        return False
+
+    def _count_nonfinite(self, step: int, skipped: bool, in_a_row: int) -> int:
+        """Non-finite steps in a row after ``step``; aborts past ``train.max_nonfinite_steps``."""
+        if not skipped:
+            return 0
+        self.result.skipped_steps += 1
+        in_a_row += 1
+        self.log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in all)", step, in_a_row,
+                         self.result.skipped_steps)
+        limit = self.cfg.train.max_nonfinite_steps
+        if in_a_row >= limit:
+            raise TrainingAborted(
+                f"{in_a_row} steps in a row had a non-finite loss (train.max_nonfinite_steps={limit}); the last "
+                f"complete checkpoint in {self.run_dir / 'checkpoints'} is intact. Lower train.lr, check the "
+                "data, or resume from that checkpoint")
+        return in_a_row
+
+    def _report(self, step: int, mean_loss: float, elapsed: float) -> None:
+        """Progress bar, metrics at each logging interval, and the periodic eval."""
+        cfg = self.cfg
+        tokens_per_step = self.sampler.global_batch * cfg.data.block_size
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
+        if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
+            metrics = {"train/loss": mean_loss, "train/lr": self.engine.get_lr()[0],
+                       "train/tokens_per_s": tokens_per_step / elapsed,
+                       "train/samples_per_s": self.sampler.global_batch / elapsed}
+            grad_norm = self.engine.get_global_grad_norm()
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            for hook in self.hooks:
+                metrics.update(hook.metrics())
+            metrics.update(throughput_metrics(metrics["train/tokens_per_s"], self.flops_per_token,
+                                              self.dist.world_size, cfg.tracking.peak_tflops))
+            metrics.update(gather_peak_memory(self.engine.device))  # a collective: every rank logs
+            self.tracker.log_metrics(metrics, step)
+            if not self.interactive:
+                self.log.info("step %d/%d loss %.4f, %.0f tokens/s, eta %.0fs", step, cfg.train.max_steps,
+                              mean_loss, tokens_per_step / elapsed, (cfg.train.max_steps - step) * elapsed)
+        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.max_steps:
+            eval_loss = self.evaluate()
+            self.tracker.log_metrics({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))},
+                                     step)
+            self.log.info("step %d eval loss %.4f", step, eval_loss)
+
+    def _checkpoint_or_stop(self, step: int, stop_requested: bool) -> bool:
+        """Write a resumable checkpoint when one is due; True (after writing one) when the job must stop
+        for a requeue."""
+        ckpt_cfg, last = self.cfg.checkpoint, step == self.cfg.train.max_steps
+        save_now = ckpt_cfg.save_interval and step % ckpt_cfg.save_interval == 0
+        exit_now = ckpt_cfg.exit_interval and (step - self.result.first_step + 1) % ckpt_cfg.exit_interval == 0
+        stop_now = (stop_requested or exit_now) and not last
+        if stop_now or (save_now and not last):
+            saved = ckpt.save_training_checkpoint(self.engine, self.run_dir, step, self.hooks, self.tracker.run_id,
+                                                  {**self.metadata, "step": step}, self.dist.is_main,
+                                                  ckpt_cfg.keep_last)
+            self.tracker.log_artifact(saved / "adapter", f"checkpoints/{saved.name}")
+        if stop_now:
+            self.log.warning("stopping (%s): checkpoint at step %d written, exiting for requeue",
+                             "signal" if stop_requested else "checkpoint.exit_interval", step)
+            self.result.preempted = True
+            self._write_result()
+        return bool(stop_now)
+
+    def evaluate(self) -> float:
+        return evaluate(self.engine, self.blocks.eval_ids, self.blocks.eval_labels, self.cfg.train.micro_batch_size,
+                        self.cfg.train.eval_batches, self.dist)
+
+    def finish(self) -> None:
+        """Final eval, the adapter-only checkpoint, ``result.json`` and the loss plots."""
+        result = self.result
+        result.eval_loss = self.evaluate()
+        result.eval_perplexity = math.exp(min(result.eval_loss, 50))
+        self.tracker.log_metrics({"eval/loss": result.eval_loss, "eval/perplexity": result.eval_perplexity},
+                                 result.step)
+        adapter_dir = self.run_dir / "adapter"
+        ckpt.save_adapter(self.engine.module, adapter_dir, {**self.metadata, "step": result.step}, self.dist.is_main)
+        result.adapter_dir = str(adapter_dir)
+        if self.dist.is_main:
+            self._write_result()
+            self.tracker.log_artifact(adapter_dir, "adapter")
+            for path in write_plots(self.tracker.metric_history(), self.run_dir / "plots"):
+                self.tracker.log_artifact(path, "plots")
+        self.log.info("done: %d steps, final train loss %.4f, eval loss %.4f (perplexity %.2f), adapter at %s",
+                      result.step, result.losses[-1] if result.losses else float("nan"), result.eval_loss,
+                      result.eval_perplexity, adapter_dir)
+
+    def _write_result(self) -> None:
+        if self.dist.is_main:
+            (self.run_dir / "result.json").write_text(json.dumps(dataclasses.asdict(self.result), indent=2))
+
+    def close(self, status: str) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.tracker.close(status)
+
+
 def train(cfg: RunConfig) -> TrainResult:
     """Run one training job as configured; returns the losses and where the adapter was saved."""
+    run = setup(cfg)
+    status = "FAILED"
+    try:
+        if run.train_steps():
+            status = "KILLED"
+        else:
+            run.finish()
+            status = "FINISHED"
+        return run.result
+    finally:
+        run.close(status)
+
+
+def setup(cfg: RunConfig) -> Run:
+    """Checks, process group, run directory, model (streamed in, adapted), data, engine, resume, tracker."""
     dist = resolve_env()
     log = setup_logging(dist.rank)
     run_dir = Path(cfg.checkpoint.output_dir)
@@ -162,151 +322,65 @@ def train(cfg: RunConfig) -> TrainResult:
     init_distributed(dist)
     torch.distributed.barrier()
     if dist.is_main:
-        if cfg.checkpoint.overwrite and not cfg.checkpoint.resume:
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-
-    # --- setup: base model, 8-bit, adapters, data, engine
+        start_run_dir(run_dir, cfg)
     # Streamed in one tensor at a time and, under ZeRO-3, partitioned module by module as it loads.
     model, load_report, injected = adapted_model(cfg, ds_config)
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
-    identity = base_identity(cfg.model, model.config)
-    lines = [""] * dist.world_size  # every rank's peak memory while loading, printed by rank 0
-    torch.distributed.all_gather_object(lines, load_report.line())
-    log.info("base loaded\n%s", "\n".join(lines))
-    if load_report.quantization:
-        errors = load_report.quantization
-        worst = max(errors, key=lambda r: r.rel_error)
-        log.info("int8 base: %d layers quantized, relative error mean %.4f, worst %.4f (%s)", len(errors),
-                 sum(r.rel_error for r in errors) / len(errors), worst.rel_error, worst.name)
+    log_load_report(log, load_report, dist.world_size)
     hooks = make_hooks(model, cfg.adapters, cfg.train.max_steps)
     log.info("model summary\n%s", summary_table(model, injected))
-    blocks = build_blocks(cfg.data, tokenizer, max_positions(model.config))
+    blocks = build_blocks(cfg.data, load_tokenizer(cfg.model.name_or_path), max_positions(model.config))
     sampler = GlobalBatchSampler(len(blocks.train_ids), cfg.train.micro_batch_size,
                                  cfg.train.gradient_accumulation_steps, dist.world_size, dist.rank, cfg.data.seed)
     engine = build_engine(cfg, model, ds_config)
-    metadata = ckpt.adapter_metadata(cfg.adapters, cfg.quantization, cfg.model, identity, 0)
-
+    metadata = ckpt.adapter_metadata(cfg.adapters, cfg.quantization, cfg.model,
+                                     base_identity(cfg.model, model.config), 0)
     start_step, run_id = 0, None
     if cfg.checkpoint.resume:
         state = ckpt.load_training_checkpoint(engine, run_dir, hooks, metadata)
         if state is not None:
             start_step, run_id = state["step"], state.get("tracker_run_id")
             log.info("resumed from step %d", start_step)
+    tracker = start_tracking(cfg, run_dir, ds_config, dist, run_id, fresh=start_step == 0)
+    return Run(cfg, dist, log, run_dir, engine, blocks, sampler, hooks, tracker, metadata,
+               model_flops_per_token(engine.module, cfg.data.block_size),
+               TrainResult(step=start_step, first_step=start_step + 1))
+
+
+def start_run_dir(run_dir: Path, cfg: RunConfig) -> None:
+    """Rank 0: create the run directory (clearing old checkpoints on ``overwrite``) and record the config."""
+    if cfg.checkpoint.overwrite and not cfg.checkpoint.resume:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "run_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def log_load_report(log: logging.Logger, report: LoadReport, world_size: int) -> None:
+    """Rank 0 logs every rank's peak memory while loading and the int8 quantization error (a collective)."""
+    lines = [""] * world_size
+    torch.distributed.all_gather_object(lines, report.line())
+    log.info("base loaded\n%s", "\n".join(lines))
+    if report.quantization:
+        errors = report.quantization
+        worst = max(errors, key=lambda r: r.rel_error)
+        log.info("int8 base: %d layers quantized, relative error mean %.4f, worst %.4f (%s)", len(errors),
+                 sum(r.rel_error for r in errors) / len(errors), worst.rel_error, worst.name)
+
+
+def start_tracking(cfg: RunConfig, run_dir: Path, ds_config: dict, dist: DistEnv, run_id: str | None,
+                   fresh: bool) -> Tracker:
+    """The tracker (a resumed job continues ``run_id``); rank 0 logs params (``fresh`` runs only), the run
+    files and, on Slurm, this job's id."""
     tracker = create_tracker(cfg.tracking, run_dir, dist.is_main, run_id)
     if dist.is_main:
         run_files = write_run_files(run_dir, ds_config)  # ds_config.json (+ the sbatch script on Slurm)
-        if start_step == 0:
+        if fresh:
             tracker.log_params(run_params(config_to_dict(cfg), ds_config, dist.world_size))
         for path in [run_dir / "run_config.yaml", *run_files]:
             tracker.log_artifact(path, "config")
         job = slurm_job_entry()
         if job:
             tracker.append_tag(SLURM_JOB_IDS_TAG, job)
-    flops_per_token = model_flops_per_token(engine.module, cfg.data.block_size)
-
-    # --- train
-    result = TrainResult(step=start_step, first_step=start_step + 1)
-    stop = StopFlag()
-    tokens_per_step = sampler.global_batch * cfg.data.block_size
-    # A live bar on a terminal; in log files (Slurm, CI) a log line per logging interval instead.
-    interactive = sys.stderr.isatty()
-    bar = tqdm(total=cfg.train.max_steps, initial=start_step, disable=not (dist.is_main and interactive),
-               desc="train", dynamic_ncols=True)
-    status = "FINISHED"
-    nonfinite_in_a_row = 0
-    try:
-        for step in range(start_step + 1, cfg.train.max_steps + 1):
-            began = time.perf_counter()
-            faults.inject("kill", dist.rank, step)
-            faults.inject("signal", dist.rank, step)
-            # Seeded per step and rank: dropout differs across ranks and a resumed run draws the same masks.
-            torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank + step)
-            local_loss = train_step(engine, blocks, sampler.micro_batches(step - 1), hooks, step, dist.rank)
-            mean_loss, stop_votes = all_reduce_sum([local_loss or 0.0, float(stop.requested)], engine.device)
-            mean_loss = mean_loss / dist.world_size if local_loss is not None else float("nan")
-            result.losses.append(mean_loss)
-            result.step = step
-            if local_loss is None:
-                result.skipped_steps += 1
-                nonfinite_in_a_row += 1
-                log.warning("step %d: non-finite loss, step skipped (%d in a row, %d in all)", step,
-                            nonfinite_in_a_row, result.skipped_steps)
-                if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                    raise TrainingAborted(
-                        f"{nonfinite_in_a_row} steps in a row had a non-finite loss (train.max_nonfinite_steps="
-                        f"{cfg.train.max_nonfinite_steps}); the last complete checkpoint in {run_dir / 'checkpoints'} "
-                        "is intact. Lower train.lr, check the data, or resume from that checkpoint")
-            else:
-                nonfinite_in_a_row = 0
-            elapsed = time.perf_counter() - began
-            bar.update(1)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tokens_per_step / elapsed:,.0f}")
-            if step % cfg.train.log_interval == 0 or step == cfg.train.max_steps:
-                metrics = {"train/loss": mean_loss, "train/lr": engine.get_lr()[0],
-                           "train/tokens_per_s": tokens_per_step / elapsed,
-                           "train/samples_per_s": sampler.global_batch / elapsed}
-                grad_norm = engine.get_global_grad_norm()
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
-                for hook in hooks:
-                    metrics.update(hook.metrics())
-                metrics.update(throughput_metrics(metrics["train/tokens_per_s"], flops_per_token,
-                                                  dist.world_size, cfg.tracking.peak_tflops))
-                metrics.update(gather_peak_memory(engine.device))  # a collective: every rank logs
-                tracker.log_metrics(metrics, step)
-                if not interactive:
-                    eta = (cfg.train.max_steps - step) * elapsed
-                    log.info("step %d/%d loss %.4f, %.0f tokens/s, eta %.0fs", step, cfg.train.max_steps,
-                             mean_loss, tokens_per_step / elapsed, eta)
-            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.max_steps:
-                eval_loss = evaluate(engine, blocks.eval_ids, blocks.eval_labels, cfg.train.micro_batch_size,
-                                     cfg.train.eval_batches, dist)
-                tracker.log_metrics({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))},
-                                    step)
-                log.info("step %d eval loss %.4f", step, eval_loss)
-            save_now = cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0
-            exit_now = cfg.checkpoint.exit_interval and (step - start_step) % cfg.checkpoint.exit_interval == 0
-            stop_now = (stop_votes > 0 or exit_now) and step < cfg.train.max_steps
-            if stop_now or (save_now and step < cfg.train.max_steps):
-                saved = ckpt.save_training_checkpoint(engine, run_dir, step, hooks, tracker.run_id,
-                                                      {**metadata, "step": step}, dist.is_main,
-                                                      cfg.checkpoint.keep_last)
-                tracker.log_artifact(saved / "adapter", f"checkpoints/{saved.name}")
-            if stop_now:
-                log.warning("stopping (%s): checkpoint at step %d written, exiting for requeue",
-                            "signal" if stop_votes > 0 else "checkpoint.exit_interval", step)
-                result.preempted = True
-                status = "KILLED"
-                if dist.is_main:
-                    (run_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
-                return result
-
-        # --- evaluate and save
-        result.eval_loss = evaluate(engine, blocks.eval_ids, blocks.eval_labels, cfg.train.micro_batch_size,
-                                    cfg.train.eval_batches, dist)
-        result.eval_perplexity = math.exp(min(result.eval_loss, 50))
-        tracker.log_metrics({"eval/loss": result.eval_loss, "eval/perplexity": result.eval_perplexity},
-                            result.step)
-        adapter_dir = run_dir / "adapter"
-        ckpt.save_adapter(engine.module, adapter_dir, {**metadata, "step": result.step}, dist.is_main)
-        result.adapter_dir = str(adapter_dir)
-        if dist.is_main:
-            (run_dir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
-            tracker.log_artifact(adapter_dir, "adapter")
-            for path in write_plots(tracker.metric_history(), run_dir / "plots"):
-                tracker.log_artifact(path, "plots")
-        log.info("done: %d steps, final train loss %.4f, eval loss %.4f (perplexity %.2f), adapter at %s",
-                 result.step, result.losses[-1] if result.losses else float("nan"), result.eval_loss,
-                 result.eval_perplexity, adapter_dir)
-        return result
-    except BaseException:
-        status = "FAILED"
-        raise
-    finally:
-        bar.close()
-        tracker.close(status)
+    return tracker
 
 
 def adapted_model(cfg: RunConfig, ds_config: dict) -> tuple[torch.nn.Module, LoadReport, dict[str, list[str]]]:
@@ -321,13 +395,14 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict):
     """Wrap the model in a DeepSpeed engine whose optimizer sees only the adapter parameters."""
     import deepspeed
 
+    scalars_as_vectors(model)
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     train = cfg.train
 
     def scheduler(opt):  # built by DeepSpeed around its wrapped optimizer
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
-            s, train.warmup_steps, train.max_steps, train.min_lr_ratio))
+        return get_cosine_with_min_lr_schedule_with_warmup(opt, train.warmup_steps, train.max_steps,
+                                                           min_lr_rate=train.min_lr_ratio)
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
                                       lr_scheduler=scheduler, config=ds_config)

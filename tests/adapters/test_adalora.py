@@ -12,9 +12,10 @@ import torch
 from transformers import LlamaForCausalLM
 
 from peft_dist.adapters import AdaptedLinear, adapter_state_dict, inject_adapters, load_adapter_state_dict
-from peft_dist.adapters.adalora import AdaLoraDelta, budget_schedule, keep_mask, make_hook
+from peft_dist.adapters.adalora import AdaLoraDelta, budget_schedule, keep_mask
+from peft_dist.distributed.adalora import make_adalora_hook as make_hook
 from peft_dist.adapters.registry import build_adapter_config
-from peft_dist.config import load_config
+from peft_dist.train.config import load_config
 from peft_dist.config.schema import ConfigError
 from peft_dist.distributed.importance import triplet_index
 from peft_dist.model import tiny_llama_config

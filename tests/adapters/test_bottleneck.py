@@ -124,7 +124,7 @@ def test_krona_block_in_parallel_with_the_ffn(residual: bool) -> None:
     assert block.A.shape == (8, 8) and block.B.shape == (8, 8)  # hidden 64 = 8 x 8
     assert not block.mergeable
     if residual:  # shape (1,): ZeRO-3 cannot partition a 0-dim parameter
-        assert block.residual_scale.shape == (1,) and block.residual_scale.item() == 1.0
+        assert block.residual_scale.shape == () and block.residual_scale.item() == 1.0
     randomize_adapters(model)
     x = torch.randn(3, 4, 64, dtype=torch.float64, requires_grad=True)
     out = wrapper(x)

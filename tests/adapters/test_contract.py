@@ -75,7 +75,7 @@ def test_step0_and_trainable(method: str, model_kind: str) -> None:
     model = MODELS[model_kind]()
     quantize_model(model)  # the int8 base the trainer uses
     before = logits(model, IDS)
-    frozen_names = {n for n, p in model.named_parameters()}
+    base = {id(p): n for n, p in model.named_parameters()}
     injected = inject_adapters(model, [adapter_config(method)])
     assert injected[method], "injection adapted nothing"
     after = logits(model, IDS)
@@ -91,7 +91,10 @@ def test_step0_and_trainable(method: str, model_kind: str) -> None:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             assert not name.startswith(inside), f"{name}: adapter parameter left frozen"
-    assert frozen_names  # the base was there
+    assert set(base) <= {id(p) for p in model.parameters()}  # the base is wrapped, not replaced or dropped
+    for p in model.parameters():
+        if id(p) in base and method != "bitfit":
+            assert not p.requires_grad, f"{base[id(p)]}: a base parameter trains"
 
 
 @pytest.mark.parametrize("method,model_kind", CASES)

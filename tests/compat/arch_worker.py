@@ -24,14 +24,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from peft_dist.adapters.registry import methods
-from peft_dist.config.load import build_run_config
+from peft_dist.train.config import build_run_config
 from peft_dist.config.schema import ConfigError
 from peft_dist.data import GlobalBatchSampler, build_blocks
 from peft_dist.distributed.env import exit_process
 from peft_dist.export import ExportError, export
 from peft_dist.model import load_tokenizer, max_positions
 from peft_dist.quant.loader import load_quantized_base
-from peft_dist.train.checkpoint import load_for_inference
+from peft_dist.inference import load_for_inference
 from peft_dist.train.preflight import preflight
 from peft_dist.train.trainer import train
 from tests.architectures import ARCHITECTURES, write_checkpoint

@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 
 from peft_dist.adapters.registry import methods
-from peft_dist.config.load import build_run_config
+from peft_dist.train.config import build_run_config
 from peft_dist.data import build_blocks
 from peft_dist.distributed.env import exit_process, resolve_env
 from peft_dist.model import max_positions
-from peft_dist.train.checkpoint import load_for_inference
+from peft_dist.inference import load_for_inference
 from peft_dist.train.trainer import train
 
 STEPS = 6

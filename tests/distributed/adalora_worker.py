@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 
 from peft_dist.adapters import inject_adapters
-from peft_dist.adapters.registry import build_adapter_config, get_method
+from peft_dist.adapters.registry import build_adapter_config
 from peft_dist.config.schema import ModelConfig
 from peft_dist.distributed import importance
+from peft_dist.distributed.adalora import make_adalora_hook
 from peft_dist.distributed.env import exit_process, init_distributed, resolve_env
-from peft_dist.model import build_model
+from peft_dist.quant.loader import build_model
 from peft_dist.quant.model import quantize_model
 from peft_dist.train.trainer import train_step
 
@@ -66,7 +67,7 @@ def build(steps: int):
     torch.manual_seed(0)
     config = build_adapter_config(ADALORA, "adapters.0")
     inject_adapters(model, [config])
-    return model, get_method("adalora").make_hook(model, config, steps)
+    return model, make_adalora_hook(model, config, steps)
 
 
 def plain_reference(data: torch.Tensor, steps: int, micro: int) -> list[dict]:

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from peft_dist.adapters.inject import inject_adapters, trainable_parameters
-from peft_dist.config import load_config
+from peft_dist.train.config import load_config
 from peft_dist.distributed.env import exit_process, init_distributed, resolve_env
 from peft_dist.distributed.memory import analytic_model_state_bytes, measured_model_state_bytes
 from peft_dist.distributed.zero3 import build_ds_config
-from peft_dist.model import build_model
+from peft_dist.quant.loader import build_model
 from peft_dist.quant.model import quantize_model
 from peft_dist.train.trainer import build_engine
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from peft_dist.config.load import load_config
+from peft_dist.train.config import load_config
 from peft_dist.distributed.env import exit_process, init_distributed, resolve_env
 from peft_dist.distributed.memory import peak_rss_bytes, reset_peak_rss, settled_rss_bytes
 from peft_dist.distributed.zero3 import build_ds_config

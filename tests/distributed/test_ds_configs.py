@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft_dist.config import load_config
+from peft_dist.train.config import load_config
 from peft_dist.distributed.zero3 import build_ds_config, zero_stage
 from peft_dist.train.checkpoint import CONFIG, WEIGHTS
 from tests.distributed.mem_runs import short_run

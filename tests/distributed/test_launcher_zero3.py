@@ -10,9 +10,9 @@ import re
 import pytest
 import torch
 
-from peft_dist.config import load_config
+from peft_dist.train.config import load_config
 from peft_dist.data import build_blocks
-from peft_dist.train.checkpoint import load_for_inference
+from peft_dist.inference import load_for_inference
 from tests.multiproc import REPO, run_distributed
 
 pytestmark = pytest.mark.slow

@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from peft_dist.config.load import load_config
+from peft_dist.train.config import load_config
 from peft_dist.model import BUILTIN_TINY_LLAMA, tiny_llama_config
 from peft_dist.plan.dryrun import build_meta_model, meta_inventory
 from peft_dist.plan.estimate import Hardware, Workload, evaluate, largest_layer

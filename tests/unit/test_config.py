@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from peft_dist.config import ConfigError, config_to_dict, load_config
+from peft_dist.config import ConfigError, config_to_dict
+from peft_dist.train.config import load_config
 from peft_dist.config.load import default_config_dict
 from peft_dist.distributed.zero3 import build_ds_config
 
@@ -49,7 +50,7 @@ def test_bad_values_name_the_key_and_the_fix(override, message):
 def test_duplicate_adapter_names_are_refused():
     data = default_config_dict()
     with pytest.raises(ConfigError, match="name 'lora' is used twice"):
-        from peft_dist.config import build_run_config
+        from peft_dist.train.config import build_run_config
         build_run_config({**data, "adapters": data["adapters"] * 2})
 
 

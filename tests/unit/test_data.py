@@ -1,5 +1,6 @@
 """Data loading, packing and the world-size-independent batch order."""
 import json
+import re
 
 import pytest
 import torch
@@ -75,10 +76,21 @@ def test_text_and_parquet_files_load(tmp_path, tokenizer):
     assert len(blocks.train_ids) > 0
 
 
-def test_split_is_deterministic_and_disjoint(tokenizer):
-    cfg = DataConfig(max_documents=40, block_size=64)
+def test_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
+    """Documents are numbered; every number read back from the packed blocks belongs to one split only."""
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document {i} end " * 6} for i in range(60)])
+    cfg = DataConfig(path=str(path), block_size=32, eval_fraction=0.2)
     a, b = build_blocks(cfg, tokenizer), build_blocks(cfg, tokenizer)
     assert torch.equal(a.train_ids, b.train_ids) and torch.equal(a.eval_ids, b.eval_ids)
+
+    def documents(ids: torch.Tensor) -> set[int]:
+        return {int(n) for block in ids for n in re.findall(r"document (\d+) end", tokenizer.decode(block))}
+
+    train, evaluation = documents(a.train_ids), documents(a.eval_ids)
+    assert len(evaluation) >= 6 and len(train) >= 40  # most documents survive the ragged tails
+    assert not train & evaluation
+    other = build_blocks(DataConfig(path=str(path), block_size=32, eval_fraction=0.2, seed=7), tokenizer)
+    assert documents(other.eval_ids) != evaluation  # the split follows data.seed
 
 
 def test_every_world_size_reads_the_same_global_batch():

@@ -5,11 +5,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from peft_dist.adapters import inject_adapters
 from peft_dist.adapters.base import AdaptedLinear
-from peft_dist.config import load_config
+from peft_dist.train.config import load_config
 from peft_dist.export import ExportError, export
-from peft_dist.model import TINY_TOKENIZER, base_identity, build_model
+from peft_dist.model import TINY_TOKENIZER, base_identity
+from peft_dist.quant.loader import build_model
 from peft_dist.quant import quantize_model
-from peft_dist.train.checkpoint import adapter_metadata, load_for_inference, save_adapter
+from peft_dist.train.checkpoint import adapter_metadata, save_adapter
+from peft_dist.inference import load_for_inference
 
 
 def trained_adapter(tmp_path, overrides=(), base_dir=None):

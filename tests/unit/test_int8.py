@@ -5,7 +5,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peft_dist.quant import Int8Linear, quantize_linear, quantize_model, quantize_rowwise
-from peft_dist.model import build_model
+from peft_dist.quant.loader import build_model
 from peft_dist.config import ModelConfig, ConfigError
 
 

@@ -48,7 +48,6 @@ def test_matches_from_pretrained_then_quantize(tmp_path, shard):
     assert not report.zero3 and report.world_size == 1
     assert report.local_param_bytes == report.full_param_bytes == sum(
         p.numel() * p.element_size() for p in model.parameters())
-    assert report.peak_rss >= report.rss_before > 0
     assert [(r.name, r.rel_error, r.max_abs_error) for r in report.quantization] == [
         (r.name, r.rel_error, r.max_abs_error)
         for r in sorted(quantize_model(AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)),

@@ -7,12 +7,12 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
-from peft_dist.adapters import (AdaptedLinear, adapter_state_dict, inject_adapters, load_adapter_state_dict,
-                                parameter_summary)
+from peft_dist.adapters import AdaptedLinear, adapter_state_dict, inject_adapters, load_adapter_state_dict
 from peft_dist.adapters.lora import LoraConfig, LoraDelta
 from peft_dist.config import ConfigError, ModelConfig
-from peft_dist.model import build_model
+from peft_dist.quant.loader import build_model
 from peft_dist.quant import Int8Linear, quantize_linear, quantize_model
+from peft_dist.tracking.run_info import parameter_summary
 
 
 def randomize(delta: LoraDelta, seed: int = 0) -> None:
@@ -149,7 +149,7 @@ def test_same_outputs_and_gradients_as_peft_lora_on_gpt2():
 
 
 def test_all_linear_after_a_parallel_adapter_skips_the_adapters_own_linears():
-    from peft_dist.config import build_run_config
+    from peft_dist.train.config import build_run_config
 
     cfg = build_run_config({"adapters": [{"method": "parallel_adapter", "name": "pa"},
                                          {"method": "lora", "name": "lora"}]})

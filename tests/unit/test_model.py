@@ -5,13 +5,15 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig
 
-from peft_dist.adapters import inject_adapters
-from peft_dist.config import CheckpointConfig, ConfigError, ModelConfig, load_config
+from peft_dist.adapters import adapter_state_dict, inject_adapters
+from peft_dist.config import CheckpointConfig, ConfigError, ModelConfig
 from peft_dist.distributed.zero3 import build_ds_config
-from peft_dist.model import build_model
-from peft_dist.train.checkpoint import (CONFIG, CheckpointError, adapter_metadata, check_run_dir,
-                                        load_for_inference, save_adapter)
+from peft_dist.inference import load_for_inference
 from peft_dist.model import base_identity
+from peft_dist.quant.loader import build_model
+from peft_dist.train.checkpoint import CONFIG, CheckpointError, adapter_metadata, check_run_dir, save_adapter
+from peft_dist.train.config import load_config
+from tests.adapters.test_contract import randomize_adapters
 
 
 def test_missing_model_path_and_non_causal_model_are_refused(tmp_path):
@@ -51,11 +53,13 @@ def test_adapter_from_another_base_is_refused(tmp_path):
     cfg = load_config()
     model, _ = build_model(cfg.model)
     inject_adapters(model, cfg.adapters)
+    randomize_adapters(model)  # LoRA's B starts at zero: give every tensor a value a fresh init would not have
     metadata = adapter_metadata(cfg.adapters, cfg.quantization, cfg.model,
                                 base_identity(cfg.model, model.config), step=0)
     save_adapter(model, tmp_path / "adapter", metadata, is_main=True)
-    loaded, _ = load_for_inference(tmp_path / "adapter")  # the right base loads
-    assert not any(p.requires_grad for p in loaded.parameters() if p.dtype == torch.int8)
+    loaded, _ = load_for_inference(tmp_path / "adapter")  # the right base loads, with the saved adapter
+    saved, reloaded = adapter_state_dict(model), adapter_state_dict(loaded)
+    assert sorted(reloaded) == sorted(saved) and all(torch.equal(reloaded[k], saved[k]) for k in saved)
     saved = json.loads((tmp_path / "adapter" / CONFIG).read_text())
     saved["base_model"]["config_sha256"] = "0" * 64
     (tmp_path / "adapter" / CONFIG).write_text(json.dumps(saved))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from peft_dist.adapters.registry import build_adapter_config, methods
-from peft_dist.config import load_config
+from peft_dist.train.config import load_config
 from peft_dist.distributed.zero3 import REPO_ROOT, build_ds_config
 from peft_dist.plan.__main__ import main
 from peft_dist.plan.dryrun import build_meta_model, meta_inventory
