@@ -7,13 +7,18 @@ from __future__ import annotations
 import argparse
 
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from peft_dist.inference import load_for_inference
 
 
 def generate(adapter_dir: str, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0) -> str:
+    """The prompt and its continuation, on this machine's accelerator (DeepSpeed's choice: a GPU if there
+    is one, else the CPU)."""
     model, tokenizer = load_for_inference(adapter_dir)
-    inputs = tokenizer(prompt, return_tensors="pt")
+    device = get_accelerator().current_device_name()
+    model.to(device)
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                                 temperature=temperature if temperature > 0 else None,

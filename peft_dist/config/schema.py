@@ -97,7 +97,8 @@ class TrainConfig:
     """Optimisation. The global batch is micro_batch_size x gradient_accumulation_steps x world size.
 
     max_steps: optimizer steps (not micro-batches).
-    precision: ``fp32`` or ``bf16`` (DeepSpeed's bf16 mode).
+    precision: ``fp32``, ``bf16`` (DeepSpeed's bf16 mode) or ``fp16`` (DeepSpeed's fp16 mode with dynamic
+        loss scaling; for GPUs without bf16, e.g. V100 and T4; refused where the accelerator has no fp16).
     max_nonfinite_steps: a step whose loss is NaN/inf on any rank is skipped and counted; this many
         in a row abort the run (the last checkpoint stays intact).
     warmup_steps, min_lr_ratio: linear warmup then cosine decay to ``lr * min_lr_ratio``.
@@ -127,8 +128,8 @@ class TrainConfig:
                 f"got {self.warmup_steps}; must be between 0 and max_steps ({self.max_steps})")
         require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be between 0 and 1")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
-        require(self.precision in ("fp32", "bf16"), "precision",
-                f"got {self.precision!r}; use fp32 or bf16")
+        require(self.precision in ("fp32", "bf16", "fp16"), "precision",
+                f"got {self.precision!r}; use fp32, bf16 or fp16")
         require(self.eval_interval >= 0, "eval_interval", "must be >= 0 (0 = only at the end)")
         require(self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "must be >= 1")
 

@@ -34,7 +34,7 @@ class AdaLoraHook:
         self.ranks0 = [d.lam.shape[0] for d in self.deltas]
         self.b0 = sum(self.ranks0)
         self.b_target = config.target_r * len(self.deltas)
-        self.keep = torch.ones(self.b0, dtype=torch.bool)
+        self.keep = torch.ones(self.b0, dtype=torch.bool, device=self.device)
         self.scores: torch.Tensor | None = None  # last triplet scores, identical on every rank
         self.budget = self.b0
         self.history: list[dict[str, Any]] = []  # {step, budget, ranks} of every mask step
@@ -45,6 +45,12 @@ class AdaLoraHook:
         self._grads: list[torch.Tensor] | None = None
         self._norm_before: float | None = None
         self._last_step = 0
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's adapter tensors are now (the engine moves them after the hook is built): masks,
+        scores and the all-reduced vector live there (NCCL reduces only accelerator tensors)."""
+        return importance.local_device(self.deltas[0].lam)
 
     def params(self) -> list[tuple[nn.Parameter, str, int]]:
         """``(param, kind, offset of its matrix in the triplet vector)`` for every P, lam and Q."""
@@ -101,7 +107,7 @@ class AdaLoraHook:
 
     def triplet_scores(self) -> torch.Tensor:
         """``S_i = s(lam_i) + mean_j s(Q_ij) + mean_k s(P_ki)`` over all matrices (a collective under ZeRO-3)."""
-        partial = torch.zeros(self.b0, dtype=torch.float32)
+        partial = torch.zeros(self.b0, dtype=torch.float32, device=self.device)
         if self._ibar is not None:
             for (param, kind, offset), ibar, unc in zip(self.params(), self._ibar, self._unc):
                 importance.add_triplet_sums(partial, param, kind, offset, ibar * unc)
@@ -109,7 +115,7 @@ class AdaLoraHook:
         return partial
 
     def _apply(self, keep: torch.Tensor) -> None:
-        self.keep = keep
+        self.keep = keep = keep.to(self.device)
         for delta, offset, r0 in zip(self.deltas, self._offsets(), self.ranks0):
             importance.write_lam_mask(delta.lam, keep[offset: offset + r0])
             delta.rank_mask.copy_(keep[offset: offset + r0])
@@ -147,12 +153,14 @@ class AdaLoraHook:
         """Restore after the engine is built; ``ibar``/``unc`` from ``importance_state`` are optional."""
         self._last_step, self.updates, self.budget = state["step"], state["updates"], state["budget"]
         self.history = list(state["history"])
-        self.scores = None if state["scores"] is None else torch.tensor(state["scores"], dtype=torch.float32)
+        device = self.device
+        self.scores = (None if state["scores"] is None
+                       else torch.tensor(state["scores"], dtype=torch.float32, device=device))
         params = [p for p, *_ in self.params()]
         if "ibar" in state:
-            self._ibar = [importance.local_part(torch.tensor(t), p) for t, p in zip(state["ibar"], params)]
-            self._unc = [importance.local_part(torch.tensor(t), p) for t, p in zip(state["unc"], params)]
-        self.keep = torch.tensor(state["keep"], dtype=torch.bool)
+            self._ibar = [importance.local_part(torch.tensor(t, device=device), p) for t, p in zip(state["ibar"], params)]
+            self._unc = [importance.local_part(torch.tensor(t, device=device), p) for t, p in zip(state["unc"], params)]
+        self.keep = torch.tensor(state["keep"], dtype=torch.bool, device=device)
         for delta, offset, r0 in zip(self.deltas, self._offsets(), self.ranks0):
             delta.rank_mask.copy_(self.keep[offset: offset + r0])
 

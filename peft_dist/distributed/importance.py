@@ -37,6 +37,11 @@ def local_shard(param: torch.Tensor) -> LocalShard:
     return LocalShard(min(start, param.ds_numel), numel, True)
 
 
+def local_device(param: torch.Tensor) -> torch.device:
+    """Where this rank's elements of ``param`` live (its ZeRO-3 partition, or the tensor itself)."""
+    return param.ds_tensor.device if is_partitioned(param) else param.device
+
+
 def read_grad(param: torch.Tensor) -> torch.Tensor:
     """This rank's gradient elements (flat fp32 copy), reduced over data-parallel ranks, still loss-scaled."""
     shard = local_shard(param)
@@ -44,13 +49,15 @@ def read_grad(param: torch.Tensor) -> torch.Tensor:
         from deepspeed.utils import safe_get_local_grad
 
         grad = safe_get_local_grad(param)
-        return torch.zeros(shard.numel) if grad is None else grad.reshape(-1)[:shard.numel].float().clone()
+        return (torch.zeros(shard.numel, device=local_device(param)) if grad is None
+                else grad.reshape(-1)[:shard.numel].float().clone())
     grad = param.grad
     if grad is None and (hasattr(param, "_hp_mapping") or getattr(param, "_hp_grad", None) is not None):
         from deepspeed.utils import safe_get_full_grad  # ZeRO 1/2, bf16 optimizer: assembles (a collective)
 
         grad = safe_get_full_grad(param)
-    return torch.zeros(shard.numel) if grad is None else grad.detach().reshape(-1).float().clone()
+    return (torch.zeros(shard.numel, device=local_device(param)) if grad is None
+            else grad.detach().reshape(-1).float().clone())
 
 
 def read_param(param: torch.Tensor) -> torch.Tensor:
@@ -102,13 +109,14 @@ def full_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(param.ds_shape) if is_partitioned(param) else tuple(param.shape)
 
 
-def triplet_index(kind: str, shape: tuple[int, ...], start: int, numel: int) -> tuple[torch.Tensor, float]:
+def triplet_index(kind: str, shape: tuple[int, ...], start: int, numel: int,
+                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, float]:
     """Triplet of each flat element ``f`` in ``[start, start + numel)`` and the weight that makes a mean.
 
     ``lam (r0,)``: ``f``; ``Q (r0, d_in)``: row ``f // d_in``, weight ``1/d_in``; ``P (d_out, r0)``:
     column ``f % r0``, weight ``1/d_out``. ``shape`` is the tensor's full shape.
     """
-    flat = torch.arange(start, start + numel)
+    flat = torch.arange(start, start + numel, device=device)
     if kind == "lam":
         return flat, 1.0
     if kind == "Q":
@@ -122,7 +130,7 @@ def add_triplet_sums(out: torch.Tensor, param: torch.Tensor, kind: str, offset: 
                      element_scores: torch.Tensor) -> None:
     """``index_add`` this rank's element scores of ``param`` into ``out[offset + triplet]``."""
     shard = local_shard(param)
-    index, weight = triplet_index(kind, full_shape(param), shard.start, shard.numel)
+    index, weight = triplet_index(kind, full_shape(param), shard.start, shard.numel, out.device)
     out.index_add_(0, index + offset, element_scores.to(out.dtype) * weight)
 
 
@@ -139,7 +147,7 @@ def sum_over_shards(partial: torch.Tensor, params: list[torch.Tensor]) -> int:
 
 def full_gather_bytes(params: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> int:
     """Bytes one rank receives if every gradient is gathered whole (``safe_get_full_grad``, as peft does)."""
-    return sum(int(torch.Size(full_shape(p)).numel()) for p in params) * torch.empty(0, dtype=dtype).element_size()
+    return sum(int(torch.Size(full_shape(p)).numel()) for p in params) * dtype.itemsize
 
 
 @torch.no_grad()
@@ -150,7 +158,7 @@ def write_lam_mask(param: torch.Tensor, keep: torch.Tensor) -> None:
     (``ds_tensor``, which the next all-gather sends); any whole resident copy (a persistent parameter,
     or no ZeRO-3 at all) directly; ZeRO 1/2's fp32 master through ``safe_set_full_fp32_param``.
     """
-    mask = keep.reshape(-1).float()
+    mask = keep.reshape(-1).float().to(local_device(param))
     shard = local_shard(param)
     if shard.partitioned:
         from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
@@ -174,7 +182,7 @@ def gather_full(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     if not shard.partitioned or dist.get_world_size(group=param.ds_process_group) == 1:
         return local.clone()
     size = param.partition_numel()
-    padded = torch.zeros(size, dtype=local.dtype)
+    padded = torch.zeros(size, dtype=local.dtype, device=local.device)
     padded[:shard.numel] = local
     parts = [torch.empty_like(padded) for _ in range(dist.get_world_size(group=param.ds_process_group))]
     dist.all_gather(parts, padded, group=param.ds_process_group)

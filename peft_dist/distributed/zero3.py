@@ -55,7 +55,9 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict:
     config["train_batch_size"] = train.micro_batch_size * train.gradient_accumulation_steps * world_size
     config["gradient_clipping"] = train.grad_clip
     config["bf16"] = {"enabled": train.precision == "bf16"}
-    config["fp16"] = {"enabled": False}
+    # fp16: dynamic loss scaling from 2^16, halved on overflow (the step is then skipped by DeepSpeed).
+    config["fp16"] = ({"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                       "hysteresis": 2, "min_loss_scale": 1} if train.precision == "fp16" else {"enabled": False})
     config.setdefault("zero_optimization", {})
     if cfg.deepspeed.zero_stage is not None:
         config["zero_optimization"]["stage"] = cfg.deepspeed.zero_stage

@@ -28,24 +28,57 @@ def dequantize_rowwise(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return w8.to(dtype) * scale.to(dtype)[:, None]
 
 
-class Int8MatmulFunction(torch.autograd.Function):
-    """``y = x W^T`` with ``W = diag(scale) w8``; backward returns only ``grad_x = grad_y W``.
+def packed_kernel_applies(x: torch.Tensor, w8: torch.Tensor) -> bool:
+    """Whether ``torch._weight_int8pack_mm`` (weight-only int8 GEMM, one scale per output row) serves this
+    product: bf16 activations on the CPU, both weight dimensions multiples of 8 (other shapes crash the
+    CPU kernel in torch 2.13). Measured (docs/BENCHMARKS.md): 3x the cast path's forward there, and in
+    fp32 or fp16 many times slower than a dense GEMM, so those keep the cast path."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and w8.shape[0] % 8 == 0
+            and w8.shape[1] % 8 == 0)
 
-    The row scale is applied to the ``(tokens, d_out)`` side (``y = (x w8^T) diag(scale)``,
-    ``grad_x = (grad_y diag(scale)) w8``) rather than to the ``(d_out, d_in)`` weight: the weight is
-    only cast, one pass instead of two, and nothing of its size is kept for backward.
+
+def int8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` for ``W = diag(scale) w8``, in ``x``'s dtype.
+
+    fp16: the scale goes on the weight before the GEMM: ``x w8^T`` alone is ``127 / absmax`` times the
+    true output and overflows fp16's range where a plain fp16 linear does not. Other dtypes scale the
+    ``(tokens, d_out)`` product (one pass, no weight-sized temporary besides the cast).
     """
+    if packed_kernel_applies(x, w8):
+        return torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), w8, scale.to(x.dtype)).reshape(
+            *x.shape[:-1], w8.shape[0])
+    if x.dtype == torch.float16:
+        return x @ (w8.to(x.dtype) * scale.to(x.dtype)[:, None]).t()
+    return (x @ w8.to(x.dtype).t()).mul_(scale.to(x.dtype))  # in place: one (tokens, d_out) pass
+
+
+def int8_matmul_input_grad(grad_y: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``grad_y W`` for ``W = diag(scale) w8``: the input gradient, range-safe in every dtype (its partial
+    sums are those of the true product). The weight is transposed as int8 first, so the GEMM reads it in
+    the same layout as the forward: CPUs without native bf16 run the untransposed bf16/fp16 GEMM about
+    30x slower (measured, docs/BENCHMARKS.md)."""
+    scaled = grad_y * scale.to(grad_y.dtype)
+    w8_t = w8.t().contiguous()  # (d_in, d_out), one byte an element
+    if packed_kernel_applies(grad_y, w8_t):
+        ones = torch.ones(w8_t.shape[0], dtype=grad_y.dtype, device=grad_y.device)
+        return torch._weight_int8pack_mm(scaled.reshape(-1, scaled.shape[-1]), w8_t, ones).reshape(
+            *grad_y.shape[:-1], w8_t.shape[0])
+    return scaled @ w8_t.to(grad_y.dtype).t()
+
+
+class Int8MatmulFunction(torch.autograd.Function):
+    """``y = x W^T`` with ``W = diag(scale) w8``; backward returns only ``grad_x = grad_y W``; nothing of
+    the weight's size is kept for backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(w8, scale)
-        return (x @ w8.to(x.dtype).t()).mul_(scale.to(x.dtype))  # in place: one (tokens, d_out) pass
+        return int8_matmul(x, w8, scale)
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         w8, scale = ctx.saved_tensors
-        grad_x = (grad_y * scale.to(grad_y.dtype)) @ w8.to(grad_y.dtype)  # cast again, never stored
-        return grad_x, None, None
+        return int8_matmul_input_grad(grad_y, w8, scale), None, None
 
 
 class Int8Linear(nn.Module):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 
 from peft_dist.config.load import flatten
@@ -155,8 +156,9 @@ def gather_peak_memory(device: torch.device | str = "cpu") -> dict[str, float]:
     Collective: every rank must call it (the result is the same on all). ``device`` is where the
     communication backend wants tensors (``engine.device``: CPU for gloo, the GPU for NCCL).
     """
-    accelerator = torch.cuda.is_available()
-    local = [float(peak_rss_bytes()), float(torch.cuda.max_memory_allocated()) if accelerator else 0.0]
+    accelerator = get_accelerator()
+    on_device = accelerator.device_name() != "cpu"  # this rank's GPU (or other accelerator) through DeepSpeed
+    local = [float(peak_rss_bytes()), float(accelerator.max_memory_allocated()) if on_device else 0.0]
     mine = torch.tensor(local, dtype=torch.float64, device=device)
     if torch.distributed.is_initialized():
         rows = [torch.zeros_like(mine) for _ in range(torch.distributed.get_world_size())]
@@ -166,7 +168,7 @@ def gather_peak_memory(device: torch.device | str = "cpu") -> dict[str, float]:
     metrics: dict[str, float] = {}
     for rank, row in enumerate(rows):
         metrics[f"memory/peak_rss_gib/rank{rank}"] = row[0].item() / 2**30
-        if accelerator:
+        if on_device:
             metrics[f"memory/peak_accelerator_gib/rank{rank}"] = row[1].item() / 2**30
     metrics["memory/peak_rss_gib/max"] = max(row[0].item() for row in rows) / 2**30
     return metrics

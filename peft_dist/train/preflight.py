@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from peft_dist.adapters.inject import inject_adapters
-from peft_dist.config.schema import RunConfig
+from peft_dist.config.schema import ConfigError, RunConfig
 from peft_dist.model import DTYPES, load_model_config
 from peft_dist.quant.model import quantize_model
 
@@ -31,7 +32,20 @@ def meta_model(config: PretrainedConfig, adapters: list, quant_targets: Any | No
     return model
 
 
+def check_precision(precision: str) -> None:
+    """Refuse a training precision this machine's DeepSpeed accelerator does not support (fp16 on a CPU
+    without native fp16) before DeepSpeed would, after loading the whole model."""
+    accelerator = get_accelerator()
+    supported = {"fp32": True, "bf16": accelerator.is_bf16_supported(), "fp16": accelerator.is_fp16_supported()}
+    if not supported[precision]:
+        raise ConfigError(f"train.precision: {precision} is not supported by DeepSpeed's "
+                          f"{accelerator.device_name()} accelerator on this machine; use "
+                          f"{' or '.join(p for p, ok in supported.items() if ok)}")
+
+
 def preflight(cfg: RunConfig) -> None:
-    """Raise ``ConfigError`` for any adapter or quantization setting this model cannot take."""
+    """Raise ``ConfigError`` for a precision, adapter or quantization setting this machine or model cannot
+    take."""
+    check_precision(cfg.train.precision)
     quant_targets = cfg.quantization.target_modules if cfg.quantization.enabled else None
     meta_model(load_model_config(cfg.model.name_or_path), cfg.adapters, quant_targets, cfg.model.dtype)

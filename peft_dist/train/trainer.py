@@ -22,7 +22,6 @@ from typing import Any
 import torch
 import yaml
 from tqdm import tqdm
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from peft_dist.adapters.inject import inject_adapters, trainable_parameters
 from peft_dist.config.load import config_to_dict
@@ -36,6 +35,7 @@ from peft_dist.quant.loader import LoadReport, load_quantized_base
 from peft_dist.train import checkpoint as ckpt
 from peft_dist.train import faults
 from peft_dist.train.preflight import preflight
+from peft_dist.train.schedule import warmup_cosine
 from peft_dist.tracking import Tracker, create_tracker
 from peft_dist.tracking.plots import write_plots
 from peft_dist.tracking.run_info import (SLURM_JOB_IDS_TAG, gather_peak_memory, model_flops_per_token, run_params,
@@ -401,8 +401,8 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict):
     train = cfg.train
 
     def scheduler(opt):  # built by DeepSpeed around its wrapped optimizer
-        return get_cosine_with_min_lr_schedule_with_warmup(opt, train.warmup_steps, train.max_steps,
-                                                           min_lr_rate=train.min_lr_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(
+            s, train.warmup_steps, train.max_steps, train.min_lr_ratio))
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
                                       lr_scheduler=scheduler, config=ds_config)

@@ -47,6 +47,52 @@ def test_forward_and_input_gradient_match_float64_reference():
     assert layer.weight.grad is None and not layer.weight.requires_grad
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d_in", [64, 60])  # 60: not a multiple of 8, the packed kernel does not apply
+def test_every_dtype_path_matches_a_float64_reference(dtype, d_in):
+    """Forward and input gradient in each dtype (bf16 through the packed int8 kernel where it applies, fp16
+    with the scale applied before the GEMM) against float64 arithmetic on the same int8 weights."""
+    torch.manual_seed(4)
+    layer = Int8Linear.from_weight(torch.randn(48, d_in), torch.randn(48), dtype=dtype)
+    w = layer.dequantized_weight().double()
+    x = torch.randn(2, 7, d_in, dtype=torch.float64)
+    grad_y = torch.randn(2, 7, 48, dtype=torch.float64)
+    xd = x.to(dtype).requires_grad_()
+    y = layer(xd)
+    y.backward(grad_y.to(dtype))
+    x_ref = xd.detach().double()  # the rounded input, so only the layer's arithmetic is compared
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}[dtype]
+    scale_out = (x_ref @ w.t()).abs().max()
+    assert (y.double() - (x_ref @ w.t() + layer.bias.double())).abs().max() <= tol * scale_out
+    assert (xd.grad.double() - grad_y.to(dtype).double() @ w).abs().max() <= tol * (grad_y @ w).abs().max()
+
+
+def test_fp16_is_as_range_safe_as_a_plain_fp16_linear():
+    """Outputs near fp16's limit (6.5e4) from int8 partial sums far beyond it: x w8^T alone would be 127x
+    the output; the layer must give what an fp16 nn.Linear gives, and a finite input gradient."""
+    weight = torch.full((4, 2048), 0.25)
+    weight[:, 0] = 2.0  # absmax 2: w8 holds 127 for 2.0 and 16 for 0.25
+    layer = Int8Linear.from_weight(weight, None, dtype=torch.float16)
+    x = torch.full((3, 2048), 100.0, dtype=torch.float16, requires_grad=True)
+    plain = nn.Linear(2048, 4, bias=False, dtype=torch.float16)
+    plain.weight.data.copy_(layer.dequantized_weight())
+    y = layer(x)
+    assert 4e4 < y.float().abs().max() < 65504 and torch.isfinite(y).all()
+    torch.testing.assert_close(y, plain(x.detach()), rtol=2e-3, atol=0)
+    y.backward(torch.full_like(y, 1000.0))
+    assert torch.isfinite(x.grad).all()
+
+
+def test_the_packed_kernel_applies_only_where_measured_faster():
+    from peft_dist.quant.int8 import packed_kernel_applies
+
+    w8 = torch.zeros(64, 128, dtype=torch.int8)
+    assert packed_kernel_applies(torch.zeros(2, 128, dtype=torch.bfloat16), w8)
+    for dtype in (torch.float32, torch.float16):
+        assert not packed_kernel_applies(torch.zeros(2, 128, dtype=dtype), w8)
+    assert not packed_kernel_applies(torch.zeros(2, 60, dtype=torch.bfloat16), torch.zeros(64, 60, dtype=torch.int8))
+
+
 def test_backward_saves_no_dense_weight():
     layer = Int8Linear.from_weight(torch.randn(32, 16), None)
     saved = []

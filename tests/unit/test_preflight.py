@@ -1,4 +1,5 @@
 """The CLI refuses what the model cannot take before it starts a process group or reads a weight."""
+import pytest
 import torch
 
 from launcher.train import main
@@ -24,3 +25,19 @@ def test_a_shape_error_is_refused_before_loading(tmp_path, capsys):
                  "--set", f"checkpoint.output_dir={tmp_path / 'run'}", "--set", "tracking.backend=none"])
     assert code == 2
     assert "adapters[krona].a1: 7 does not divide 64" in capsys.readouterr().err
+
+
+def test_fp16_gets_loss_scaling_or_a_clear_refusal(tmp_path, capsys):
+    from deepspeed.accelerator import get_accelerator
+
+    from peft_dist.distributed.zero3 import build_ds_config
+    from peft_dist.train.config import load_config
+
+    config = build_ds_config(load_config(None, ["train.precision=fp16"]), world_size=2)
+    assert config["fp16"]["enabled"] and config["fp16"]["loss_scale"] == 0 and not config["bf16"]["enabled"]
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this machine's accelerator supports fp16: tests/gpu trains with it")
+    code = main(["--set", "train.precision=fp16", "--set", f"checkpoint.output_dir={tmp_path / 'run'}",
+                 "--set", "tracking.backend=none"])
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert "train.precision: fp16 is not supported by DeepSpeed's cpu accelerator" in capsys.readouterr().err

@@ -1,0 +1,94 @@
+"""One-rank jobs on this machine's accelerator (run by tests/gpu/test_gpu.py, NCCL on a GPU, gloo on the CPU),
+with every ``torch.distributed`` collective checked to receive tensors on that device.
+
+For each precision asked: every method trains a few steps of ZeRO-3 on the int8 tiny Llama; AdaLoRA stops
+after a checkpoint and resumes (its masks and importance travel through the checkpoint); the LoRA run is
+tracked in a local MLflow store, generated from and exported. Writes ``OUT/gpu.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import mlflow
+import torch
+from deepspeed.accelerator import get_accelerator
+from transformers import AutoModelForCausalLM
+
+from peft_dist.adapters.registry import methods
+from peft_dist.distributed.env import exit_process
+from peft_dist.export import export
+from peft_dist.generate import generate
+from peft_dist.inference import load_for_inference
+from peft_dist.train.config import build_run_config
+from peft_dist.train.trainer import train
+from tests.collectives import collectives_on
+from tests.compat.zero_worker import SETTINGS, write_corpus
+
+STEPS = 4
+
+
+def job(method: str, precision: str, out: Path, corpus: Path, **checkpoint) -> dict:
+    return {"model": {"dtype": "float32" if precision == "fp32" else "bfloat16"},
+            "adapters": [{"method": method, **SETTINGS.get(method, {})}],
+            "data": {"path": str(corpus), "block_size": 64},
+            "train": {"max_steps": STEPS, "micro_batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "eval_batches": 2,
+                      "log_interval": 1, "precision": precision},
+            "deepspeed": {"zero_stage": 3, "overrides": {"zero_optimization.stage3_param_persistence_threshold": 0}},
+            "tracking": {"backend": "none"},
+            "checkpoint": {"output_dir": str(out / f"{precision}-{method}"), "overwrite": True, **checkpoint}}
+
+
+def every_method(precision: str, out: Path, corpus: Path) -> dict:
+    runs = {}
+    for method in sorted(methods()):
+        result = train(build_run_config(job(method, precision, out, corpus)))
+        runs[method] = {"losses": result.losses, "eval_loss": result.eval_loss}
+    return runs
+
+
+def adalora_resumed(precision: str, out: Path, corpus: Path) -> list[float]:
+    """AdaLoRA stopped after step 2 with a checkpoint, then resumed to the end: its step losses."""
+    cfg = job("adalora", precision, out / "resumed", corpus, exit_interval=2)
+    first = train(build_run_config(cfg))
+    cfg["checkpoint"].update(overwrite=False, resume=True, exit_interval=0)
+    return first.losses + train(build_run_config(cfg)).losses
+
+
+def tracked_lora(precision: str, out: Path, corpus: Path) -> dict:
+    """LoRA tracked in a local MLflow store; then generate and a merged export, both on this device."""
+    cfg = job("lora", precision, out / "tracked", corpus)
+    cfg["tracking"] = {"backend": "mlflow", "uri": f"sqlite:///{out / 'mlflow.db'}"}
+    result = train(build_run_config(cfg))
+    mlflow.set_tracking_uri(f"sqlite:///{out / 'mlflow.db'}")
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    text = generate(result.adapter_dir, "the cat", max_new_tokens=8)
+    merged = AutoModelForCausalLM.from_pretrained(export(result.adapter_dir, out / f"merged-{precision}"))
+    adapted, _ = load_for_inference(result.adapter_dir)
+    ids = torch.randint(1, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gap = (merged(input_ids=ids).logits - adapted(input_ids=ids).logits).abs().max().item()
+    return {"metrics": sorted(run.data.metrics), "generated": text, "export_gap": gap}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--precisions", nargs="+", required=True)
+    args = parser.parse_args()
+    out = Path(args.out)
+    corpus = write_corpus(out / "corpus.txt")
+    device = get_accelerator().current_device_name()
+    record = {"device": device}
+    with collectives_on(device):
+        for precision in args.precisions:
+            record[precision] = {"methods": every_method(precision, out, corpus),
+                                 "adalora_resumed": adalora_resumed(precision, out, corpus),
+                                 "tracked": tracked_lora(precision, out, corpus)}
+    (out / "gpu.json").write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
+    exit_process(0)
