@@ -4,8 +4,10 @@
 
 (a) all-gather bytes per training step under ZeRO-3, int8 base vs the same model in bf16 (target <= 0.5x);
 (b) per-rank bytes of the frozen base (DeepSpeed's local partitions), int8 vs bf16 (target <= 0.55x);
-(c) forward+backward time of one LoRA-adapted int8 linear: ours (row-wise int8, dequantize-then-matmul)
-    vs peft LoRA on ``bnb.nn.Linear8bitLt`` at the same shape and batch on CPU (target: no slower).
+(c) forward+backward time of one LoRA-adapted int8 linear, fp32 and bf16 activations: ours (the packed
+    int8 kernel for bf16, the cast path for fp32; the input gradient in the forward's layout) vs the
+    previous cast path and vs peft LoRA on ``bnb.nn.Linear8bitLt``, same shape and batch on CPU (targets:
+    no slower than either).
 (a) and (b) count what really happens: every ``all_gather_into_tensor`` is wrapped to add up its
 output bytes, and (b) reads the engine's partitions with ``measured_model_state_bytes``.
 """
@@ -110,8 +112,35 @@ def time_layer(layer: torch.nn.Module, x: torch.Tensor, repeats: int = 15) -> fl
     return sorted(times)[len(times) // 2]
 
 
-def layer_step_times(d: int = 2048, tokens: int = 512) -> tuple[float, float]:
-    """(ours, peft on Linear8bitLt) for one d x d linear with LoRA r=8, fp32 activations on CPU."""
+class CastPath(torch.autograd.Function):
+    """The int8 matmul before the packed kernel and the transposed backward (kept here as the baseline):
+    cast the int8 weight, scale the product; backward ``(grad_y * scale) @ w8`` in the weight's layout."""
+
+    @staticmethod
+    def forward(ctx, x, w8, scale):
+        ctx.save_for_backward(w8, scale)
+        return (x @ w8.to(x.dtype).t()).mul_(scale.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        w8, scale = ctx.saved_tensors
+        return (grad_y * scale.to(grad_y.dtype)) @ w8.to(grad_y.dtype), None, None
+
+
+class PreviousPath(torch.nn.Module):
+    """The same LoRA-adapted int8 linear (same tensors) through ``CastPath``."""
+
+    def __init__(self, adapted: torch.nn.Module) -> None:
+        super().__init__()
+        self.adapted = adapted
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.adapted.base
+        return CastPath.apply(x, base.weight, base.weight_scale) + self.adapted.deltas["lora"](x)
+
+
+def layer_step_times(dtype: torch.dtype, d: int = 2048, tokens: int = 512) -> tuple[float, float, float]:
+    """(ours, the previous cast path, peft on Linear8bitLt) for one d x d linear with LoRA r=8 on CPU."""
     import bitsandbytes as bnb
     import peft
 
@@ -121,19 +150,21 @@ def layer_step_times(d: int = 2048, tokens: int = 512) -> tuple[float, float]:
 
     torch.manual_seed(0)
     dense = torch.nn.Linear(d, d, bias=False)
-    ours = AdaptedLinear(quantize_linear(dense, torch.float32))
-    ours.add_delta("lora", LoraDelta(d, d, r=8, alpha=16))
+    ours = AdaptedLinear(quantize_linear(dense, dtype))
+    ours.add_delta("lora", LoraDelta(d, d, r=8, alpha=16).to(dtype))
+    previous = PreviousPath(ours)
 
     int8 = bnb.nn.Linear8bitLt(d, d, bias=False, has_fp16_weights=False, threshold=0.0)
     int8.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
     int8 = int8.to("cpu")  # quantizes on placement
     holder = torch.nn.Sequential()
     holder.add_module("proj", int8)
-    theirs = peft.get_peft_model(holder, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["proj"]))
-    x = torch.randn(tokens, d)
-    time_layer(ours, x, 3)
-    time_layer(theirs, x, 3)  # warm-up
-    return time_layer(ours, x), time_layer(theirs, x)
+    theirs = peft.get_peft_model(holder, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["proj"])).to(dtype)
+    x = torch.randn(tokens, d, dtype=dtype)
+    repeats = 15 if dtype == torch.float32 else 5  # the previous bf16 backward takes many seconds a step
+    for layer in (ours, previous, theirs):
+        time_layer(layer, x, 1)  # warm-up
+    return time_layer(ours, x, repeats), time_layer(previous, x, repeats), time_layer(theirs, x, repeats)
 
 
 def main() -> None:
@@ -143,19 +174,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_bench_model(Path(tmp))
         int8, bf16 = run_variant("int8", Path(tmp)), run_variant("bf16", Path(tmp))
-    ours, theirs = layer_step_times()
+    times = {dtype: layer_step_times(dtype) for dtype in (torch.float32, torch.bfloat16)}
     print(f"(a) all-gather bytes / step, ZeRO-3, 2 ranks: int8 {int8['allgather_bytes_per_step']:,.0f}  "
           f"bf16 {bf16['allgather_bytes_per_step']:,.0f}")
     print(f"(b) frozen base bytes / rank: int8 {int8['frozen_bytes_per_rank']:,.0f}  "
           f"bf16 {bf16['frozen_bytes_per_rank']:,.0f}  (decoder linears alone: int8 "
           f"{int8['linear_bytes_per_rank']:,.0f}, bf16 {bf16['linear_bytes_per_rank']:,.0f})")
-    print(f"(c) LoRA r=8 on an int8 2048x2048 linear, 512 tokens, fwd+bwd: ours {ours * 1e3:.2f} ms  "
-          f"peft+Linear8bitLt {theirs * 1e3:.2f} ms")
+    for dtype, (ours, previous, theirs) in times.items():
+        print(f"(c) LoRA r=8 on an int8 2048x2048 linear, 512 tokens, {str(dtype)[6:]}, fwd+bwd: ours "
+              f"{ours * 1e3:.2f} ms  previous cast path {previous * 1e3:.2f} ms  peft+Linear8bitLt {theirs * 1e3:.2f} ms")
     print(f"ratio (a) all-gather int8/bf16: {int8['allgather_bytes_per_step'] / bf16['allgather_bytes_per_step']:.3f}"
           " (target <= 0.5)")
     print(f"ratio (b) base memory int8/bf16: {int8['frozen_bytes_per_rank'] / bf16['frozen_bytes_per_rank']:.3f}"
           f" (target <= 0.55); linears alone {int8['linear_bytes_per_rank'] / bf16['linear_bytes_per_rank']:.3f}")
-    print(f"ratio (c) step time ours/peft: {ours / theirs:.3f} (target <= 1.0)")
+    for dtype, (ours, previous, theirs) in times.items():
+        print(f"ratio (c) {str(dtype)[6:]} step time ours/peft: {ours / theirs:.3f} (target <= 1.0), "
+              f"ours/previous path: {ours / previous:.3f} (target <= 1.0)")
 
 
 if __name__ == "__main__":

@@ -54,10 +54,12 @@ def int8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch
 
 def int8_matmul_input_grad(grad_y: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``grad_y W`` for ``W = diag(scale) w8``: the input gradient, range-safe in every dtype (its partial
-    sums are those of the true product). The weight is transposed as int8 first, so the GEMM reads it in
-    the same layout as the forward: CPUs without native bf16 run the untransposed bf16/fp16 GEMM about
-    30x slower (measured, docs/BENCHMARKS.md)."""
+    sums are those of the true product). In 16-bit the weight is transposed as int8 first, so that the GEMM
+    reads it in the forward's layout: CPUs without native bf16/fp16 run the untransposed 16-bit GEMM about
+    30x slower (measured, docs/BENCHMARKS.md); fp32 keeps the plain product."""
     scaled = grad_y * scale.to(grad_y.dtype)
+    if grad_y.dtype == torch.float32:
+        return scaled @ w8.to(grad_y.dtype)
     w8_t = w8.t().contiguous()  # (d_in, d_out), one byte an element
     if packed_kernel_applies(grad_y, w8_t):
         ones = torch.ones(w8_t.shape[0], dtype=grad_y.dtype, device=grad_y.device)

@@ -48,14 +48,16 @@ class LoadReport:
     peak_private: int
     local_param_bytes: int  # this rank's share after loading (the ds_tensor partitions under ZeRO-3)
     full_param_bytes: int  # the whole (int8 + float) model
-    quantization: tuple[QuantReport, ...]  # one per int8 linear, in load order
+    bytes_read: int  # checkpoint tensor bytes this rank read (0 on ZeRO-3 ranks other than 0)
+    quantization: tuple[QuantReport, ...]  # one per int8 linear quantized on this rank, in load order
 
     def line(self) -> str:
         mib = 2 ** 20
         return (f"[rank {self.rank}/{self.world_size}] load_quantized_base zero3={self.zero3}: "
                 f"peak RSS {self.peak_rss / mib:.1f} MiB (+{(self.peak_rss - self.rss_before) / mib:.1f} MiB "
                 f"while loading; private +{(self.peak_private - self.private_before) / mib:.1f} MiB), "
-                f"parameters held {self.local_param_bytes / mib:.2f} MiB of {self.full_param_bytes / mib:.2f} MiB")
+                f"parameters held {self.local_param_bytes / mib:.2f} MiB of {self.full_param_bytes / mib:.2f} MiB, "
+                f"checkpoint read {self.bytes_read / mib:.2f} MiB")
 
 
 class CheckpointReader:
@@ -83,6 +85,7 @@ class CheckpointReader:
             raise ConfigError(f"model.name_or_path: no model.safetensors or model.safetensors.index.json in "
                               f"{str(directory)!r}; save the model with save_pretrained(safe_serialization=True)")
         self.files, self.keys, self.converted = files, {}, {}
+        self.bytes_read = 0
         transforms = get_model_conversion_mapping(model)
         renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
         converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
@@ -108,7 +111,9 @@ class CheckpointReader:
         path = self.files[key]
         if path not in self._open:
             self._open[path] = safe_open(path, framework="pt")
-        return self._open[path].get_tensor(key)
+        tensor = self._open[path].get_tensor(key)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
 
 
 def _param_bytes(model: nn.Module, local: bool) -> int:
@@ -135,12 +140,19 @@ def _zero3_dtype(ds_config: dict) -> torch.dtype:
 
 
 @torch.no_grad()
-def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointReader | None,
+def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointReader | None, reads: bool,
           transposed: set[str], names_of: dict[int, list[str]], done: dict[int, nn.Parameter],
           errors: list[QuantReport]) -> None:
     """Give ``module``'s own parameters and buffers real CPU tensors holding checkpoint (or init) values;
-    an int8 linear's quantization error goes to ``errors``."""
+    an int8 linear's quantization error goes to ``errors``.
+
+    Without ``reads`` (ZeRO-3 ranks other than 0) parameters stay uninitialised: ``zero.Init`` broadcasts
+    rank 0's values, so only rank 0 reads the checkpoint, quantizes and draws init values. Buffers are
+    not broadcast: every rank computes (or reads) its own, and only they run transformers' init here when
+    a checkpoint gives the parameters.
+    """
     prefix = f"{name}." if name else ""
+    needs_buffers = any(b is not None and b.is_meta for b in module.buffers(recurse=False))
     for key, buf in module.named_buffers(recurse=False):
         if buf is not None and buf.is_meta:
             module._buffers[key] = torch.empty_like(buf, device="cpu")
@@ -154,6 +166,8 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
         module._parameters[key] = done[id(meta)] = param
         fresh[key] = (param, names_of.get(id(meta), [prefix + key]))
     if isinstance(module, Int8Linear):
+        if not reads:
+            return
         if reader is None:  # config-only: the float linear transformers would have built, then quantized
             # Built on meta so that only _init_weights draws random numbers, exactly as for an unquantized
             # base: the builtin model has the same values with and without quantization.
@@ -172,10 +186,11 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
         if bias is not None:
             module.bias.copy_(bias)
         return
-    model._init_weights(module)  # also computes non-persistent buffers such as rotary inv_freq
+    if (reader is None and reads) or needs_buffers:  # also computes non-persistent buffers (rotary inv_freq)
+        model._init_weights(module)
     if reader is None:
         return
-    for key, (param, candidates) in fresh.items():
+    for key, (param, candidates) in fresh.items() if reads else ():
         param.copy_(reader.get(next((n for n in candidates if n in reader), prefix + key)))
     for key, buf in module.named_buffers(recurse=False):
         if buf is not None and prefix + key in reader:
@@ -208,13 +223,14 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     done: dict[int, nn.Parameter] = {}
     errors: list[QuantReport] = []
     peak, peak_private = rss_before, private_before
+    reads = not zero3 or dist.get_rank() == 0
     with torch.random.fork_rng():
         torch.manual_seed(0)
         for name, module in reversed(list(model.named_modules())):  # children before their parents
             if not any(True for _ in module.parameters(recurse=False)) and not any(
                     b is not None and b.is_meta for b in module.buffers(recurse=False)):
                 continue
-            _fill(model, name, module, reader, transposed, names_of, done, errors)
+            _fill(model, name, module, reader, reads, transposed, names_of, done, errors)
             rss, private = resident_bytes()
             peak, peak_private = max(peak, rss), max(peak_private, private)
             if zero3:
@@ -227,7 +243,7 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     report = LoadReport(dist.get_rank() if dist.is_initialized() else 0,
                         dist.get_world_size() if dist.is_initialized() else 1, zero3, rss_before, peak,
                         private_before, peak_private, _param_bytes(model, local=True),
-                        _param_bytes(model, local=False), tuple(errors))
+                        _param_bytes(model, local=False), reader.bytes_read if reader else 0, tuple(errors))
     return model, report
 
 

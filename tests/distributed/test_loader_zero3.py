@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from peft_dist.config.schema import ModelConfig, QuantizationConfig
@@ -78,3 +79,12 @@ def test_peak_memory_is_a_shard_plus_one_layer(zero3_run):
         # observed: ~5.6 MiB shard + ~1.5 MiB; the float model is ~40 MiB, its bf16 copy ~20 MiB
         assert grown < report["local_param_bytes"] + 2 * largest_fp32, (grown / MIB, report)
         assert grown < fp32_model / 4, (grown / MIB, fp32_model / MIB)
+
+
+@pytest.mark.slow
+def test_only_rank_0_reads_the_checkpoint(zero3_run):
+    """zero.Init broadcasts rank 0's values: rank 0 reads every stored tensor once, rank 1 reads none."""
+    directory, ranks, _ = zero3_run
+    stored = sum(t.numel() * t.element_size() for f in directory.glob("*.safetensors") for t in load_file(f).values())
+    assert ranks[0]["report"]["bytes_read"] == stored
+    assert ranks[1]["report"]["bytes_read"] == 0
