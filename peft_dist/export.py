@@ -9,54 +9,39 @@ peft-dist installed; zero inference overhead. Only weight-space methods merge (L
 BitFit); the others change the computation and need peft-dist at inference.
 ``peft``: ``OUT/base`` (the dequantized base, unmerged) and ``OUT/adapter`` in the ``peft`` library's
 LoRA format, for ``peft.PeftModel.from_pretrained(base, OUT/adapter)`` (one LoRA adapter only).
+
+Both stream: the weights are written tensor by tensor into safetensors shards (``--max-shard-size``), so
+the export holds the int8 model, one layer in float32 and one shard, never a float copy of the model.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
 from peft_dist.adapters.base import AdaptedLinear, AdapterModule, dense_weight
 from peft_dist.adapters.lora import LoraDelta
 from peft_dist.config.load import build_dataclass
 from peft_dist.config.schema import ModelConfig
-from peft_dist.quant.loader import build_model
-from peft_dist.quant.int8 import Int8Linear
+from peft_dist.inference import load_for_inference
+from peft_dist.model import DTYPES
+from peft_dist.targets import QuantizedLinear
 from peft_dist.tracking.offline import record_export
 from peft_dist.train.checkpoint import CheckpointError, read_metadata
-from peft_dist.inference import load_for_inference
 
 
 class ExportError(ValueError):
     """The checkpoint cannot be exported in the requested format; the message says why and what to do."""
-
-
-def dense_linears(model: nn.Module, merge: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """``name -> ((d_out, d_in) float weight, bias)`` for every int8 or adapted linear of ``model``.
-
-    With ``merge`` every linear delta is folded in (and must be mergeable); without, deltas are ignored.
-    """
-    dense = {}
-    adapted = {name for name, m in model.named_modules() if isinstance(m, AdaptedLinear)}
-    for name, module in model.named_modules():
-        if isinstance(module, AdaptedLinear):
-            weight = dense_weight(module.base).detach().float().clone()
-            for delta_name, delta in module.deltas.items():
-                if merge:
-                    if not delta.mergeable:
-                        raise ExportError(f"adapter {delta_name!r} on {name} cannot be merged into a weight")
-                    weight += delta.delta_weight().detach().float()
-            dense[name] = (weight, module.base.bias)
-        elif isinstance(module, Int8Linear) and name.rpartition(".")[0] not in adapted:
-            dense[name] = (module.dequantized_weight().detach().float(), module.bias)
-    return dense
 
 
 def check_mergeable(model: nn.Module) -> None:
@@ -70,36 +55,104 @@ def check_mergeable(model: nn.Module) -> None:
                           "(peft_dist.inference.load_for_inference) or export a weight-space method")
 
 
+def _dense_weight(module: nn.Module, merge: bool, name: str) -> torch.Tensor:
+    """The ``(d_out, d_in)`` float32 weight of an int8 or adapted linear, with every delta folded in when
+    ``merge`` (each must be mergeable) or none of them."""
+    base = module.base if isinstance(module, AdaptedLinear) else module
+    weight = dense_weight(base).detach().float().clone()
+    for delta_name, delta in (module.deltas.items() if merge and isinstance(module, AdaptedLinear) else ()):
+        if not delta.mergeable:
+            raise ExportError(f"adapter {delta_name!r} on {name} cannot be merged into a weight")
+        weight += delta.delta_weight().detach().float()
+    return weight
+
+
+def remember(store: dict[str, torch.Tensor], key: str, value: torch.Tensor, keep: bool) -> torch.Tensor:
+    if keep:
+        store[key] = value
+    return value
+
+
 @torch.no_grad()
-def plain_model(adapted: nn.Module, model_cfg: ModelConfig, merge: bool) -> tuple[nn.Module, list[str]]:
-    """A fresh, un-quantized base with the adapted model's dense (optionally merged) weights, and the linears
-    that had to be untied from the input embeddings because merging changed them (e.g. a LoRA on a tied
-    ``lm_head``): they get their own weight and the config says ``tie_word_embeddings: false``."""
-    if merge:
-        check_mergeable(adapted)
-    plain, _ = build_model(model_cfg)
-    # Embeddings, norms and other float tensors come from the adapted model too, not from a fresh init of
-    # the base (whose values depend on how it was built); BitFit's trained ones only when merging. They go
-    # first, so that a tied embedding cannot overwrite a merged linear written below.
-    params = dict(plain.named_parameters())
-    for name, param in adapted.named_parameters():
-        if name in params and param.is_floating_point() and (merge or not param.requires_grad):
-            params[name].copy_(param)
-    shared = Counter(id(p) for _, p in plain.named_parameters(remove_duplicate=False))
-    modules = dict(plain.named_modules())
-    untied = []
-    for name, (weight, bias) in dense_linears(adapted, merge).items():
-        target = modules[name]
-        weight = weight.t() if isinstance(target, Conv1D) else weight
-        if shared[id(target.weight)] > 1 and not torch.equal(target.weight, weight.to(target.weight.dtype)):
-            target.weight = nn.Parameter(torch.empty_like(target.weight), requires_grad=False)
-            untied.append(name)
-        target.weight.copy_(weight)
-        if bias is not None:
-            target.bias.copy_(bias)
+def dense_tensors(adapted: nn.Module, plain: nn.Module, merge: bool,
+                  dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, bool]]:
+    """``(name, tensor in dtype, untied)`` for every tensor of the plain transformers model ``plain`` (a meta
+    skeleton: names, ``Conv1D`` layouts, ties), one at a time: int8 and adapted linears dequantized (with
+    their deltas when ``merge``), every other parameter and buffer as the adapted model holds it (BitFit's
+    trained biases included). ``untied`` marks a linear tied to another tensor (a tied ``lm_head``) whose
+    merged weight differs from it: it is written with its own weight."""
+    plain_modules = dict(plain.named_modules())
+    plain_state = plain.state_dict(keep_vars=True)
+    owners = {id(t): n for n, t in reversed(list(plain_state.items()))}  # tied tensors: their first name
+    tied = Counter(owners[id(t)] for t in plain_state.values())
+    written: dict[str, torch.Tensor] = {}  # what was written under a name other tensors are tied to
+    inside = None  # the module whose tensors were just written whole (a linear) or are skipped (an adapter)
+    for name, module in adapted.named_modules():
+        if inside and name.startswith(inside):
+            continue
+        prefix = f"{name}." if name else ""
+        if isinstance(module, (AdaptedLinear, QuantizedLinear)):
+            inside = prefix
+            weight = _dense_weight(module, merge, name)
+            weight = weight.t() if isinstance(plain_modules[name], Conv1D) else weight
+            key, tied_to = prefix + "weight", owners[id(plain_state[prefix + "weight"])]
+            untied = tied_to != key and not torch.equal(written[tied_to], weight.to(dtype))
+            if tied_to == key or untied:
+                yield key, remember(written, key, weight.to(dtype), tied[key] > 1), untied
+            bias = (module.base if isinstance(module, AdaptedLinear) else module).bias
+            if bias is not None:
+                yield prefix + "bias", bias.detach().to(dtype), False
+            continue
+        if isinstance(module, AdapterModule):
+            inside = prefix
+            continue
+        for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            full = prefix + key
+            if full in plain_state and owners[id(plain_state[full])] == full:  # tied copies are written once
+                value = tensor.detach().to(dtype if tensor.is_floating_point() else tensor.dtype)
+                yield full, remember(written, full, value, tied[full] > 1), False
+
+
+def write_dense_model(adapted: nn.Module, out: Path, merge: bool, dtype: torch.dtype,
+                      max_shard_bytes: int) -> list[str]:
+    """The plain (optionally merged) model as a Hugging Face directory, streamed tensor by tensor into
+    safetensors shards of at most ``max_shard_bytes`` (with an index when there are several): peak memory
+    is the adapted model plus one shard. Returns the linears it had to untie (see ``dense_tensors``)."""
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(adapted.config)
+    out.mkdir(parents=True, exist_ok=True)
+    shards, shard, size, weight_map, total, untied = [], {}, 0, {}, 0, []
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            shards.append(out / f".shard-{len(shards) + 1}.safetensors")
+            save_file(shard, str(shards[-1]), metadata={"format": "pt"})
+            shard, size = {}, 0
+
+    for key, tensor, was_tied in dense_tensors(adapted, plain, merge, dtype):
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+        shard[key], size, total = tensor.contiguous(), size + nbytes, total + nbytes
+        weight_map[key] = len(shards)
+        if was_tied:
+            untied.append(key.rpartition(".")[0])
+    flush()
+    names = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    for path, final in zip(shards, names):
+        path.rename(out / final)
+    if len(shards) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": {k: names[i] for k, i in weight_map.items()}}, indent=2))
+    config = copy.deepcopy(adapted.config)
+    config.use_cache = True  # the loader turns the cache off for training; a served model wants it
+    config.dtype = dtype
     if untied:
-        plain.config.tie_word_embeddings = False
-    return plain, untied
+        config.tie_word_embeddings = False
+    config.save_pretrained(out)
+    return untied
 
 
 def peft_lora_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], LoraDelta, list[str]]:
@@ -121,18 +174,18 @@ def peft_lora_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], LoraDelt
     return state, next(iter(found.values())), sorted({n.split(".")[-1] for n in found})
 
 
-def export(adapter_dir: str | Path, out: str | Path, fmt: str = "merged") -> Path:
+def export(adapter_dir: str | Path, out: str | Path, fmt: str = "merged", max_shard_bytes: int = 2 * 2**30) -> Path:
     """Write the export and return its directory (see the module docstring)."""
     adapter_dir, out = Path(adapter_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose a new --out directory")
     metadata = read_metadata(adapter_dir)
     model_cfg = build_dataclass(ModelConfig, metadata["model"], "model")
-    model_cfg.gradient_checkpointing = False
     adapted, tokenizer = load_for_inference(adapter_dir)
+    dtype = DTYPES[model_cfg.dtype]
     if fmt == "merged":
-        plain, untied = plain_model(adapted, model_cfg, merge=True)
-        plain.save_pretrained(out)
+        check_mergeable(adapted)
+        untied = write_dense_model(adapted, out, True, dtype, max_shard_bytes)
         tokenizer.save_pretrained(out)
         for name in untied:
             print(f"peft-dist export: {name} was tied to the input embeddings and its adapter changed it: "
@@ -140,15 +193,18 @@ def export(adapter_dir: str | Path, out: str | Path, fmt: str = "merged") -> Pat
     elif fmt == "peft":
         state, lora, targets = peft_lora_state(adapted)
         config = next(a for a in metadata["adapters"] if a["method"] == "lora")
-        base, _ = plain_model(adapted, model_cfg, merge=False)
-        base.save_pretrained(out / "base")
+        trained = [n for n, p in adapted.named_parameters() if p.requires_grad and ".deltas." not in n]
+        if trained:
+            raise ExportError(f"{trained[0]} was trained outside the LoRA adapter (BitFit); the peft format "
+                              "holds one LoRA adapter and would lose it: use --format merged")
+        write_dense_model(adapted, out / "base", False, dtype, max_shard_bytes)
         tokenizer.save_pretrained(out / "base")
         (out / "adapter").mkdir(parents=True)
         save_file(state, str(out / "adapter" / "adapter_model.safetensors"))
         (out / "adapter" / "adapter_config.json").write_text(json.dumps({
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.A.shape[0], "lora_alpha": config["alpha"],
             "use_rslora": config["rslora"], "lora_dropout": config["dropout"], "target_modules": targets,
-            "fan_in_fan_out": any(isinstance(m, Conv1D) for m in base.modules()), "bias": "none",
+            "fan_in_fan_out": adapted.config.model_type == "gpt2", "bias": "none",
             "base_model_name_or_path": str((out / "base").resolve())}, indent=2))
     else:
         raise ExportError(f"--format {fmt!r}: use merged or peft")
@@ -161,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("adapter_dir", help="an adapter checkpoint directory (e.g. runs/tiny-lora/adapter)")
     parser.add_argument("--out", required=True, help="a new directory to write")
     parser.add_argument("--format", default="merged", choices=["merged", "peft"])
+    parser.add_argument("--max-shard-size", type=float, default=2.0, metavar="GIB",
+                        help="largest safetensors shard; peak memory is the int8 model plus one shard (default 2)")
     args = parser.parse_args(argv)
     try:
-        print(export(args.adapter_dir, args.out, args.format))
+        print(export(args.adapter_dir, args.out, args.format, int(args.max_shard_size * 2**30)))
     except (ExportError, CheckpointError) as err:
         print(f"peft-dist export: error: {err}", file=sys.stderr)
         return 2
