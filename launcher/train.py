@@ -28,20 +28,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import yaml
+
     from peft_dist.config import ConfigError, config_to_dict
-    from peft_dist.train.config import load_config
     from peft_dist.data import DataError
     from peft_dist.train.checkpoint import CheckpointError
+    from peft_dist.train.config import load_config
+    from peft_dist.train.trainer import PREEMPTED_EXIT_CODE, TrainingAborted, train
 
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
-            import yaml
-
             print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
             return 0
-        from peft_dist.train.trainer import PREEMPTED_EXIT_CODE, TrainingAborted, train
-
         result = train(cfg)
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"peft-dist: error: {err}", file=sys.stderr)

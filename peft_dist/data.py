@@ -146,11 +146,15 @@ class Blocks:
     eval_labels: torch.Tensor
 
 
+def check_block_size(block_size: int, max_positions: int | None) -> None:
+    if max_positions is not None and block_size > max_positions:
+        raise DataError(f"data.block_size: {block_size} exceeds the model's context of {max_positions} "
+                        f"tokens; set data.block_size <= {max_positions}")
+
+
 def build_blocks(cfg: DataConfig, tokenizer, max_positions: int | None = None) -> Blocks:
     """Read, split (by document, deterministic from ``cfg.seed``), tokenize and pack."""
-    if max_positions is not None and cfg.block_size > max_positions:
-        raise DataError(f"data.block_size: {cfg.block_size} exceeds the model's context of {max_positions} "
-                        f"tokens; set data.block_size <= {max_positions}")
+    check_block_size(cfg.block_size, max_positions)
     docs = read_documents(cfg)
     order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     n_eval = max(1, round(len(docs) * cfg.eval_fraction))

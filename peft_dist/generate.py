@@ -5,11 +5,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 from deepspeed.accelerator import get_accelerator
 
 from peft_dist.inference import load_for_inference
+from peft_dist.train.checkpoint import CheckpointError
 
 
 def generate(adapter_dir: str, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0) -> str:
@@ -26,15 +28,20 @@ def generate(adapter_dir: str, prompt: str, max_new_tokens: int = 40, temperatur
     return tokenizer.decode(output[0], skip_special_tokens=True)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapter_dir", help="an adapter checkpoint directory (e.g. runs/tiny-lora/adapter)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     args = parser.parse_args()
-    print(generate(args.adapter_dir, args.prompt, args.max_new_tokens, args.temperature))
+    try:
+        print(generate(args.adapter_dir, args.prompt, args.max_new_tokens, args.temperature))
+    except CheckpointError as err:
+        print(f"peft-dist generate: error: {err}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

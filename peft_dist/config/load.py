@@ -138,9 +138,15 @@ def load_config_dict(path: str | Path | None, overrides: list[str] = ()) -> dict
         if not path.is_file():
             raise ConfigError(f"--config {path}: no such file; see configs/ for examples")
         try:
-            data = parse_yaml(path.read_text()) or {}
+            data = parse_yaml(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"--config {path}: not UTF-8 text (byte {err.start}); a run config is a YAML "
+                              "file, see configs/") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"--config {path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {path}: expected a mapping of sections (model:, adapters:, ...), "
+                              f"got {type(data).__name__}; see configs/")
     else:
         data = default_config_dict()
     for assignment in overrides:

@@ -7,12 +7,13 @@ directory on rank 0 and renamed into place, so a crash never leaves a half-writt
 from __future__ import annotations
 
 import json
-import os
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -22,6 +23,9 @@ from peft_dist.config.load import config_to_dict
 from peft_dist.config.schema import CheckpointConfig, ConfigError, ModelConfig, QuantizationConfig
 from peft_dist.distributed.zero3 import gathered
 from peft_dist.train import faults
+from peft_dist.train.files import fsync_dir, fsync_tree, sha256, write_atomically
+
+log = logging.getLogger("peft_dist")
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -29,22 +33,6 @@ CONFIG = "adapter_config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or does not belong to this model / adapter config."""
-
-
-def write_atomically(directory: Path, write: Any) -> None:
-    """Call ``write(tmp_dir)`` and rename ``tmp_dir`` to ``directory`` (replacing an older one)."""
-    directory = Path(directory)
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if directory.exists():
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        directory.rename(old)
-        tmp.rename(directory)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(directory)
 
 
 def save_adapter(model: nn.Module, directory: str | Path, metadata: dict, is_main: bool) -> None:
@@ -61,7 +49,8 @@ def save_adapter(model: nn.Module, directory: str | Path, metadata: dict, is_mai
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / WEIGHTS))
-        (tmp / CONFIG).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+        recorded = {**metadata, "weights_sha256": sha256(tmp / WEIGHTS)}  # checked by load_adapter_weights
+        (tmp / CONFIG).write_text(json.dumps(recorded, indent=2, sort_keys=True, default=str))
 
     write_atomically(Path(directory), write)
 
@@ -89,8 +78,17 @@ def check_base(metadata: dict, base_identity: dict, directory: Path) -> None:
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
-    """Load saved tensors into an already injected (not yet DeepSpeed-wrapped) model."""
-    state = load_file(str(Path(directory) / WEIGHTS))
+    """Load saved tensors into an already injected (not yet DeepSpeed-wrapped) model, after checking them
+    against the checksum the checkpoint recorded."""
+    path = Path(directory) / WEIGHTS
+    recorded = read_metadata(directory).get("weights_sha256")
+    if recorded is not None and sha256(path) != recorded:
+        raise CheckpointError(f"{path}: damaged (its sha256 differs from the one recorded in {CONFIG}); use "
+                              "another checkpoint, e.g. one of the run's checkpoints/step-N/adapter")
+    try:
+        state = load_file(str(path))
+    except SafetensorError as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err}); use another checkpoint") from None
     try:
         load_adapter_state_dict(model, state)
     except (RuntimeError, ValueError) as err:
@@ -110,16 +108,6 @@ def check_run_dir(run_dir: Path, cfg: CheckpointConfig) -> None:
         raise ConfigError(f"checkpoint.output_dir: {run_dir} already holds a run. Choose another directory, "
                           "or set checkpoint.resume=true to continue it, or checkpoint.overwrite=true "
                           "to replace it")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _barrier() -> None:
@@ -155,10 +143,12 @@ def save_training_checkpoint(engine, run_dir: Path, step: int, hooks: list, trac
         manifest = {"step": step, "world_size": torch.distributed.get_world_size() if
                     torch.distributed.is_initialized() else 1,
                     "base_model": metadata["base_model"], "adapters": metadata["adapters"],
-                    "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
+                    "files": {str(p.relative_to(tmp)): sha256(p) for p in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+        fsync_tree(tmp)  # every file on disk before the manifest's directory takes its final name
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fsync_dir(root)
         complete = sorted(p for p in root.glob("step-*") if (p / MANIFEST).is_file())
         for old in complete[:-keep_last]:
             shutil.rmtree(old)
@@ -166,10 +156,35 @@ def save_training_checkpoint(engine, run_dir: Path, step: int, hooks: list, trac
     return final
 
 
+def damaged_file(checkpoint: Path) -> str | None:
+    """The first file of ``checkpoint`` whose sha256 differs from its manifest (or is missing), else None."""
+    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    for name, digest in manifest["files"].items():
+        if not (checkpoint / name).is_file() or sha256(checkpoint / name) != digest:
+            return name
+    return None
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint whose manifest exists; partial (``.tmp``) directories are ignored."""
+    """The newest checkpoint that is complete (its manifest exists; ``.tmp`` directories are partial) and
+    intact (every file matches its checksum). A damaged one is skipped with a warning naming the file, so
+    resume falls back to the previous checkpoint."""
     complete = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step-*") if (p / MANIFEST).is_file())
-    return complete[-1] if complete else None
+    for path in reversed(complete):
+        damaged = damaged_file(path)
+        if damaged is None:
+            return path
+        log.warning("%s: %s does not match its checksum; skipping this checkpoint", path, damaged)
+    return None
+
+
+def chosen_checkpoint(run_dir: Path) -> Path | None:
+    """``latest_checkpoint`` as rank 0 sees it, broadcast so that every rank resumes from the same one."""
+    choice = [str(latest_checkpoint(run_dir)) if not torch.distributed.is_initialized()
+              or torch.distributed.get_rank() == 0 else None]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(choice, src=0)
+    return None if choice[0] == "None" else Path(choice[0])
 
 
 def load_training_checkpoint(engine, run_dir: Path, hooks: list, metadata: dict) -> dict | None:
@@ -177,7 +192,7 @@ def load_training_checkpoint(engine, run_dir: Path, hooks: list, metadata: dict)
 
     Refuses a checkpoint of another base model, adapter config or world size.
     """
-    path = latest_checkpoint(run_dir)
+    path = chosen_checkpoint(run_dir)
     if path is None:
         return None
     manifest = json.loads((path / MANIFEST).read_text())

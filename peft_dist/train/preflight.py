@@ -8,6 +8,8 @@ with the same words it would have used after loading.
 """
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,8 +18,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from peft_dist.adapters.inject import inject_adapters
-from peft_dist.config.schema import ConfigError, RunConfig
-from peft_dist.model import DTYPES, load_model_config
+from peft_dist.config.schema import ConfigError, DataConfig, RunConfig
+from peft_dist.data import BUILTIN_STDLIB, check_block_size, check_jsonl, resolve_files
+from peft_dist.model import DTYPES, load_model_config, max_positions
 from peft_dist.quant.model import quantize_model
 
 
@@ -43,9 +46,36 @@ def check_precision(precision: str) -> None:
                           f"{' or '.join(p for p, ok in supported.items() if ok)}")
 
 
+def check_output_dir(path: Path) -> None:
+    """Create the run directory and write a file in it (root passes permission checks that the file
+    system then refuses, so only trying tells)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise ConfigError(f"checkpoint.output_dir: cannot create or write {str(path)!r} ({err.strerror}); "
+                          "choose a directory this user can write") from None
+
+
+def check_data(data: DataConfig, model_config: PretrainedConfig) -> None:
+    """Data errors found without tokenizing: the files exist in one format, jsonl lines parse and carry the
+    fields (``file:line`` on the first bad one), and a block fits the model's context."""
+    check_block_size(data.block_size, max_positions(model_config))
+    if data.path != BUILTIN_STDLIB:
+        files, fmt = resolve_files(data.path, data.format)
+        if fmt == "jsonl":
+            fields = [data.prompt_field, data.response_field] if data.prompt_field else [data.text_field]
+            for file in files:
+                check_jsonl(file, fields)
+
+
 def preflight(cfg: RunConfig) -> None:
-    """Raise ``ConfigError`` for a precision, adapter or quantization setting this machine or model cannot
-    take."""
+    """Raise ``ConfigError`` or ``DataError`` for anything this machine, model or data cannot take: the
+    precision, the output directory, the data, the adapters and quantization (on the meta device)."""
     check_precision(cfg.train.precision)
+    model_config = load_model_config(cfg.model.name_or_path)
+    check_data(cfg.data, model_config)
     quant_targets = cfg.quantization.target_modules if cfg.quantization.enabled else None
-    meta_model(load_model_config(cfg.model.name_or_path), cfg.adapters, quant_targets, cfg.model.dtype)
+    meta_model(model_config, cfg.adapters, quant_targets, cfg.model.dtype)
+    check_output_dir(Path(cfg.checkpoint.output_dir))  # last: it creates the directory

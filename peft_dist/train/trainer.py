@@ -34,6 +34,7 @@ from peft_dist.model import base_identity, load_tokenizer, max_positions
 from peft_dist.quant.loader import LoadReport, load_quantized_base
 from peft_dist.train import checkpoint as ckpt
 from peft_dist.train import faults
+from peft_dist.train.files import lock_run_dir, unlock_run_dirs
 from peft_dist.train.preflight import preflight
 from peft_dist.train.schedule import warmup_cosine
 from peft_dist.tracking import Tracker, create_tracker
@@ -294,6 +295,7 @@ class Run:
         if self.bar is not None:
             self.bar.close()
         self.tracker.close(status)
+        unlock_run_dirs()
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -316,8 +318,10 @@ def setup(cfg: RunConfig) -> Run:
     dist = resolve_env()
     log = setup_logging(dist.rank)
     run_dir = Path(cfg.checkpoint.output_dir)
-    ckpt.check_run_dir(run_dir, cfg.checkpoint)  # these checks run before any process group starts
-    preflight(cfg)
+    preflight(cfg)  # these checks run before any process group starts
+    if dist.is_main:
+        lock_run_dir(run_dir)  # held for the life of the job: one job per run directory
+    ckpt.check_run_dir(run_dir, cfg.checkpoint)
     ds_config = build_ds_config(cfg, dist.world_size)
     init_distributed(dist)
     torch.distributed.barrier()

@@ -33,7 +33,7 @@ def test_overrides_parse_yaml_values_and_index_lists():
     ("trian.lr=1", r"trian: unknown section"),
     ("train.max_steps=ten", r"train.max_steps: expected int, got 'ten'"),
     ("train.micro_batch_size=0", r"train.micro_batch_size: got 0; must be >= 1"),
-    ("train.precision=fp8", r"train.precision: got 'fp8'; use fp32 or bf16"),
+    ("train.precision=fp8", r"train.precision: got 'fp8'; use fp32, bf16 or fp16"),
     ("adapters.0.r=0", r"adapters.0.r: got 0; the rank must be >= 1"),
     ("adapters.0.rank=8", r"adapters.0.rank: unknown key"),
     ("adapters.0.method=loraa", r"adapters.0.method: unknown adapter method 'loraa'; known: .*lora"),
