@@ -156,13 +156,12 @@ def mean_loss(model: torch.nn.Module, blocks: torch.Tensor) -> float:
 
 def train(model: torch.nn.Module, blocks: torch.Tensor, steps: int, lr: float, seed: int, hooks: list) -> list[float]:
     """AdamW over the trainable parameters, warm-up then cosine, clipping 1.0; returns each step's seconds."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
     from peft_dist.adapters.inject import trainable_parameters
+    from peft_dist.train.schedule import warmup_cosine
 
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, WARMUP_STEPS, steps, min_lr_rate=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, WARMUP_STEPS, steps, 0.1))
     times = []
     for step, x in enumerate(batches(blocks, steps, seed), start=1):
         began = time.perf_counter()
