@@ -56,7 +56,7 @@ class MlflowServer:
         env.pop("MLFLOW_TRACKING_URI", None)
         log = open(self.root / "server.log", "ab")
         self.proc = subprocess.Popen(
-            ["mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{self.root}/server.db",
              "--artifacts-destination", str(self.root / "artifacts")],
             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
