@@ -101,15 +101,17 @@ def run_variant(variant: str, model_dir: Path) -> dict:
         return json.loads(out.read_text())
 
 
-def time_layer(layer: torch.nn.Module, x: torch.Tensor, repeats: int = 15) -> float:
-    """Median forward+backward seconds of ``layer`` on ``x`` (input gradient and adapter gradients)."""
-    times = []
+def time_layers(layers: list[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
+    """Median forward+backward seconds of each layer on ``x`` (input gradient and adapter gradients), the
+    layers timed in turn within each round so that machine load falls on all of them alike."""
+    times: list[list[float]] = [[] for _ in layers]
     for _ in range(repeats):
-        xi = x.detach().requires_grad_()
-        began = time.perf_counter()
-        layer(xi).float().sum().backward()
-        times.append(time.perf_counter() - began)
-    return sorted(times)[len(times) // 2]
+        for layer, own in zip(layers, times):
+            xi = x.detach().requires_grad_()
+            began = time.perf_counter()
+            layer(xi).float().sum().backward()
+            own.append(time.perf_counter() - began)
+    return [sorted(own)[len(own) // 2] for own in times]
 
 
 class CastPath(torch.autograd.Function):
@@ -162,9 +164,8 @@ def layer_step_times(dtype: torch.dtype, d: int = 2048, tokens: int = 512) -> tu
     theirs = peft.get_peft_model(holder, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["proj"])).to(dtype)
     x = torch.randn(tokens, d, dtype=dtype)
     repeats = 15 if dtype == torch.float32 else 5  # the previous bf16 backward takes many seconds a step
-    for layer in (ours, previous, theirs):
-        time_layer(layer, x, 1)  # warm-up
-    return time_layer(ours, x, repeats), time_layer(previous, x, repeats), time_layer(theirs, x, repeats)
+    time_layers([ours, previous, theirs], x, 1)  # warm-up
+    return tuple(time_layers([ours, previous, theirs], x, repeats))
 
 
 def main() -> None:
