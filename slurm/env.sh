@@ -7,10 +7,8 @@ export NCCL_IB_DISABLE="${NCCL_IB_DISABLE:-0}"            # use InfiniBand verbs
 export NCCL_IB_HCA="${NCCL_IB_HCA:-}"                     # e.g. mlx5 : which HCAs (empty = all)
 export NCCL_IB_GID_INDEX="${NCCL_IB_GID_INDEX:-}"         # RoCE only: the GID with IPv4 (often 3)
 export NCCL_IB_TIMEOUT="${NCCL_IB_TIMEOUT:-22}"           # 4.096us * 2^22 ~ 17 s before an IB retry fails
-export NCCL_IB_RETRY_CNT="${NCCL_IB_RETRY_CNT:-10}"
-export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-^lo,docker,virbr}"  # bootstrap / TCP: not loopback
-export NCCL_NET_GDR_LEVEL="${NCCL_NET_GDR_LEVEL:-PHB}"    # GPUDirect RDMA when NIC and GPU share a PCIe host bridge
-export NCCL_CROSS_NIC="${NCCL_CROSS_NIC:-0}"              # rail-optimised fabrics: keep rings on one rail
+# Topology (NCCL_SOCKET_IFNAME, NCCL_NET_GDR_LEVEL, NCCL_CROSS_NIC) and NCCL_IB_RETRY_CNT (7, its maximum)
+# are left to NCCL's own detection; a site that needs them exports them before sbatch.
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"                   # INFO prints the chosen transport per ring
 export NCCL_DEBUG_SUBSYS="${NCCL_DEBUG_SUBSYS:-INIT,NET}"
 # Fail fast instead of hanging until the collective timeout when a peer dies (torch >= 2.2 name).
@@ -23,7 +21,6 @@ export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-}"       # e.g. ib0 or eth0 whe
 # --- processes
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"  # one task's share of the cores
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
-export CUDA_DEVICE_MAX_CONNECTIONS="${CUDA_DEVICE_MAX_CONNECTIONS:-1}"   # keeps comm kernels in issue order
 export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"  # less fragmentation
 export PYTHONUNBUFFERED=1                                                # log lines arrive as they happen
 

@@ -20,8 +20,9 @@ PYTHON="${PYTHON:-python3}"
 PREEMPTED_EXIT_CODE=75  # peft_dist.train.trainer.PREEMPTED_EXIT_CODE
 # shellcheck source=env.sh
 source "$ROOT/slurm/env.sh"
-# Torch-style variables from an enclosing launcher would win over Slurm's in env.py: drop them.
-unset RANK LOCAL_RANK WORLD_SIZE
+# Torch-style variables from an enclosing launcher or a stale submitting shell would win over Slurm's in
+# env.py (the rendezvous is the allocation's first host): drop them.
+unset RANK LOCAL_RANK WORLD_SIZE MASTER_ADDR MASTER_PORT
 
 echo "[launch] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
      "${SLURM_NTASKS} tasks, $(date -u +%FT%TZ)"
@@ -43,7 +44,10 @@ done
 
 if [ "$rc" -eq "$PREEMPTED_EXIT_CODE" ]; then
     echo "[launch] checkpoint written after a stop signal, $(date -u +%FT%TZ)"
-    if [ "${PEFT_DIST_REQUEUE:-1}" = 1 ]; then
+    # A plain `scancel JOB` also arrives as SIGTERM: a cancelled job is stopped for good, not requeued.
+    if scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q "JobState=CANCELLED"; then
+        echo "[launch] job ${SLURM_JOB_ID} was cancelled: not requeued"
+    elif [ "${PEFT_DIST_REQUEUE:-1}" = 1 ]; then
         echo "[launch] requeueing job ${SLURM_JOB_ID}"
         scontrol requeue "$SLURM_JOB_ID"
     fi

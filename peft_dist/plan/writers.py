@@ -15,9 +15,13 @@ import yaml
 
 from peft_dist.config.load import config_to_dict
 from peft_dist.config.schema import RunConfig
+from peft_dist.data import BUILTIN_STDLIB
 from peft_dist.distributed.zero3 import REPO_ROOT, resolve_ds_config_path
 from peft_dist.plan.estimate import largest_layer
 from peft_dist.plan.planner import Plan
+
+# A planned run's data: the job stops before its process group with "matches no data file" until set.
+DATA_PLACEHOLDER = "/data/SET-data.path-TO-YOUR-CORPUS.jsonl"
 
 
 def ds_config(plan: Plan, base_path: str) -> dict:
@@ -46,6 +50,8 @@ def run_config(plan: Plan, base: RunConfig, ds_path: str) -> dict:
     cfg.model.dtype = "bfloat16"
     cfg.model.gradient_checkpointing = choice.checkpointing
     cfg.data.block_size = plan.work.seq_len
+    if cfg.data.path == BUILTIN_STDLIB:  # the demo corpus is never what a planned run trains on
+        cfg.data.path = DATA_PLACEHOLDER
     cfg.train.precision = "bf16"
     cfg.train.micro_batch_size = choice.micro_batch
     cfg.train.gradient_accumulation_steps = choice.accumulation

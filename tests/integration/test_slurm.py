@@ -77,14 +77,28 @@ def test_template_trains_with_two_tasks(cluster, full_run):
     assert manifest["world_size"] == 2 and manifest["step"] == 30
 
 
-def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, full_run, tmp_path):
-    job_id = sbatch(cluster, tmp_path, tmp_path / "run", wait=False)
-    log_path = tmp_path / f"peft-dist-{job_id}.log"
+def wait_for_training(cluster: SlurmCluster, log_path: Path) -> None:
+    """Off a terminal, rank 0 logs "step N/M loss ..." every train.log_interval steps: training has begun."""
     deadline = time.monotonic() + 180
-    # Off a terminal, rank 0 logs "step N/M loss ..." every train.log_interval steps: training has begun.
     while not re.search(r"step \d+/\d+ loss", log_path.read_text(errors="replace") if log_path.exists() else ""):
         assert time.monotonic() < deadline, f"no training progress{cluster.logs()}"
         time.sleep(0.3)
+
+
+def test_scancel_stops_the_job_for_good(cluster, tmp_path):
+    """A plain scancel also arrives as SIGTERM, which the ranks answer like a preemption (checkpoint, exit
+    75); launch.sh must not requeue a cancelled job."""
+    job_id = sbatch(cluster, tmp_path, tmp_path / "run", False, "--set", "tracking.backend=none")
+    wait_for_training(cluster, tmp_path / f"peft-dist-{job_id}.log")
+    cluster.run(["scancel", job_id])
+    assert cluster.wait_for_state(job_id, {"CANCELLED", "COMPLETED", "FAILED", "PENDING"}, timeout=120) == "CANCELLED"
+    time.sleep(20)  # a requeue would show within seconds
+    assert cluster.job_field(job_id, "JobState") == "CANCELLED" and cluster.job_field(job_id, "Restarts") == "0"
+
+
+def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, full_run, tmp_path):
+    job_id = sbatch(cluster, tmp_path, tmp_path / "run", wait=False)
+    wait_for_training(cluster, tmp_path / f"peft-dist-{job_id}.log")
     cluster.run(["scancel", "--signal=USR1", job_id])  # what --signal=USR1@300 sends before the limit
 
     cluster.wait_for_state(job_id, {"PENDING"}, timeout=120)
