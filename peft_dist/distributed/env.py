@@ -11,11 +11,16 @@ import atexit
 import logging
 import os
 import re
+import signal
 import socket
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
+
+import psutil
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,38 @@ def release_cpu_allreduce_segment(dist: DistEnv) -> None:
     segment = cpu_allreduce_segment(dist)
     segment.unlink(missing_ok=True)
     atexit.register(segment.unlink, missing_ok=True)
+
+
+# Command-line words of the processes that start ranks: deepspeed's runner and per-node launcher, torchrun.
+LAUNCHER_WORDS = ("deepspeed", "torch.distributed.run", "torchrun", "deepspeed.launcher")
+
+
+def launcher_ancestors() -> list[psutil.Process]:
+    """The launcher processes above this one (deepspeed's runner and per-node launcher, torchrun), nearest
+    first; empty for a plain ``python`` or an srun task (slurmstepd stops its tasks itself)."""
+    found = []
+    for process in psutil.Process().parents():
+        try:
+            if any(word in " ".join(process.cmdline()) for word in LAUNCHER_WORDS):
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def watch_launchers(interval_s: float = 2.0) -> None:
+    """When any launcher above this rank dies, send this rank SIGTERM (the trainer then stops as at a
+    preemption: checkpoint, exit 75). DeepSpeed's runner does not pass signals to its per-node launcher,
+    which outlives it, so a killed ``deepspeed`` would otherwise leave its ranks training."""
+    watched = launcher_ancestors()
+
+    def watch() -> None:
+        while all(process.is_running() for process in watched):
+            time.sleep(interval_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    if watched:
+        threading.Thread(target=watch, name="peft-dist-launcher-watch", daemon=True).start()
 
 
 def exit_process(code: int) -> NoReturn:

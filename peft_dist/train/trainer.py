@@ -27,7 +27,7 @@ from peft_dist.adapters.inject import inject_adapters, trainable_parameters
 from peft_dist.config.load import config_to_dict
 from peft_dist.config.schema import RunConfig
 from peft_dist.data import Blocks, GlobalBatchSampler, build_blocks
-from peft_dist.distributed.env import DistEnv, init_distributed, resolve_env, setup_logging
+from peft_dist.distributed.env import DistEnv, init_distributed, resolve_env, setup_logging, watch_launchers
 from peft_dist.distributed.hooks import TrainHook, make_hooks
 from peft_dist.distributed.zero3 import build_ds_config, scalars_as_vectors, zero_gradients
 from peft_dist.model import base_identity, load_tokenizer, max_positions
@@ -171,7 +171,7 @@ class Run:
     metadata: dict  # the adapter checkpoint's metadata (its step set at each save)
     flops_per_token: float
     result: TrainResult
-    stop: StopFlag = field(default_factory=StopFlag)
+    stop: StopFlag
     interactive: bool = field(default_factory=sys.stderr.isatty)  # a live bar on a terminal, else log lines
     bar: Any = None
 
@@ -181,6 +181,11 @@ class Run:
         cfg, start = self.cfg, self.result.step
         self.bar = tqdm(total=cfg.train.max_steps, initial=start, desc="train", dynamic_ncols=True,
                         disable=not (self.dist.is_main and self.interactive))
+        if all_reduce_sum([float(self.stop.requested)], self.engine.device)[0] > 0:  # signalled while loading
+            self.log.warning("stopping (signal during setup): nothing new to checkpoint, exiting for requeue")
+            self.result.preempted = True
+            self._write_result()
+            return True
         nonfinite_in_a_row = 0
         for step in range(start + 1, cfg.train.max_steps + 1):
             began = time.perf_counter()
@@ -317,6 +322,8 @@ def setup(cfg: RunConfig) -> Run:
     """Checks, process group, run directory, model (streamed in, adapted), data, engine, resume, tracker."""
     dist = resolve_env()
     log = setup_logging(dist.rank)
+    stop = StopFlag()  # from the start: a signal while the base loads (minutes at 175B) must count too
+    watch_launchers()
     run_dir = Path(cfg.checkpoint.output_dir)
     preflight(cfg)  # these checks run before any process group starts
     if dist.is_main:
@@ -347,7 +354,7 @@ def setup(cfg: RunConfig) -> Run:
     tracker = start_tracking(cfg, run_dir, ds_config, dist, run_id, fresh=start_step == 0)
     return Run(cfg, dist, log, run_dir, engine, blocks, sampler, hooks, tracker, metadata,
                model_flops_per_token(engine.module, cfg.data.block_size),
-               TrainResult(step=start_step, first_step=start_step + 1))
+               TrainResult(step=start_step, first_step=start_step + 1), stop)
 
 
 def start_run_dir(run_dir: Path, cfg: RunConfig) -> None:

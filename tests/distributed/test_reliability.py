@@ -100,3 +100,34 @@ def test_nonfinite_loss_is_skipped_then_aborts_after_the_limit(tmp_path):
     proc = launch(tmp_path / "abort", "train.max_nonfinite_steps=2",
                   env={"PEFT_DIST_FAULT": "nan:1:3,nan:1:4"}, returncode=3)
     assert "2 steps in a row had a non-finite loss" in proc.stderr
+
+
+def test_killing_the_deepspeed_launcher_stops_every_rank_with_a_checkpoint(tmp_path):
+    """DeepSpeed's runner does not pass signals on and its per-node launcher outlives it: the ranks must
+    notice the runner's death themselves, checkpoint at the end of their step and exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+            str(__import__("peft_dist.distributed.env", fromlist=["free_port"]).free_port()),
+            str(REPO / "launcher" / "train.py"), "--set", f"checkpoint.output_dir={out}",
+            *(a for o in (*COMMON, "train.max_steps=400", "train.log_interval=1") for a in ("--set", o))]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    runner = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in runner.stdout:  # training has begun once rank 0 logs a step
+        if " step 2/400 " in line:
+            break
+    ranks = [p for p in psutil.Process(runner.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    runner.send_signal(signal.SIGKILL)
+    runner.wait()
+    _, alive = psutil.wait_procs(ranks, timeout=120)  # not our children: their exit codes are not ours to read
+    assert not alive, "ranks kept running after their launcher died"
+    saved = result(out)
+    assert saved["preempted"] and 2 <= saved["step"] < 400
+    assert (out / "checkpoints" / f"step-{saved['step']:08d}" / "MANIFEST.json").is_file()
