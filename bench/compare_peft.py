@@ -192,7 +192,8 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
     from peft_dist.distributed.memory import peak_rss_bytes, reset_peak_rss, settled_rss_bytes
     from peft_dist.distributed.zero3 import build_ds_config
     from peft_dist.model import load_tokenizer
-    from peft_dist.train.trainer import adapted_model, build_engine, evaluate, train_step
+    from peft_dist.train.step import evaluate, train_step
+    from peft_dist.train.trainer import adapted_model, build_engine
 
     env = resolve_env()
     cfg = load_config(None, run_overrides(model_dir, steps, stage) + [ours_adapter(method, steps)])

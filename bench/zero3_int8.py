@@ -54,7 +54,8 @@ def worker(variant: str, model_dir: str, out: str) -> None:
     from peft_dist.distributed.zero3 import build_ds_config
     from peft_dist.quant.loader import build_model
     from peft_dist.quant import quantize_model
-    from peft_dist.train.trainer import build_engine, train_step
+    from peft_dist.train.step import train_step
+    from peft_dist.train.trainer import build_engine
 
     overrides = ["deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0",
                  "train.precision=bf16", "model.dtype=bfloat16", f"model.name_or_path={model_dir}",

@@ -25,7 +25,7 @@ from peft_dist.distributed.adalora import make_adalora_hook
 from peft_dist.distributed.env import exit_process, init_distributed, resolve_env
 from peft_dist.quant.loader import build_model
 from peft_dist.quant.model import quantize_model
-from peft_dist.train.trainer import train_step
+from peft_dist.train.step import train_step
 
 GLOBAL_BATCH, SEQ, LR, CLIP = 4, 16, 2e-2, 0.05
 ADALORA = {"method": "adalora", "init_r": 4, "target_r": 2, "alpha": 8.0, "tinit": 1, "tfinal": 2,

@@ -1,0 +1,89 @@
+"""One optimizer step and the evaluation, as every rank runs them (the collectives in the same order on
+every rank): the pieces of the recipe that bench/ and the test workers reuse."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from peft_dist.adapters.inject import trainable_parameters
+from peft_dist.distributed.env import DistEnv
+from peft_dist.distributed.zero3 import zero_gradients
+from peft_dist.train import faults
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over ranks (one small collective)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def evaluate(engine, ids: torch.Tensor, labels: torch.Tensor, micro: int, batches: int,
+             dist: DistEnv) -> float:
+    """Token-weighted mean loss over the first ``batches`` micro-batches of the eval split.
+
+    The evaluated blocks do not depend on the world size (so a reloaded adapter can be checked in one
+    process). Batches are dealt round-robin; under ZeRO-3 every rank must run the same number of
+    forwards (each gathers parameters), so a rank short of a batch repeats one with weight zero.
+    """
+    chunks = list(zip(ids[: batches * micro].split(micro), labels[: batches * micro].split(micro)))
+    mine = chunks[dist.rank::dist.world_size]
+    engine.eval()
+    total, count = 0.0, 0.0
+    for i in range(math.ceil(len(chunks) / dist.world_size)):
+        x, y = mine[i] if i < len(mine) else chunks[0]
+        weight = 1.0 if i < len(mine) else 0.0
+        loss = engine(input_ids=x.to(engine.device), labels=y.to(engine.device)).loss.float().item()
+        tokens = weight * (y[:, 1:] != -100).sum().item()
+        total += loss * tokens
+        count += tokens
+    engine.train()
+    total, count = all_reduce_sum([total, count], engine.device)
+    return total / max(count, 1.0)
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    return all_reduce_sum([0.0 if flag else 1.0], device)[0] == 0.0
+
+
+def train_step(engine, blocks, micro_batches: list[torch.Tensor], hooks: list, step: int,
+               rank: int) -> float | None:
+    """One optimizer step over this rank's micro-batches.
+
+    If the loss of any micro-batch is non-finite on any rank (ranks agree through one tiny
+    all-reduce), the step is skipped: gradients are zeroed and the optimizer runs with learning
+    rate 0, so parameters stay as they were (DeepSpeed counts micro-steps and ZeRO-3 needs every
+    backward, so both still happen); the method hooks do not run. Returns the mean micro-batch
+    loss, or None for a skipped step.
+    """
+    loss_sum, finite = 0.0, True
+    for index, micro in enumerate(micro_batches):
+        x = blocks.train_ids[micro].to(engine.device)
+        y = blocks.train_labels[micro].to(engine.device)
+        loss = engine(input_ids=x, labels=y).loss
+        if faults.planned("nan", rank, step):
+            loss = loss * float("nan")
+        finite = all_ranks_true(bool(torch.isfinite(loss.detach()).item()), engine.device) and finite
+        loss_sum += loss.detach().float().item()
+        for hook in hooks:
+            extra = hook.extra_loss(engine.module)
+            if extra is not None:
+                loss = loss + extra
+        engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+        if index == len(micro_batches) - 1:  # gradients of the whole step are reduced now
+            if finite:
+                for hook in hooks:
+                    hook.before_step(engine, step)
+            else:
+                zero_gradients(trainable_parameters(engine.module))
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = 0.0  # the LR schedule sets it again after this step
+        engine.step()  # steps the optimizer and the LR schedule only at the accumulation boundary
+    if not finite:
+        return None
+    for hook in hooks:
+        hook.after_step(engine, step)
+    return loss_sum / len(micro_batches)
