@@ -53,8 +53,13 @@ def resolve_files(path: str, fmt: str) -> tuple[list[str], str]:
     if not files:
         raise DataError(f"data.path: {path!r} matches no data file; pass a .txt, .jsonl or .parquet file, "
                         f"a directory of them, a glob, or {BUILTIN_STDLIB}")
-    formats = {fmt} if fmt != "auto" else {EXTENSIONS.get(Path(f).suffix) for f in files}
-    if None in formats or len(formats) != 1:
+    unknown = [f for f in files if Path(f).suffix not in EXTENSIONS]
+    if fmt == "auto" and unknown:
+        supported = ", ".join(f"{ext} ({kind})" for ext, kind in EXTENSIONS.items())
+        raise DataError(f"data.path: {unknown[0]} is not a supported data file; supported: {supported}. Convert "
+                        "it, or set data.format if its content is one of these formats")
+    formats = {fmt} if fmt != "auto" else {EXTENSIONS[Path(f).suffix] for f in files}
+    if len(formats) != 1:
         raise DataError(f"data.path: cannot tell one format for {files[:3]}; set data.format to text, "
                         "jsonl or parquet and use files of that one format")
     for f in files:

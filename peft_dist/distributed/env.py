@@ -8,6 +8,7 @@ shell itself, without srun, is one process); a plain
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import os
 import re
@@ -102,16 +103,17 @@ def cpu_allreduce_segment(dist: DistEnv) -> Path:
 
 
 def release_cpu_allreduce_segment(dist: DistEnv) -> None:
-    """Remove this rank's segment now and at exit.
+    """Remove this rank's segment now, and at exit every rank's of this job.
 
-    DeepSpeed never unlinks it (66 MiB per rank and job pile up in /dev/shm), and a later job on the
-    same address and port would map a dead job's state. Removing it before the rendezvous is safe:
-    peers only open it after the rendezvous, which this rank joins afterwards; removing it at exit is
-    safe: peers have it mapped.
+    DeepSpeed never unlinks them (66 MiB per rank and job pile up in /dev/shm), and a later job on the
+    same address and port would map a dead job's state. Removing this rank's before the rendezvous is
+    safe: peers only open it after the rendezvous, which this rank joins afterwards. Removing every
+    rank's at exit is safe (peers have them mapped; only the names go) and also clears the segment of a
+    rank that was killed and ran no exit handler.
     """
-    segment = cpu_allreduce_segment(dist)
-    segment.unlink(missing_ok=True)
-    atexit.register(segment.unlink, missing_ok=True)
+    cpu_allreduce_segment(dist).unlink(missing_ok=True)
+    for rank in range(dist.world_size):
+        atexit.register(cpu_allreduce_segment(dataclasses.replace(dist, rank=rank)).unlink, missing_ok=True)
 
 
 # Command-line words of the processes that start ranks: deepspeed's runner and per-node launcher, torchrun.

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -130,6 +131,24 @@ def call_as_forward(module: nn.Module, compute: Callable[[], T]) -> T:
         return module()
     finally:
         del module.forward
+
+
+def optimizer_state(engine) -> dict:
+    """A copy of the optimizer state DeepSpeed keeps for the adapters (Adam's moments and step counts, per
+    parameter or ZeRO partition), to put back with ``restore_optimizer_state``."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    return {param: {key: value.clone() if torch.is_tensor(value) else copy.deepcopy(value)
+                    for key, value in state.items()} for param, state in inner.state.items()}
+
+
+def restore_optimizer_state(engine, saved: dict) -> None:
+    """Put back what ``optimizer_state`` copied, dropping state a later step created."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for param in list(inner.state):
+        if param not in saved:
+            del inner.state[param]
+    for param, state in saved.items():
+        inner.state[param] = state
 
 
 def zero_gradients(params: list[nn.Parameter]) -> None:

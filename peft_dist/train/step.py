@@ -8,7 +8,7 @@ import torch
 
 from peft_dist.adapters.inject import trainable_parameters
 from peft_dist.distributed.env import DistEnv
-from peft_dist.distributed.zero3 import zero_gradients
+from peft_dist.distributed.zero3 import optimizer_state, restore_optimizer_state, zero_gradients
 from peft_dist.train import faults
 
 
@@ -54,12 +54,13 @@ def train_step(engine, blocks, micro_batches: list[torch.Tensor], hooks: list, s
     """One optimizer step over this rank's micro-batches.
 
     If the loss of any micro-batch is non-finite on any rank (ranks agree through one tiny
-    all-reduce), the step is skipped: gradients are zeroed and the optimizer runs with learning
-    rate 0, so parameters stay as they were (DeepSpeed counts micro-steps and ZeRO-3 needs every
-    backward, so both still happen); the method hooks do not run. Returns the mean micro-batch
-    loss, or None for a skipped step.
+    all-reduce), the step is skipped: DeepSpeed counts micro-steps and ZeRO-3 needs every backward,
+    so both still happen and ``engine.step()`` still runs, with zeroed gradients and learning rate 0
+    (parameters stay) and the optimizer state put back afterwards (Adam's moments and step counts are
+    exactly as before: a true skip); the method hooks do not run. Returns the mean micro-batch loss,
+    or None for a skipped step.
     """
-    loss_sum, finite = 0.0, True
+    loss_sum, finite, saved = 0.0, True, None
     for index, micro in enumerate(micro_batches):
         x = blocks.train_ids[micro].to(engine.device)
         y = blocks.train_labels[micro].to(engine.device)
@@ -81,8 +82,10 @@ def train_step(engine, blocks, micro_batches: list[torch.Tensor], hooks: list, s
                 zero_gradients(trainable_parameters(engine.module))
                 for group in engine.optimizer.param_groups:
                     group["lr"] = 0.0  # the LR schedule sets it again after this step
+                saved = optimizer_state(engine)
         engine.step()  # steps the optimizer and the LR schedule only at the accumulation boundary
     if not finite:
+        restore_optimizer_state(engine, saved)
         return None
     for hook in hooks:
         hook.after_step(engine, step)

@@ -102,6 +102,16 @@ def test_nonfinite_loss_is_skipped_then_aborts_after_the_limit(tmp_path):
     assert "2 steps in a row had a non-finite loss" in proc.stderr
 
 
+def test_a_skipped_step_leaves_the_optimizer_state_exactly_as_before(tmp_path):
+    """A true skip: Adam's moments and step counts (and the adapters) after a non-finite step equal those
+    before it, bit for bit, on every rank (with lr 0 alone the moments would decay and the step advance)."""
+    run_distributed([str(REPO / "tests" / "distributed" / "skip_worker.py"), str(tmp_path)], 2, timeout=300)
+    for rank in (0, 1):
+        verdict = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert verdict == {"skipped": True, "optimizer_state_unchanged": True, "adapters_unchanged": True,
+                           "entries": verdict["entries"]} and verdict["entries"] > 0, verdict
+
+
 def test_killing_the_deepspeed_launcher_stops_every_rank_with_a_checkpoint(tmp_path):
     """DeepSpeed's runner does not pass signals on and its per-node launcher outlives it: the ranks must
     notice the runner's death themselves, checkpoint at the end of their step and exit."""

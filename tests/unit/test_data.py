@@ -103,3 +103,11 @@ def test_every_world_size_reads_the_same_global_batch():
             assert torch.equal(torch.cat(parts), reference)
     with pytest.raises(DataError, match="cannot fill one global batch"):
         GlobalBatchSampler(3, micro_batch_size=2, accumulation=1, world_size=2, rank=0, seed=0)
+
+
+def test_an_unsupported_file_names_the_supported_formats(tmp_path, tokenizer):
+    path = tmp_path / "train.csv"
+    path.write_text("text\nhello\n")
+    with pytest.raises(DataError, match=r"train.csv is not a supported data file; supported: .txt \(text\), "
+                                        r".*\.jsonl \(jsonl\).*\.parquet \(parquet\)"):
+        build_blocks(DataConfig(path=str(path)), tokenizer)

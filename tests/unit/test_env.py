@@ -39,6 +39,21 @@ def test_stale_cpu_allreduce_segment_is_removed_before_the_rendezvous():
     assert not segment.exists()
 
 
+def test_every_ranks_segment_is_removed_at_exit_also_a_killed_ranks(tmp_path):
+    """Rank 0 of a 2-rank job exits normally; rank 1 was killed (its segment is still there): both go."""
+    from peft_dist.distributed.env import DistEnv, cpu_allreduce_segment
+
+    dist = DistEnv(rank=0, local_rank=0, world_size=2, master_addr="127.0.0.1", master_port=2)
+    killed = cpu_allreduce_segment(DistEnv(1, 1, 2, "127.0.0.1", 2))
+    killed.write_bytes(b"left by a killed rank")
+    script = ("from peft_dist.distributed.env import DistEnv, cpu_allreduce_segment, release_cpu_allreduce_segment\n"
+              "dist = DistEnv(0, 0, 2, '127.0.0.1', 2)\n"
+              "release_cpu_allreduce_segment(dist)\n"
+              "cpu_allreduce_segment(dist).write_bytes(b'created by DeepSpeed after the rendezvous')\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert not cpu_allreduce_segment(dist).exists() and not killed.exists()
+
+
 def test_exit_process_runs_exit_handlers_flushes_and_keeps_the_code(tmp_path):
     marker = tmp_path / "handler-ran"
     script = ("import atexit, pathlib, sys\n"
