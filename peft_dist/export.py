@@ -174,14 +174,15 @@ def peft_lora_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], LoraDelt
     return state, next(iter(found.values())), sorted({n.split(".")[-1] for n in found})
 
 
-def export(adapter_dir: str | Path, out: str | Path, fmt: str = "merged", max_shard_bytes: int = 2 * 2**30) -> Path:
+def export(adapter_dir: str | Path, out: str | Path, fmt: str = "merged", max_shard_bytes: int = 2 * 2**30,
+           force: bool = False) -> Path:
     """Write the export and return its directory (see the module docstring)."""
     adapter_dir, out = Path(adapter_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; choose a new --out directory")
     metadata = read_metadata(adapter_dir)
     model_cfg = build_dataclass(ModelConfig, metadata["model"], "model")
-    adapted, tokenizer = load_for_inference(adapter_dir)
+    adapted, tokenizer = load_for_inference(adapter_dir, force)
     dtype = DTYPES[model_cfg.dtype]
     if fmt == "merged":
         check_mergeable(adapted)
@@ -219,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="merged", choices=["merged", "peft"])
     parser.add_argument("--max-shard-size", type=float, default=2.0, metavar="GIB",
                         help="largest safetensors shard; peak memory is the int8 model plus one shard (default 2)")
+    parser.add_argument("--force", action="store_true", help="export onto a base whose weights differ from the "
+                        "ones the adapter was trained on (same architecture and config)")
     args = parser.parse_args(argv)
     try:
-        print(export(args.adapter_dir, args.out, args.format, int(args.max_shard_size * 2**30)))
+        print(export(args.adapter_dir, args.out, args.format, int(args.max_shard_size * 2**30), args.force))
     except (ExportError, CheckpointError) as err:
         print(f"peft-dist export: error: {err}", file=sys.stderr)
         return 2

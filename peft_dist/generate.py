@@ -14,10 +14,11 @@ from peft_dist.inference import load_for_inference
 from peft_dist.train.checkpoint import CheckpointError
 
 
-def generate(adapter_dir: str, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0) -> str:
+def generate(adapter_dir: str, prompt: str, max_new_tokens: int = 40, temperature: float = 0.0,
+             force: bool = False) -> str:
     """The prompt and its continuation, on this machine's accelerator (DeepSpeed's choice: a GPU if there
     is one, else the CPU)."""
-    model, tokenizer = load_for_inference(adapter_dir)
+    model, tokenizer = load_for_inference(adapter_dir, force)
     device = get_accelerator().current_device_name()
     model.to(device)
     inputs = tokenizer(prompt, return_tensors="pt").to(device)
@@ -34,9 +35,11 @@ def main() -> int:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--force", action="store_true", help="load onto a base whose weights differ from the "
+                        "ones the adapter was trained on (same architecture and config)")
     args = parser.parse_args()
     try:
-        print(generate(args.adapter_dir, args.prompt, args.max_new_tokens, args.temperature))
+        print(generate(args.adapter_dir, args.prompt, args.max_new_tokens, args.temperature, args.force))
     except CheckpointError as err:
         print(f"peft-dist generate: error: {err}", file=sys.stderr)
         return 2

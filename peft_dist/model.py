@@ -48,11 +48,36 @@ def load_model_config(name_or_path: str) -> PretrainedConfig:
     return config
 
 
+SAMPLE_BYTES = 1 << 16
+
+
+def weights_fingerprint(name_or_path: str) -> str:
+    """A sha256 over each safetensors file's name, size, header and three 64 KiB samples of its data (start,
+    middle, end): it tells two fine-tunes of one architecture apart (same header, different values) while
+    reading a few hundred KiB whatever the model's size. The builtin model's values are fixed by its seed."""
+    if name_or_path == BUILTIN_TINY_LLAMA:
+        return BUILTIN_TINY_LLAMA
+    digest = hashlib.sha256()
+    for path in sorted(Path(name_or_path).glob("*.safetensors")):
+        size = path.stat().st_size
+        digest.update(f"{path.name}:{size}".encode())
+        with open(path, "rb") as handle:
+            header = int.from_bytes(handle.read(8), "little")
+            digest.update(handle.read(header))
+            start = 8 + header
+            for offset in (start, (start + size) // 2, max(start, size - SAMPLE_BYTES)):
+                handle.seek(offset)
+                digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()
+
+
 def base_identity(cfg: ModelConfig, model_config: PretrainedConfig) -> dict:
-    """What an adapter checkpoint records about its base, to refuse loading onto another model."""
+    """What an adapter checkpoint records about its base, to refuse loading onto another model: its config
+    and a fingerprint of its weights."""
     text = json.dumps(model_config.to_diff_dict(), sort_keys=True, default=str)
     return {"name_or_path": cfg.name_or_path, "model_type": model_config.model_type,
-            "config_sha256": hashlib.sha256(text.encode()).hexdigest()}
+            "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            "weights_sha256": weights_fingerprint(cfg.name_or_path)}
 
 
 def max_positions(model_config: PretrainedConfig) -> int | None:

@@ -69,12 +69,19 @@ def read_metadata(directory: str | Path) -> dict:
     return json.loads((directory / CONFIG).read_text())
 
 
-def check_base(metadata: dict, base_identity: dict, directory: Path) -> None:
+def check_base(metadata: dict, base_identity: dict, directory: Path, force: bool = False) -> None:
+    """Refuse an adapter or checkpoint of another base: another config, or (recorded since checkpoints carry
+    it) other weights of the same architecture, e.g. another fine-tune; ``force`` accepts the latter."""
     saved = metadata["base_model"]
     if saved["config_sha256"] != base_identity["config_sha256"]:
         raise CheckpointError(
             f"{directory}: adapter was trained on {saved['name_or_path']!r} ({saved['model_type']}) whose "
             f"config differs from this base {base_identity['name_or_path']!r}; load it onto the same base model")
+    if not force and saved.get("weights_sha256", base_identity["weights_sha256"]) != base_identity["weights_sha256"]:
+        raise CheckpointError(
+            f"{directory}: adapter was trained on {saved['name_or_path']!r}, whose weights differ from those of "
+            f"{base_identity['name_or_path']!r} (another fine-tune of the same architecture?); load it onto the "
+            "same weights, or pass --force to load it anyway")
 
 
 def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:

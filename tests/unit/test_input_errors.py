@@ -101,3 +101,19 @@ def test_resume_skips_a_damaged_checkpoint(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="peft_dist"):
         assert latest_checkpoint(tmp_path) == root / "step-00000002"
     assert "step-00000004: engine/optim.pt does not match its checksum; skipping this checkpoint" in caplog.text
+
+
+def test_an_adapter_of_another_fine_tune_is_refused_unless_forced(tmp_path):
+    """Two checkpoints of one config with different weights: the adapter of one is refused on the other."""
+    import shutil
+
+    from tests.architectures import write_checkpoint
+
+    trained_on = write_checkpoint("llama", tmp_path / "a", seed=0)
+    adapter = trained_adapter(tmp_path, (), base_dir=trained_on)
+    shutil.rmtree(trained_on)
+    write_checkpoint("llama", trained_on, seed=1)  # the same path and config, other weights
+    with pytest.raises(CheckpointError, match=r"whose weights differ .*another fine-tune.*--force"):
+        load_for_inference(adapter)
+    model, _ = load_for_inference(adapter, force=True)
+    assert model is not None
