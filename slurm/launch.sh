@@ -27,9 +27,12 @@ unset RANK LOCAL_RANK WORLD_SIZE MASTER_ADDR MASTER_PORT
 echo "[launch] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST}:" \
      "${SLURM_NTASKS} tasks, $(date -u +%FT%TZ)"
 
-# SIGTERM reaches this shell at preemption or at the time limit: keep waiting for srun (which forwards
-# it to the tasks) instead of dying and leaving the requeue undone.
-trap 'echo "[launch] SIGTERM: waiting for the tasks to checkpoint"' TERM
+# SIGTERM reaches this shell from `scancel`, at a preemption and at the time limit: keep waiting for srun
+# (which forwards it to the tasks) instead of dying, and remember it: only the template's own USR1 (to
+# the tasks, not this shell) is a stop that this script requeues. A cancelled job stays cancelled; Slurm
+# requeues a preempted --requeue job itself.
+terminated=0
+trap 'terminated=1; echo "[launch] SIGTERM: waiting for the tasks to checkpoint"' TERM
 
 # --label prefixes every line with the task id; --wait bounds how long the other tasks may run once
 # one has exited (a crashed rank must not leave the rest hanging in a collective).
@@ -44,9 +47,8 @@ done
 
 if [ "$rc" -eq "$PREEMPTED_EXIT_CODE" ]; then
     echo "[launch] checkpoint written after a stop signal, $(date -u +%FT%TZ)"
-    # A plain `scancel JOB` also arrives as SIGTERM: a cancelled job is stopped for good, not requeued.
-    if scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q "JobState=CANCELLED"; then
-        echo "[launch] job ${SLURM_JOB_ID} was cancelled: not requeued"
+    if [ "$terminated" = 1 ]; then
+        echo "[launch] stopped by SIGTERM (scancel, preemption or the time limit): not requeued by this script"
     elif [ "${PEFT_DIST_REQUEUE:-1}" = 1 ]; then
         echo "[launch] requeueing job ${SLURM_JOB_ID}"
         scontrol requeue "$SLURM_JOB_ID"
