@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ class LoadReport:
     local_param_bytes: int  # this rank's share after loading (the ds_tensor partitions under ZeRO-3)
     full_param_bytes: int  # the whole (int8 + float) model
     bytes_read: int  # checkpoint tensor bytes this rank read (0 on ZeRO-3 ranks other than 0)
+    seconds: float  # wall time of the streaming loop (read, quantize, partition)
     quantization: tuple[QuantReport, ...]  # one per int8 linear quantized on this rank, in load order
 
     def line(self) -> str:
@@ -57,7 +59,7 @@ class LoadReport:
                 f"peak RSS {self.peak_rss / mib:.1f} MiB (+{(self.peak_rss - self.rss_before) / mib:.1f} MiB "
                 f"while loading; private +{(self.peak_private - self.private_before) / mib:.1f} MiB), "
                 f"parameters held {self.local_param_bytes / mib:.2f} MiB of {self.full_param_bytes / mib:.2f} MiB, "
-                f"checkpoint read {self.bytes_read / mib:.2f} MiB")
+                f"checkpoint read {self.bytes_read / mib:.2f} MiB in {self.seconds:.1f} s")
 
 
 class CheckpointReader:
@@ -217,6 +219,7 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
         quantize_model(model, quant_cfg.target_modules, dtype)
     model.requires_grad_(False)
     rss_before, private_before = resident_bytes()  # after the imports and the meta skeleton: what follows is weights
+    began = time.perf_counter()
     names_of: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(p), []).append(name)
@@ -243,7 +246,8 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     report = LoadReport(dist.get_rank() if dist.is_initialized() else 0,
                         dist.get_world_size() if dist.is_initialized() else 1, zero3, rss_before, peak,
                         private_before, peak_private, _param_bytes(model, local=True),
-                        _param_bytes(model, local=False), reader.bytes_read if reader else 0, tuple(errors))
+                        _param_bytes(model, local=False), reader.bytes_read if reader else 0,
+                        time.perf_counter() - began, tuple(errors))
     return model, report
 
 
