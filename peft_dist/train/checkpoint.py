@@ -6,6 +6,7 @@ directory on rank 0 and renamed into place, so a crash never leaves a half-writt
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -151,6 +152,7 @@ def save_training_checkpoint(engine, run_dir: Path, step: int, hooks: list, trac
                     torch.distributed.is_initialized() else 1,
                     "base_model": metadata["base_model"], "adapters": metadata["adapters"],
                     "files": {str(p.relative_to(tmp)): sha256(p) for p in files}}
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         fsync_tree(tmp)  # every file on disk before the manifest's directory takes its final name
         shutil.rmtree(final, ignore_errors=True)
@@ -163,9 +165,21 @@ def save_training_checkpoint(engine, run_dir: Path, step: int, hooks: list, trac
     return final
 
 
+def manifest_digest(manifest: dict) -> str:
+    """The sha256 of a manifest's own content (everything but this digest), so the manifest is checked too."""
+    content = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def damaged_file(checkpoint: Path) -> str | None:
-    """The first file of ``checkpoint`` whose sha256 differs from its manifest (or is missing), else None."""
-    manifest = json.loads((checkpoint / MANIFEST).read_text())
+    """The first file of ``checkpoint`` that does not match the manifest (or is missing), the manifest itself
+    included; None when all are intact."""
+    try:
+        manifest = json.loads((checkpoint / MANIFEST).read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return MANIFEST
+    if manifest_digest(manifest) != manifest.get("manifest_sha256", manifest_digest(manifest)):
+        return MANIFEST
     for name, digest in manifest["files"].items():
         if not (checkpoint / name).is_file() or sha256(checkpoint / name) != digest:
             return name

@@ -3,7 +3,8 @@
 ``PEFT_DIST_FAULT=KIND:RANK:STEP[,KIND:RANK:STEP...]`` with KIND one of:
 ``kill`` (SIGKILL at the start of STEP), ``kill-in-checkpoint`` (SIGKILL after this rank wrote its
 checkpoint shards, before the checkpoint is complete), ``signal`` (SIGUSR1 to itself at STEP, like a
-scheduler's pre-timeout signal reaching one rank) and ``nan`` (the loss of STEP becomes NaN).
+scheduler's pre-timeout signal reaching one rank; STEP 0: during setup, before the base loads) and ``nan``
+(the loss of STEP becomes NaN).
 Unset in normal runs: every check is then a dictionary lookup that finds nothing.
 """
 from __future__ import annotations

@@ -249,6 +249,7 @@ def setup(cfg: RunConfig) -> Run:
     log = setup_logging(dist.rank)
     stop = StopFlag()  # from the start: a signal while the base loads (minutes at 175B) must count too
     watch_launchers()
+    faults.inject("signal", dist.rank, 0)  # step 0: a signal during setup
     run_dir = Path(cfg.checkpoint.output_dir)
     preflight(cfg)  # these checks run before any process group starts
     if dist.is_main:

@@ -5,6 +5,7 @@ of one rank's process at a chosen step, or a NaN loss.
 """
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -112,9 +113,17 @@ def test_a_skipped_step_leaves_the_optimizer_state_exactly_as_before(tmp_path):
                            "entries": verdict["entries"]} and verdict["entries"] > 0, verdict
 
 
-def test_killing_the_deepspeed_launcher_stops_every_rank_with_a_checkpoint(tmp_path):
-    """DeepSpeed's runner does not pass signals on and its per-node launcher outlives it: the ranks must
-    notice the runner's death themselves, checkpoint at the end of their step and exit."""
+LAUNCHERS = {"deepspeed": ["-m", "deepspeed.launcher.runner", "--num_gpus", "2"],
+             "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]}
+
+
+@pytest.mark.parametrize("launcher,sig", [("deepspeed", "SIGKILL"), ("deepspeed", "SIGTERM"), ("torchrun", "SIGKILL"),
+                                          ("torchrun", "SIGTERM")])
+def test_the_launchers_death_stops_every_rank_with_a_checkpoint(tmp_path, launcher, sig):
+    """DeepSpeed's runner does not pass signals on and its per-node launcher outlives it; a SIGKILLed
+    torchrun agent leaves its workers orphaned. The ranks must notice themselves: within 30 s every process
+    of the job is gone, each rank having finished its step and written a checkpoint, and nothing is left
+    in /dev/shm."""
     import os
     import signal
     import subprocess
@@ -122,22 +131,87 @@ def test_killing_the_deepspeed_launcher_stops_every_rank_with_a_checkpoint(tmp_p
 
     import psutil
 
-    out = tmp_path / "run"
-    args = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-            str(__import__("peft_dist.distributed.env", fromlist=["free_port"]).free_port()),
-            str(REPO / "launcher" / "train.py"), "--set", f"checkpoint.output_dir={out}",
+    from peft_dist.distributed.env import DistEnv, cpu_allreduce_segment, free_port
+
+    out, port = tmp_path / "run", free_port()
+    args = [sys.executable, *LAUNCHERS[launcher], "--master_port", str(port), str(REPO / "launcher" / "train.py"),
+            "--set", f"checkpoint.output_dir={out}",
             *(a for o in (*COMMON, "train.max_steps=400", "train.log_interval=1") for a in ("--set", o))]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     runner = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in runner.stdout:  # training has begun once rank 0 logs a step
         if " step 2/400 " in line:
             break
-    ranks = [p for p in psutil.Process(runner.pid).children(recursive=True) if "--local_rank" in " ".join(p.cmdline())]
-    assert len(ranks) == 2
-    runner.send_signal(signal.SIGKILL)
+    job = psutil.Process(runner.pid).children(recursive=True)
+    ranks = [p for p in job if "train.py" in " ".join(p.cmdline())
+             and ("--local_rank" in " ".join(p.cmdline()) or "LOCAL_RANK" in p.environ())]
+    assert len(ranks) == 2, [p.cmdline() for p in job]
+    runner.send_signal(getattr(signal, sig))
     runner.wait()
-    _, alive = psutil.wait_procs(ranks, timeout=120)  # not our children: their exit codes are not ours to read
-    assert not alive, "ranks kept running after their launcher died"
+    _, alive = psutil.wait_procs(job, timeout=30)  # not our children: their exit codes are not ours to read
+    assert not alive, f"{[p.cmdline() for p in alive]} kept running after the {launcher} launcher got {sig}"
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    time.sleep(3)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == written  # nothing writes on
     saved = result(out)
     assert saved["preempted"] and 2 <= saved["step"] < 400
     assert (out / "checkpoints" / f"step-{saved['step']:08d}" / "MANIFEST.json").is_file()
+    assert not any(cpu_allreduce_segment(DistEnv(r, r, 2, "127.0.0.1", port)).exists() for r in range(2))
+
+
+def test_a_signal_during_setup_exits_for_requeue_and_the_next_run_starts_fresh(tmp_path):
+    out = tmp_path / "run"
+    proc = launch(out, "train.max_steps=3", env={"PEFT_DIST_FAULT": "signal:1:0"}, returncode=75)
+    assert "signal during setup" in proc.stderr and not (out / "checkpoints").exists()
+    assert result(out)["preempted"] and result(out)["step"] == 0
+    launch(out, "train.max_steps=3", "checkpoint.resume=true")
+    assert result(out)["first_step"] == 1 and result(out)["step"] == 3
+
+
+def test_two_jobs_started_at_once_into_one_directory(tmp_path):
+    """Both start at the same moment into the same new directory: one trains, the other is refused naming
+    the holder (before, both were accepted and one adapter was silently lost)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launcher" / "train.py"), "--set", f"checkpoint.output_dir={out}",
+           *(a for o in (*COMMON, "data.max_documents=40", "train.max_steps=3") for a in ("--set", o))]
+    jobs = [subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    outcomes = sorted((job.wait(timeout=300), job.stderr.read()) for job in jobs)
+    assert [code for code, _ in outcomes] == [0, 2], outcomes
+    assert "is in use by another job (host" in outcomes[1][1]
+    assert result(out)["step"] == 3
+
+
+def test_every_kind_of_damaged_checkpoint_file_is_skipped_on_resume(tmp_path, caplog):
+    """Flip one byte in each file of a real checkpoint (optimizer and model-state shards, the adapter, its
+    config, the trainer state, the hooks, the manifest): resume then falls back to the previous one."""
+    import logging
+    import shutil
+
+    from peft_dist.train.checkpoint import MANIFEST, latest_checkpoint
+
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"  # one process: the files are the same kinds as on N ranks
+    subprocess.run([sys.executable, str(REPO / "launcher" / "train.py"), "--set", f"checkpoint.output_dir={out}",
+                    *(a for o in (*COMMON, "data.max_documents=40", "train.max_steps=6", "checkpoint.save_interval=2",
+                                  "checkpoint.exit_interval=4") for a in ("--set", o))], cwd=REPO, check=False,
+                   capture_output=True, timeout=300)
+    newest, previous = out / "checkpoints" / "step-00000004", out / "checkpoints" / "step-00000002"
+    assert latest_checkpoint(out) == newest
+    files = sorted(p.relative_to(newest) for p in newest.rglob("*") if p.is_file())
+    assert any(str(f).endswith(".pt") and "engine" in str(f) for f in files) and Path(MANIFEST) in files
+    pristine = tmp_path / "pristine"
+    shutil.copytree(newest, pristine)
+    for name in files:
+        shutil.rmtree(newest)
+        shutil.copytree(pristine, newest)
+        data = bytearray((newest / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (newest / name).write_bytes(bytes(data))
+        with caplog.at_level(logging.WARNING, logger="peft_dist"):
+            assert latest_checkpoint(out) == previous, name
