@@ -5,7 +5,8 @@
 checkpoint shards, before the checkpoint is complete), ``signal`` (SIGUSR1 to itself at STEP, like a
 scheduler's pre-timeout signal reaching one rank; STEP 0: during setup, before the base loads) and ``nan``
 (the loss of STEP becomes NaN).
-Unset in normal runs: every check is then a dictionary lookup that finds nothing.
+Unset in normal runs: every check is then a dictionary lookup that finds nothing. Under Slurm, faults
+happen in a job's first run only (``SLURM_RESTART_COUNT`` 0): its requeued run is the clean one.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import signal
 
 
 def _planned() -> set[tuple[str, int, int]]:
-    spec = os.environ.get("PEFT_DIST_FAULT", "")
+    spec = os.environ.get("PEFT_DIST_FAULT", "") if os.environ.get("SLURM_RESTART_COUNT", "0") == "0" else ""
     faults = set()
     for item in filter(None, spec.split(",")):
         kind, rank, step = item.rsplit(":", 2)

@@ -35,8 +35,9 @@ def cluster(tmp_path_factory):
         yield running
 
 
-def sbatch(cluster: SlurmCluster, out: Path, run_dir: Path, wait: bool, *extra: str) -> str:
+def sbatch(cluster: SlurmCluster, out: Path, run_dir: Path, wait: bool, *extra: str, env: str = "") -> str:
     cmd = ["sbatch", "--parsable", *SMALL, f"--output={out}/%x-%j.log", *(["--wait"] if wait else []),
+           *([f"--export={env}"] if env else []),
            str(TEMPLATE), *TRAIN_ARGS, "--set", f"checkpoint.output_dir={run_dir}", *extra]
     proc = cluster.run(cmd, check=False, timeout=300)
     job_id = proc.stdout.strip().split(";")[0]
@@ -94,6 +95,28 @@ def test_scancel_stops_the_job_for_good(cluster, tmp_path):
     assert cluster.wait_for_state(job_id, {"CANCELLED", "COMPLETED", "FAILED", "PENDING"}, timeout=120) == "CANCELLED"
     time.sleep(20)  # a requeue would show within seconds
     assert cluster.job_field(job_id, "JobState") == "CANCELLED" and cluster.job_field(job_id, "Restarts") == "0"
+    stopped = json.loads((tmp_path / "run" / "result.json").read_text())  # the checkpoint is kept
+    assert stopped["preempted"] and (tmp_path / "run" / "checkpoints" / f"step-{stopped['step']:08d}").is_dir()
+
+
+def test_a_signal_during_loading_requeues_and_the_rerun_trains_from_the_start(cluster, tmp_path):
+    """USR1 reaches rank 0 before the base loads (fault step 0, first run only): the job exits 75 with no
+    checkpoint, requeues, and its second run trains every step."""
+    job_id = sbatch(cluster, tmp_path, tmp_path / "run", False, "--set", "tracking.backend=none",
+                    "--set", "train.max_steps=10", env="ALL,PEFT_DIST_FAULT=signal:0:0")
+    log_path, deadline = tmp_path / f"peft-dist-{job_id}.log", time.monotonic() + 180
+    while "[launch] requeueing job" not in (log_path.read_text(errors="replace") if log_path.exists() else ""):
+        assert time.monotonic() < deadline, f"no requeue{cluster.logs()}"
+        time.sleep(0.5)
+    cluster.wait_for_state(job_id, {"PENDING"}, timeout=120)
+    assert cluster.job_field(job_id, "Restarts") == "1"
+    cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+    state = cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=240)
+    log = job_log(tmp_path, job_id)
+    assert state == "COMPLETED", log[-6000:]
+    assert "signal during setup" in log and "[launch] requeueing job" in log and f"job {job_id} (restart 1)" in log
+    finished = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert finished["first_step"] == 1 and finished["step"] == 10
 
 
 def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, full_run, tmp_path):

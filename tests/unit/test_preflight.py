@@ -41,3 +41,19 @@ def test_fp16_gets_loss_scaling_or_a_clear_refusal(tmp_path, capsys):
                  "--set", "tracking.backend=none"])
     assert code == 2 and not (tmp_path / "run").exists()
     assert "train.precision: fp16 is not supported by DeepSpeed's cpu accelerator" in capsys.readouterr().err
+
+
+def test_a_planned_preset_refuses_to_start_without_its_model_and_data(tmp_path):
+    """The GPT-3 presets name placeholders: the job stops before its process group until both are set."""
+    from peft_dist.config.schema import ConfigError
+    from peft_dist.data import DataError
+    from peft_dist.train.config import load_config
+    from peft_dist.train.preflight import preflight
+    from tests.multiproc import REPO
+
+    preset = REPO / "slurm" / "presets" / "gpt3-175b-16n.yaml"
+    with pytest.raises(ConfigError, match="model.name_or_path: cannot load a model config from '/models/gpt3-175b'"):
+        preflight(load_config(preset, [f"checkpoint.output_dir={tmp_path}"]))
+    with pytest.raises(DataError, match=r"data.path: '/data/SET-data.path-TO-YOUR-CORPUS.jsonl' matches no data file"):
+        preflight(load_config(preset, [f"checkpoint.output_dir={tmp_path}", "model.name_or_path=builtin:tiny-llama",
+                                       "data.block_size=128", "train.precision=fp32"]))
