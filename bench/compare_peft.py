@@ -218,19 +218,19 @@ def worker(setup: str, method: str, model_dir: str, steps: int, stage: int, out:
     # Loading read the checkpoint through mmap: those pages are page cache, not memory the run holds.
     # From here the peak restarts from what the process holds.
     reset_peak_rss()
-    sampler = GlobalBatchSampler(len(blocks.train_ids), cfg.train.micro_batch_size, 1, env.world_size, env.rank,
+    sampler = GlobalBatchSampler(len(blocks.train), cfg.train.micro_batch_size, 1, env.world_size, env.rank,
                                  cfg.data.seed)
     times = []
     for step in range(1, steps + 1):
         began = time.perf_counter()
-        train_step(engine, blocks, sampler.micro_batches(step - 1), hooks, step, env.rank)
+        train_step(engine, blocks.train, sampler.micro_batches(step - 1), hooks, step, env.rank)
         times.append(time.perf_counter() - began)
     peaks = [None] * env.world_size
     torch.distributed.all_gather_object(peaks, (load_peak - baseline, peak_rss_bytes() - baseline))
     # peft's AdaLoRA adds its orthogonality penalty to the loss of every forward, also in eval mode: its
     # held-out loss is taken from the wrapped transformers model (the same modules, without the penalty).
     scored = engine.module.base_model.model if setup != "peft-dist" and method == "adalora" else engine
-    loss = evaluate(scored, blocks.eval_ids, blocks.eval_labels, MICRO, EVAL_BATCHES, env)
+    loss = evaluate(scored, blocks.eval, MICRO, EVAL_BATCHES, env.rank, env.world_size)
     ranks = live_ranks(engine.module) if method == "adalora" else None
     if env.rank == 0:
         Path(out).write_text(json.dumps({

@@ -112,16 +112,22 @@ def docstrings(source: str) -> str:
 
 
 def build_corpora(tokenizer) -> Corpora:
-    from peft_dist.data import pack, stdlib_documents
+    from peft_dist.data import stdlib_documents
+    from peft_dist.data.packing import pack_documents, tokenize_documents
+
+    def pack(texts: list[str]) -> torch.Tensor:
+        """The documents' tokens (EOS after each) concatenated and cut into SEQ-token blocks (only the ids:
+        this bench's blocks are plain windows of the stream)."""
+        return torch.from_numpy(pack_documents(tokenize_documents({"text": texts}, tokenizer), SEQ)["input_ids"]).long()
 
     modules = stdlib_documents()
-    a = [{"text": t} for t in modules[0::2][: PRETRAIN["modules"]]]
-    b = [{"text": d} for d in (docstrings(t) for t in modules[1::2]) if d]
+    a = modules[0::2][: PRETRAIN["modules"]]
+    b = [d for d in (docstrings(t) for t in modules[1::2]) if d]
     order = torch.randperm(len(b), generator=torch.Generator().manual_seed(0)).tolist()
     tenth = len(b) // 10
     split = {"test": order[:tenth], "val": order[tenth: 2 * tenth], "train": order[2 * tenth:]}
-    blocks = {k: pack([b[i] for i in idx], tokenizer, SEQ)[0] for k, idx in split.items()}
-    return Corpora(pack(a, tokenizer, SEQ)[0], blocks["train"], blocks["val"][:EVAL_BLOCKS], blocks["test"][:EVAL_BLOCKS])
+    blocks = {k: pack([b[i] for i in idx]) for k, idx in split.items()}
+    return Corpora(pack(a), blocks["train"], blocks["val"][:EVAL_BLOCKS], blocks["test"][:EVAL_BLOCKS])
 
 
 def new_model() -> torch.nn.Module:

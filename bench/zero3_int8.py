@@ -70,7 +70,7 @@ def worker(variant: str, model_dir: str, out: str) -> None:
         quantize_model(model, cfg.quantization.target_modules, model.dtype)
     inject_adapters(model, cfg.adapters)
     blocks = build_blocks(cfg.data, tokenizer)
-    sampler = GlobalBatchSampler(len(blocks.train_ids), cfg.train.micro_batch_size, 1, env.world_size, env.rank, 0)
+    sampler = GlobalBatchSampler(len(blocks.train), cfg.train.micro_batch_size, 1, env.world_size, env.rank, 0)
     engine = build_engine(cfg, model, build_ds_config(cfg, env.world_size))
     backend = deepspeed_comm.cdb  # ZeRO-3 gathers through DeepSpeed's backend, which holds this function
     gathered = [0]
@@ -82,7 +82,7 @@ def worker(variant: str, model_dir: str, out: str) -> None:
 
     backend.all_gather_function = counting
     for step in range(1, STEPS + 1):
-        train_step(engine, blocks, sampler.micro_batches(step - 1), [], step, env.rank)
+        train_step(engine, blocks.train, sampler.micro_batches(step - 1), [], step, env.rank)
     backend.all_gather_function = original
     state = measured_model_state_bytes(engine)
     linears = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for n, p in engine.module.named_parameters()

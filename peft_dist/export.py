@@ -11,7 +11,7 @@ BitFit); the others change the computation and need peft-dist at inference.
 LoRA format, for ``peft.PeftModel.from_pretrained(base, OUT/adapter)`` (one LoRA adapter only).
 
 Both stream: the weights are written tensor by tensor into safetensors shards (``--max-shard-size``), so
-the export holds the int8 model, one layer in float32 and one shard, never a float copy of the model.
+the export holds the quantized model, one layer in float32 and one shard, never a float copy of the model.
 """
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def check_mergeable(model: nn.Module) -> None:
 
 
 def _dense_weight(module: nn.Module, merge: bool, name: str) -> torch.Tensor:
-    """The ``(d_out, d_in)`` float32 weight of an int8 or adapted linear, with every delta folded in when
+    """The ``(d_out, d_in)`` float32 weight of a quantized or adapted linear, with every delta folded in when
     ``merge`` (each must be mergeable) or none of them."""
     base = module.base if isinstance(module, AdaptedLinear) else module
     weight = dense_weight(base).detach().float().clone()
@@ -77,7 +77,7 @@ def remember(store: dict[str, torch.Tensor], key: str, value: torch.Tensor, keep
 def dense_tensors(adapted: nn.Module, plain: nn.Module, merge: bool,
                   dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """``(name, tensor in dtype, untied)`` for every tensor of the plain transformers model ``plain`` (a meta
-    skeleton: names, ``Conv1D`` layouts, ties), one at a time: int8 and adapted linears dequantized (with
+    skeleton: names, ``Conv1D`` layouts, ties), one at a time: quantized and adapted linears dequantized (with
     their deltas when ``merge``), every other parameter and buffer as the adapted model holds it (BitFit's
     trained biases included). ``untied`` marks a linear tied to another tensor (a tied ``lm_head``) whose
     merged weight differs from it: it is written with its own weight."""
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="a new directory to write")
     parser.add_argument("--format", default="merged", choices=["merged", "peft"])
     parser.add_argument("--max-shard-size", type=float, default=2.0, metavar="GIB",
-                        help="largest safetensors shard; peak memory is the int8 model plus one shard (default 2)")
+                        help="largest safetensors shard; peak memory is the quantized model plus one shard (default 2)")
     parser.add_argument("--force", action="store_true", help="export onto a base whose weights differ from the "
                         "ones the adapter was trained on (same architecture and config)")
     args = parser.parse_args(argv)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PretrainedConfig
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from peft_dist.config.schema import ConfigError, ModelConfig
@@ -14,6 +15,9 @@ from peft_dist.config.schema import ConfigError, ModelConfig
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
 TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Architectures whose model builds its attention mask without the position ids, so transformers' packed-sequence
+# detection never sees them (checked for every family by tests/unit/test_packing.py).
+MASK_WITHOUT_POSITIONS = frozenset({"opt"})
 
 
 def tiny_llama_config(vocab_size: int = 512) -> LlamaConfig:
@@ -85,3 +89,26 @@ def max_positions(model_config: PretrainedConfig) -> int | None:
         if getattr(model_config, key, None):
             return int(getattr(model_config, key))
     return None
+
+
+def packed_inputs(config: PretrainedConfig, batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    """Model inputs for packed blocks in which each document attends only to itself: the position ids restart at
+    every document, from which transformers derives the block-diagonal causal mask; architectures in
+    ``MASK_WITHOUT_POSITIONS`` get that mask explicitly, in the 4-D form their attention takes (boolean for
+    sdpa, additive in ``dtype`` for eager). No KV cache is built (it would also disable the derivation)."""
+    inputs = {**batch, "use_cache": False}
+    if config.model_type not in MASK_WITHOUT_POSITIONS:
+        return inputs
+    position_ids = batch["position_ids"]
+    document = (position_ids == 0).cumsum(-1)
+    length = position_ids.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    mask = (causal & (document[:, :, None] == document[:, None, :]))[:, None]
+    mask_function = ALL_MASK_ATTENTION_FUNCTIONS[config._attn_implementation]
+    if mask_function is ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]:
+        return {**inputs, "attention_mask": mask}
+    if mask_function is ALL_MASK_ATTENTION_FUNCTIONS["eager"]:
+        additive = torch.zeros(mask.shape, dtype=dtype, device=position_ids.device)
+        return {**inputs, "attention_mask": additive.masked_fill(~mask, torch.finfo(dtype).min)}
+    raise ConfigError(f"model: packed documents on {config.model_type} need the sdpa or eager attention, not "
+                      f"{config._attn_implementation!r}")

@@ -14,16 +14,30 @@ from peft_dist.config.schema import ConfigError
 
 @runtime_checkable
 class QuantizedLinear(Protocol):
-    """A frozen linear stored quantized (``peft_dist.quant.int8.Int8Linear``) that knows its shape and how
-    to dequantize itself, so that code above it (adapters, export) needs no quantization import."""
+    """A frozen linear stored quantized (``peft_dist.quant``'s ``Int8Linear``, ``FourBitLinear``) that knows
+    its shape, its floating-point dtype (that of its bias, its dequantized weight and the adapters put on it)
+    and how to dequantize itself, so that code above it (adapters, export) needs no quantization import."""
 
     in_features: int
     out_features: int
     bias: torch.Tensor | None
+    dtype: torch.dtype
 
     def dequantized_weight(self) -> torch.Tensor: ...
 
     def to_linear(self) -> nn.Linear: ...
+
+
+def float_linear(module: QuantizedLinear) -> nn.Linear:
+    """A frozen float ``nn.Linear`` equal to a quantized linear: its ``to_linear`` (merging and export)."""
+    weight = module.dequantized_weight()
+    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=weight.dtype,
+                       device=weight.device)
+    linear.weight.data.copy_(weight)
+    if module.bias is not None:
+        linear.bias.data.copy_(module.bias.detach())
+    linear.requires_grad_(False)
+    return linear
 
 
 LINEAR_TYPES = (nn.Linear, Conv1D, QuantizedLinear)

@@ -5,7 +5,7 @@ Two kinds of module exist:
 * ``AdapterModule``: every module peft-dist injects derives from it. Its parameters are the trainable
   ones; ``adapter_state_dict`` is what the adapter-only checkpoint stores for it (a method may export
   a compact or folded form, e.g. AdaLoRA's pruned triplets or prefix tuning without its MLP).
-* ``AdaptedLinear``: a frozen base linear (``nn.Linear``, GPT-2 ``Conv1D`` or ``Int8Linear``) plus named
+* ``AdaptedLinear``: a frozen base linear (``nn.Linear``, GPT-2 ``Conv1D`` or a quantized linear) plus named
   *linear deltas* (LoRA, AdaLoRA, KronA): ``y = base(x) + sum_k delta_k(x)``. A linear delta is an
   ``AdapterModule`` with ``delta_weight()`` so that it can be merged into the base.
 
@@ -79,13 +79,20 @@ def linear_dims(module: nn.Module) -> tuple[int, int]:
 
 
 def float_dtype(module: nn.Module) -> torch.dtype:
-    """The dtype an adapter on ``module`` takes: that of its first floating-point parameter (a quantized
-    linear's scale)."""
-    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+    """The dtype an adapter on ``module`` takes: that of its first floating-point parameter, where a
+    quantized linear counts by its ``dtype`` (a 4-bit linear keeps its block statistics in float32 whatever
+    the model's dtype)."""
+    for m in module.modules():
+        if isinstance(m, QuantizedLinear):
+            return m.dtype
+        own = [p.dtype for p in m.parameters(recurse=False) if p.is_floating_point()]
+        if own:
+            return own[0]
+    raise TypeError(f"{type(module).__name__} has no floating-point parameter to take a dtype from")
 
 
 def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The ``(d_out, d_in)`` weight of a linear-like module in floating point (dequantized if int8)."""
+    """The ``(d_out, d_in)`` weight of a linear-like module in floating point (dequantized if quantized)."""
     if isinstance(module, QuantizedLinear):
         return module.dequantized_weight()
     if isinstance(module, Conv1D):
@@ -117,7 +124,7 @@ class AdaptedLinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold every delta into the base weight. An int8 base is first dequantized to a float linear,
+        """Fold every delta into the base weight. A quantized base is first dequantized to a float linear,
         so merging is exact and ``unmerge`` restores the unmerged function up to rounding."""
         if isinstance(self.base, QuantizedLinear):
             self.base = self.base.to_linear()

@@ -42,19 +42,41 @@ class ModelConfig:
 
 @dataclass
 class QuantizationConfig:
-    """The frozen base in 8 bits.
+    """The frozen base in 8 or 4 bits.
 
-    enabled: replace frozen linear layers by row-wise absmax int8 linears.
+    enabled: replace frozen linear layers by quantized linears.
     target_modules: ``all-linear`` (every linear of the decoder layers; embeddings and lm_head stay in
         floating point), a list of module-name suffixes, or a regex matched against full names.
+    bits: 8 (row-wise absmax int8, ``quant/int8.py``) or 4 (block-wise NF4/FP4 through bitsandbytes,
+        QLoRA's base, ``quant/nf4.py``).
+    quant_type, blocksize, double_quant (bits 4 only): the 4-bit data type (``nf4``: normal-float levels,
+        QLoRA's choice for normally distributed weights; ``fp4``), the number of weights sharing one absmax,
+        and whether those absmax are themselves quantized to 8 bits (saves ~0.37 bit a weight at blocksize 64).
     """
 
     enabled: bool = True
     target_modules: Any = "all-linear"
+    bits: int = 8
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = False
+
+    # Class attributes, not config fields: the block sizes bitsandbytes' quantize_4bit accepts (it raises
+    # "invalid blocksize" for others), and the 4-bit settings with their defaults.
+    blocksizes = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+    four_bit_defaults = {"quant_type": "nf4", "blocksize": 64, "double_quant": False}
 
     def __post_init__(self) -> None:
         require(isinstance(self.target_modules, (str, list)), "target_modules",
                 "use 'all-linear', a list of module-name suffixes or a regex string")
+        require(self.bits in (8, 4), "bits", f"got {self.bits!r}; use 8 (int8) or 4 (NF4/FP4)")
+        require(self.quant_type in ("nf4", "fp4"), "quant_type", f"got {self.quant_type!r}; use nf4 or fp4")
+        require(self.blocksize in self.blocksizes, "blocksize",
+                f"got {self.blocksize!r}; bitsandbytes' 4-bit quantization takes "
+                f"{', '.join(map(str, self.blocksizes))} (64 is QLoRA's)")
+        for key, default in self.four_bit_defaults.items():  # with bits 8 they would be silently ignored
+            require(self.bits == 4 or getattr(self, key) == default, key,
+                    f"applies to bits: 4 only; set bits: 4 or leave {key} at {default!r}")
 
 
 @dataclass
@@ -69,6 +91,9 @@ class DataConfig:
     block_size: tokens per packed training sequence.
     eval_fraction: share of documents held out for evaluation (deterministic from ``seed``).
     max_documents: cap on documents read (0 = all), to keep quick runs quick.
+    cache_dir: where the tokenized, packed blocks are kept, one directory per corpus and setting; the first
+        process of a job prepares them, every rank memory-maps them (per node when not on a shared disk).
+    num_proc: tokenizing processes; 0 picks up to 8 for corpora of 10,000 documents or more, else 1.
     """
 
     path: str = "builtin:python-stdlib"
@@ -80,8 +105,11 @@ class DataConfig:
     eval_fraction: float = 0.05
     max_documents: int = 400
     seed: int = 1234
+    cache_dir: str = "~/.cache/peft-dist/data"
+    num_proc: int = 0
 
     def __post_init__(self) -> None:
+        require(self.num_proc >= 0, "num_proc", "must be >= 0 (0 picks it)")
         require(self.format in ("auto", "text", "jsonl", "parquet"), "format",
                 f"got {self.format!r}; use auto, text, jsonl or parquet")
         require(self.block_size >= 2, "block_size", f"got {self.block_size}; must be at least 2")

@@ -1,11 +1,12 @@
 """Streaming quantize-and-shard loading of the frozen base: no rank ever holds the whole model.
 
 The model skeleton is built on the meta device (no weight memory) and its targeted linears are swapped
-for ``Int8Linear`` there. Then each module, innermost first, gets real tensors: read one tensor at a time
-from the safetensors checkpoint (or initialised the way transformers initialises that module, for a
-config-only model), quantized when it belongs to an int8 linear, and, under ZeRO-3, immediately handed
-to ``deepspeed.zero.Init(module=...)``, which broadcasts rank 0's values and keeps 1/N on each rank. Peak
-host memory per rank is therefore about (int8 model / N) + one module, measured and reported.
+for quantized linears there (``Int8Linear``, or ``FourBitLinear`` with ``quantization.bits: 4``). Then each
+module, innermost first, gets real tensors: read one tensor at a time from the safetensors checkpoint (or
+initialised the way transformers initialises that module, for a config-only model), quantized when it
+belongs to a quantized linear, and, under ZeRO-3, immediately handed to ``deepspeed.zero.Init(module=...)``,
+which broadcasts rank 0's values and keeps 1/N on each rank. Peak host memory per rank is therefore about
+(quantized model / N) + one module, measured and reported.
 """
 from __future__ import annotations
 
@@ -28,8 +29,7 @@ from peft_dist.config.schema import ConfigError, ModelConfig, QuantizationConfig
 from peft_dist.distributed.memory import resident_bytes
 from peft_dist.distributed.zero3 import full_numel
 from peft_dist.model import BUILTIN_TINY_LLAMA, DTYPES, load_model_config, load_tokenizer
-from peft_dist.quant.int8 import Int8Linear, quantize_rowwise
-from peft_dist.quant.model import QuantReport, quantization_error, quantize_model
+from peft_dist.quant.model import QUANTIZED_TYPES, QuantReport, quantization_error, quantize_model
 
 
 @dataclass(frozen=True)
@@ -48,10 +48,10 @@ class LoadReport:
     private_before: int
     peak_private: int
     local_param_bytes: int  # this rank's share after loading (the ds_tensor partitions under ZeRO-3)
-    full_param_bytes: int  # the whole (int8 + float) model
+    full_param_bytes: int  # the whole (quantized + float) model
     bytes_read: int  # checkpoint tensor bytes this rank read (0 on ZeRO-3 ranks other than 0)
     seconds: float  # wall time of the streaming loop (read, quantize, partition)
-    quantization: tuple[QuantReport, ...]  # one per int8 linear quantized on this rank, in load order
+    quantization: tuple[QuantReport, ...]  # one per linear quantized on this rank, in load order
 
     def line(self) -> str:
         mib = 2 ** 20
@@ -146,7 +146,7 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
           transposed: set[str], names_of: dict[int, list[str]], done: dict[int, nn.Parameter],
           errors: list[QuantReport]) -> None:
     """Give ``module``'s own parameters and buffers real CPU tensors holding checkpoint (or init) values;
-    an int8 linear's quantization error goes to ``errors``.
+    a quantized linear's quantization error goes to ``errors``.
 
     Without ``reads`` (ZeRO-3 ranks other than 0) parameters stay uninitialised: ``zero.Init`` broadcasts
     rank 0's values, so only rank 0 reads the checkpoint, quantizes and draws init values. Buffers are
@@ -167,24 +167,22 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
         param = nn.Parameter(torch.empty_like(meta, device="cpu"), requires_grad=meta.requires_grad)
         module._parameters[key] = done[id(meta)] = param
         fresh[key] = (param, names_of.get(id(meta), [prefix + key]))
-    if isinstance(module, Int8Linear):
+    if isinstance(module, QUANTIZED_TYPES):
         if not reads:
             return
         if reader is None:  # config-only: the float linear transformers would have built, then quantized
             # Built on meta so that only _init_weights draws random numbers, exactly as for an unquantized
             # base: the builtin model has the same values with and without quantization.
             dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              dtype=module.weight_scale.dtype, device="meta").to_empty(device="cpu")
+                              dtype=module.dtype, device="meta").to_empty(device="cpu")
             model._init_weights(dense)
             weight, bias = dense.weight, dense.bias
         else:
             weight = reader.get(prefix + "weight")
             weight = weight.t() if name in transposed else weight
             bias = reader.get(prefix + "bias") if module.bias is not None else None
-        w8, scale = quantize_rowwise(weight)
-        errors.append(quantization_error(name, weight, w8, scale.to(module.weight_scale.dtype)))
-        module.weight.copy_(w8)
-        module.weight_scale.copy_(scale)
+        module.load_weight(weight)
+        errors.append(quantization_error(name, weight, module))
         if bias is not None:
             module.bias.copy_(bias)
         return
@@ -201,12 +199,13 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
 
 def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
                         ds_config: dict | None = None) -> tuple[nn.Module, LoadReport]:
-    """Build the int8 base from ``model_cfg`` without ever materialising the float model on any rank.
+    """Build the quantized base from ``model_cfg`` without ever materialising the float model on any rank.
 
     ``builtin:tiny-llama`` is initialised from seed 0 as transformers would (step-0 loss near ln(vocab));
     any other ``name_or_path`` must be a local safetensors checkpoint. Under a ZeRO-3 ``ds_config`` (with
     an initialized process group) every parameter ends ZeRO-3 partitioned, and the float tensors (int8
-    scales included) take the config's precision as with ``zero.Init``; otherwise ``model_cfg.dtype``.
+    scales included; 4-bit block statistics stay float32) take the config's precision as with ``zero.Init``;
+    otherwise ``model_cfg.dtype``.
     """
     zero3 = _zero3_enabled(ds_config)
     config: PretrainedConfig = load_model_config(model_cfg.name_or_path)
@@ -216,7 +215,7 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     reader = None if model_cfg.name_or_path == BUILTIN_TINY_LLAMA else CheckpointReader(model_cfg.name_or_path, model)
     transposed = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
     if quant_cfg.enabled:
-        quantize_model(model, quant_cfg.target_modules, dtype)
+        quantize_model(model, quant_cfg.target_modules, dtype, quant_cfg)
     model.requires_grad_(False)
     rss_before, private_before = resident_bytes()  # after the imports and the meta skeleton: what follows is weights
     began = time.perf_counter()

@@ -8,8 +8,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft_dist.quant.int8 import Int8Linear, dequantize_rowwise
-from peft_dist.targets import find_modules, replace_module
+from peft_dist.config.schema import QuantizationConfig
+from peft_dist.quant.int8 import Int8Linear
+from peft_dist.quant.nf4 import FourBitLinear
+from peft_dist.targets import QuantizedLinear, find_modules, replace_module
+
+QUANTIZED_TYPES = (Int8Linear, FourBitLinear)  # the layers the loader fills with ``load_weight``
 
 
 @dataclass(frozen=True)
@@ -23,9 +27,9 @@ class QuantReport:
 
 
 @torch.no_grad()
-def quantization_error(name: str, dense: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> QuantReport:
-    """How far the int8 ``(w8, scale)`` (scale in the dtype the layer keeps) is from ``dense``."""
-    error = dense.float() - dequantize_rowwise(w8, scale, scale.dtype).float()
+def quantization_error(name: str, dense: torch.Tensor, layer: QuantizedLinear) -> QuantReport:
+    """How far ``layer``'s dequantized weight (in the dtype the layer keeps) is from ``dense``."""
+    error = dense.float() - layer.dequantized_weight().float()
     return QuantReport(name, tuple(dense.shape), (error.norm() / dense.float().norm().clamp_min(1e-12)).item(),
                        error.abs().max().item())
 
@@ -35,27 +39,33 @@ def _is_float_linear(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def quantize_linear(module: nn.Module, dtype: torch.dtype) -> Int8Linear:
-    """An ``Int8Linear`` equivalent to an ``nn.Linear`` or GPT-2 ``Conv1D`` (whose weight is W^T)."""
+def quantize_linear(module: nn.Module, dtype: torch.dtype,
+                    quant: QuantizationConfig | None = None) -> Int8Linear | FourBitLinear:
+    """The frozen quantized equivalent of an ``nn.Linear`` or GPT-2 ``Conv1D`` (whose weight is W^T):
+    an ``Int8Linear``, or a ``FourBitLinear`` when ``quant.bits`` is 4 (``None``: int8)."""
     weight = module.weight.t() if isinstance(module, Conv1D) else module.weight
+    if quant is not None and quant.bits == 4:
+        return FourBitLinear.from_weight(weight, module.bias, quant.quant_type, quant.blocksize, quant.double_quant,
+                                         dtype)
     return Int8Linear.from_weight(weight, module.bias, dtype=dtype)
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, targets: Any = "all-linear",
-                   dtype: torch.dtype = torch.float32) -> list[QuantReport]:
-    """Replace every targeted float linear by a frozen ``Int8Linear``; return per-layer errors.
+def quantize_model(model: nn.Module, targets: Any = "all-linear", dtype: torch.dtype = torch.float32,
+                   quant: QuantizationConfig | None = None) -> list[QuantReport]:
+    """Replace every targeted float linear by a frozen quantized linear (int8, or 4-bit when ``quant.bits``
+    is 4); return per-layer errors.
 
     On the meta device (planner dry runs) the layers are swapped alike and the errors are NaN.
     """
     reports = []
     for name, module in find_modules(model, targets, _is_float_linear, "linear layer",
                                      "quantization.target_modules"):
-        quantized = quantize_linear(module, dtype)
+        quantized = quantize_linear(module, dtype, quant)
         dense = module.weight.t() if isinstance(module, Conv1D) else module.weight
         if dense.is_meta:
             reports.append(QuantReport(name, tuple(dense.shape), float("nan"), float("nan")))
         else:
-            reports.append(quantization_error(name, dense, quantized.weight, quantized.weight_scale))
+            reports.append(quantization_error(name, dense, quantized))
         replace_module(model, name, quantized)
     return reports

@@ -22,6 +22,7 @@ from torch import nn
 from peft_dist.config.load import flatten
 from peft_dist.distributed.memory import peak_rss_bytes
 from peft_dist.distributed.zero3 import full_numel
+from peft_dist.targets import QuantizedLinear
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("torch", "deepspeed", "transformers", "bitsandbytes", "mlflow", "peft-dist")
@@ -127,15 +128,34 @@ def write_run_files(run_dir: str | Path, ds_config: dict, environ: dict[str, str
 
 # --- model summary and memory ----------------------------------------------------------------------
 
+def weight_counts(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """Every parameter with the number of model weights it stands for: its full size (also where ZeRO-3
+    already partitioned it), except that a quantized linear's stored tensors (codes, scales, block
+    statistics) stand for its ``in x out`` weights together, counted on the first of them (4-bit codes are
+    packed two a byte, so their size is half the weights)."""
+    stored: dict[int, QuantizedLinear] = {id(p): m for m in model.modules() if isinstance(m, QuantizedLinear)
+                                          for p in m.parameters(recurse=False) if p is not m.bias}
+    counted: set[int] = set()
+    counts = []
+    for p in model.parameters():
+        layer = stored.get(id(p))
+        if layer is None:
+            counts.append((p, full_numel(p)))
+        else:
+            counts.append((p, 0 if id(layer) in counted else layer.in_features * layer.out_features))
+            counted.add(id(layer))
+    return counts
+
+
 def parameter_summary(model: nn.Module) -> dict[str, float]:
-    """Counts for the summary table: trainable, total, and base bytes as stored vs in bf16 (whole tensors,
-    also where ZeRO-3 already partitioned the base)."""
-    trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
-    total = sum(full_numel(p) for p in model.parameters())
-    frozen = [p for p in model.parameters() if not p.requires_grad]
+    """Counts for the summary table: trainable, total (weights, whatever their storage), and base bytes as
+    stored vs in bf16 (whole tensors, also where ZeRO-3 already partitioned the base)."""
+    counts = weight_counts(model)
+    trainable = sum(n for p, n in counts if p.requires_grad)
+    total = sum(n for _, n in counts)
     return {"trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / max(total, 1),
-            "base_bytes": sum(full_numel(p) * p.element_size() for p in frozen),
-            "base_bytes_bf16": sum(full_numel(p) * 2 for p in frozen)}
+            "base_bytes": sum(full_numel(p) * p.element_size() for p, _ in counts if not p.requires_grad),
+            "base_bytes_bf16": sum(n * 2 for p, n in counts if not p.requires_grad)}
 
 
 def summary_table(model: nn.Module, injected: dict[str, list[str]]) -> str:
@@ -178,8 +198,9 @@ def gather_peak_memory(device: torch.device | str = "cpu") -> dict[str, float]:
 
 def matmul_parameters(model: nn.Module) -> int:
     """Parameters that take part in a matmul per token: all of them, less an untied input embedding
-    (a lookup). Counts full sizes under ZeRO-3 (``ds_numel``), where local tensors are empty."""
-    total = sum(full_numel(p) for p in model.parameters())
+    (a lookup). Counts full sizes under ZeRO-3 (``ds_numel``), where local tensors are empty, and the
+    weights of a quantized linear, not its stored elements."""
+    total = sum(n for _, n in weight_counts(model))
     embedding = model.get_input_embeddings().weight
     output = model.get_output_embeddings()
     if output is None or not any(p is embedding for p in output.parameters()):  # untied (or adapted) head

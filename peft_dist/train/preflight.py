@@ -1,7 +1,7 @@
 """Checks that run before any process group starts or any weight is read, so a bad config costs seconds.
 
 The adapted model is built on the meta device (shapes and dtypes, no storage: about a second even for a
-175B skeleton) and goes through the same surgery as training: int8 linears, then every adapter. Every
+175B skeleton) and goes through the same surgery as training: quantized linears, then every adapter. Every
 error that surgery can raise (targets that match nothing, a sub-layer the architecture does not have,
 shapes that do not factor, an attention implementation prefix tuning cannot wrap) stops the job here,
 with the same words it would have used after loading.
@@ -18,19 +18,21 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from peft_dist.adapters.inject import inject_adapters
-from peft_dist.config.schema import ConfigError, DataConfig, RunConfig
+from peft_dist.config.schema import ConfigError, DataConfig, QuantizationConfig, RunConfig
 from peft_dist.data import BUILTIN_STDLIB, check_block_size, check_jsonl, resolve_files
 from peft_dist.model import DTYPES, load_model_config, max_positions
 from peft_dist.quant.model import quantize_model
 
 
-def meta_model(config: PretrainedConfig, adapters: list, quant_targets: Any | None, dtype: str) -> nn.Module:
-    """The adapted model (int8 linears unless ``quant_targets`` is None) with meta tensors only."""
+def meta_model(config: PretrainedConfig, adapters: list, quant_targets: Any | None, dtype: str,
+               quant: QuantizationConfig | None = None) -> nn.Module:
+    """The adapted model with meta tensors only: the linears ``quant_targets`` matches (None: none) quantized
+    as ``quant`` says (None: int8)."""
     torch_dtype = DTYPES[dtype]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         if quant_targets is not None:
-            quantize_model(model, quant_targets, torch_dtype)
+            quantize_model(model, quant_targets, torch_dtype, quant)
         inject_adapters(model, adapters)
     return model
 
@@ -77,5 +79,5 @@ def preflight(cfg: RunConfig) -> None:
     model_config = load_model_config(cfg.model.name_or_path)
     check_data(cfg.data, model_config)
     quant_targets = cfg.quantization.target_modules if cfg.quantization.enabled else None
-    meta_model(model_config, cfg.adapters, quant_targets, cfg.model.dtype)
+    meta_model(model_config, cfg.adapters, quant_targets, cfg.model.dtype, cfg.quantization)
     check_output_dir(Path(cfg.checkpoint.output_dir))  # last: it creates the directory

@@ -7,8 +7,9 @@ import math
 import torch
 
 from peft_dist.adapters.inject import trainable_parameters
-from peft_dist.distributed.env import DistEnv
+from peft_dist.data import Split
 from peft_dist.distributed.zero3 import optimizer_state, restore_optimizer_state, zero_gradients
+from peft_dist.model import packed_inputs
 from peft_dist.train import faults
 
 
@@ -20,36 +21,44 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def forward_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The mean loss of one batch of packed blocks, each document attending only to itself; ``model`` is a
+    DeepSpeed engine or the Hugging Face model itself."""
+    module = getattr(model, "module", model)
+    inputs = {name: tensor.to(model.device) for name, tensor in batch.items()}
+    return model(**packed_inputs(module.config, inputs, module.get_input_embeddings().weight.dtype)).loss
+
+
 @torch.no_grad()
-def evaluate(engine, ids: torch.Tensor, labels: torch.Tensor, micro: int, batches: int,
-             dist: DistEnv) -> float:
-    """Token-weighted mean loss over the first ``batches`` micro-batches of the eval split.
+def evaluate(engine, split: Split, micro: int, batches: int, rank: int = 0, world_size: int = 1) -> float:
+    """Token-weighted mean loss over the first ``batches`` micro-batches of ``split``.
 
     The evaluated blocks do not depend on the world size (so a reloaded adapter can be checked in one
     process). Batches are dealt round-robin; under ZeRO-3 every rank must run the same number of
     forwards (each gathers parameters), so a rank short of a batch repeats one with weight zero.
     """
-    chunks = list(zip(ids[: batches * micro].split(micro), labels[: batches * micro].split(micro)))
-    mine = chunks[dist.rank::dist.world_size]
+    count = min(len(split), batches * micro)
+    chunks = [range(start, min(start + micro, count)) for start in range(0, count, micro)]
+    mine = chunks[rank::world_size]
     engine.eval()
-    total, count = 0.0, 0.0
-    for i in range(math.ceil(len(chunks) / dist.world_size)):
-        x, y = mine[i] if i < len(mine) else chunks[0]
+    total, tokens_seen = 0.0, 0.0
+    for i in range(math.ceil(len(chunks) / world_size)):
+        batch = split.batch(mine[i] if i < len(mine) else chunks[0])
         weight = 1.0 if i < len(mine) else 0.0
-        loss = engine(input_ids=x.to(engine.device), labels=y.to(engine.device)).loss.float().item()
-        tokens = weight * (y[:, 1:] != -100).sum().item()
+        loss = forward_loss(engine, batch).float().item()
+        tokens = weight * (batch["labels"][:, 1:] != -100).sum().item()
         total += loss * tokens
-        count += tokens
+        tokens_seen += tokens
     engine.train()
-    total, count = all_reduce_sum([total, count], engine.device)
-    return total / max(count, 1.0)
+    total, tokens_seen = all_reduce_sum([total, tokens_seen], engine.device)
+    return total / max(tokens_seen, 1.0)
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:
     return all_reduce_sum([0.0 if flag else 1.0], device)[0] == 0.0
 
 
-def train_step(engine, blocks, micro_batches: list[torch.Tensor], hooks: list, step: int,
+def train_step(engine, split: Split, micro_batches: list[torch.Tensor], hooks: list, step: int,
                rank: int) -> float | None:
     """One optimizer step over this rank's micro-batches.
 
@@ -62,9 +71,7 @@ def train_step(engine, blocks, micro_batches: list[torch.Tensor], hooks: list, s
     """
     loss_sum, finite, saved = 0.0, True, None
     for index, micro in enumerate(micro_batches):
-        x = blocks.train_ids[micro].to(engine.device)
-        y = blocks.train_labels[micro].to(engine.device)
-        loss = engine(input_ids=x, labels=y).loss
+        loss = forward_loss(engine, split.batch(micro))
         if faults.planned("nan", rank, step):
             loss = loss * float("nan")
         finite = all_ranks_true(bool(torch.isfinite(loss.detach()).item()), engine.device) and finite

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 import yaml
 from tqdm import tqdm
@@ -31,7 +32,7 @@ from peft_dist.data import Blocks, GlobalBatchSampler, build_blocks
 from peft_dist.distributed.env import DistEnv, init_distributed, resolve_env, setup_logging, watch_launchers
 from peft_dist.distributed.hooks import TrainHook, make_hooks
 from peft_dist.distributed.zero3 import build_ds_config, scalars_as_vectors
-from peft_dist.model import base_identity, load_tokenizer, max_positions
+from peft_dist.model import base_identity, load_model_config, load_tokenizer, max_positions
 from peft_dist.quant.loader import LoadReport, load_quantized_base
 from peft_dist.train import checkpoint as ckpt
 from peft_dist.train import faults
@@ -118,7 +119,7 @@ class Run:
             faults.inject("signal", self.dist.rank, step)
             # Seeded per step and rank: dropout differs across ranks and a resumed run draws the same masks.
             torch.manual_seed(cfg.train.seed + 1_000_003 * self.dist.rank + step)
-            local_loss = train_step(self.engine, self.blocks, self.sampler.micro_batches(step - 1), self.hooks,
+            local_loss = train_step(self.engine, self.blocks.train, self.sampler.micro_batches(step - 1), self.hooks,
                                     step, self.dist.rank)
             mean_loss, stop_votes = all_reduce_sum([local_loss or 0.0, float(self.stop.requested)],
                                                    self.engine.device)
@@ -195,8 +196,8 @@ class Run:
         return bool(stop_now)
 
     def evaluate(self) -> float:
-        return evaluate(self.engine, self.blocks.eval_ids, self.blocks.eval_labels, self.cfg.train.micro_batch_size,
-                        self.cfg.train.eval_batches, self.dist)
+        return evaluate(self.engine, self.blocks.eval, self.cfg.train.micro_batch_size,
+                        self.cfg.train.eval_batches, self.dist.rank, self.dist.world_size)
 
     def finish(self) -> None:
         """Final eval, the adapter-only checkpoint, ``result.json`` and the loss plots."""
@@ -260,14 +261,19 @@ def setup(cfg: RunConfig) -> Run:
     torch.distributed.barrier()
     if dist.is_main:
         start_run_dir(run_dir, cfg)
+    # Tokenized once per corpus (by the first rank to get here; the others wait, then reuse it), memory-mapped.
+    if not dist.is_main:  # the rank that prepares the data may be another: only rank 0 shows progress bars
+        datasets.disable_progress_bars()
+    blocks = build_blocks(cfg.data, load_tokenizer(cfg.model.name_or_path), max_positions(load_model_config(
+        cfg.model.name_or_path)))
+    log.info(blocks.line())
+    sampler = GlobalBatchSampler(len(blocks.train), cfg.train.micro_batch_size,
+                                 cfg.train.gradient_accumulation_steps, dist.world_size, dist.rank, cfg.data.seed)
     # Streamed in one tensor at a time and, under ZeRO-3, partitioned module by module as it loads.
     model, load_report, injected = adapted_model(cfg, ds_config)
-    log_load_report(log, load_report, dist.world_size)
+    log_load_report(log, load_report, dist.world_size, cfg.quantization.bits)
     hooks = make_hooks(model, cfg.adapters, cfg.train.max_steps)
     log.info("model summary\n%s", summary_table(model, injected))
-    blocks = build_blocks(cfg.data, load_tokenizer(cfg.model.name_or_path), max_positions(model.config))
-    sampler = GlobalBatchSampler(len(blocks.train_ids), cfg.train.micro_batch_size,
-                                 cfg.train.gradient_accumulation_steps, dist.world_size, dist.rank, cfg.data.seed)
     engine = build_engine(cfg, model, ds_config)
     metadata = ckpt.adapter_metadata(cfg.adapters, cfg.quantization, cfg.model,
                                      base_identity(cfg.model, model.config), 0)
@@ -291,15 +297,15 @@ def start_run_dir(run_dir: Path, cfg: RunConfig) -> None:
     (run_dir / "run_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def log_load_report(log: logging.Logger, report: LoadReport, world_size: int) -> None:
-    """Rank 0 logs every rank's peak memory while loading and the int8 quantization error (a collective)."""
+def log_load_report(log: logging.Logger, report: LoadReport, world_size: int, bits: int) -> None:
+    """Rank 0 logs every rank's peak memory while loading and the quantization error (a collective)."""
     lines = [""] * world_size
     torch.distributed.all_gather_object(lines, report.line())
     log.info("base loaded\n%s", "\n".join(lines))
     if report.quantization:
         errors = report.quantization
         worst = max(errors, key=lambda r: r.rel_error)
-        log.info("int8 base: %d layers quantized, relative error mean %.4f, worst %.4f (%s)", len(errors),
+        log.info("%d-bit base: %d layers quantized, relative error mean %.4f, worst %.4f (%s)", bits, len(errors),
                  sum(r.rel_error for r in errors) / len(errors), worst.rel_error, worst.name)
 
 
@@ -321,7 +327,7 @@ def start_tracking(cfg: RunConfig, run_dir: Path, ds_config: dict, dist: DistEnv
 
 
 def adapted_model(cfg: RunConfig, ds_config: dict) -> tuple[torch.nn.Module, LoadReport, dict[str, list[str]]]:
-    """The base, streamed in (and under ZeRO-3 partitioned) as int8, with the configured adapters
+    """The base, streamed in (and under ZeRO-3 partitioned) quantized, with the configured adapters
     initialised alike on every rank; also the load report and adapter name -> adapted modules."""
     model, report = load_quantized_base(cfg.model, cfg.quantization, ds_config)
     torch.manual_seed(cfg.train.seed)

@@ -34,6 +34,7 @@ from peft_dist.quant.loader import load_quantized_base
 from peft_dist.inference import load_for_inference
 from peft_dist.train.preflight import preflight
 from peft_dist.train.trainer import train
+from peft_dist.train.step import forward_loss
 from tests.architectures import ARCHITECTURES, write_checkpoint
 from tests.compat.zero_worker import eval_loss, write_corpus
 
@@ -70,9 +71,9 @@ def cell_config(arch: str, method: str, checkpoint: Path, corpus: Path, out: Pat
 def first_step_loss(base: torch.nn.Module, tokenizer, cfg) -> float:
     """The loss on the batch the trainer's first step trains on (world size 1, one micro-batch)."""
     blocks = build_blocks(cfg.data, tokenizer, max_positions(base.config))
-    sampler = GlobalBatchSampler(len(blocks.train_ids), cfg.train.micro_batch_size, 1, 1, 0, cfg.data.seed)
+    sampler = GlobalBatchSampler(len(blocks.train), cfg.train.micro_batch_size, 1, 1, 0, cfg.data.seed)
     (batch,) = sampler.micro_batches(0)
-    return base(input_ids=blocks.train_ids[batch], labels=blocks.train_labels[batch]).loss.item()
+    return forward_loss(base, blocks.train.batch(batch)).item()
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from peft_dist.distributed.env import exit_process, resolve_env
 from peft_dist.model import max_positions
 from peft_dist.inference import load_for_inference
 from peft_dist.train.trainer import train
+from peft_dist.train.step import evaluate
 
 STEPS = 6
 # Small settings for the tiny Llama (hidden 64, FFN 176); a method not listed runs with its defaults.
@@ -80,14 +81,7 @@ def cell_config(method: str, base: str, stage: int, out: Path, corpus: Path) -> 
 def eval_loss(model: torch.nn.Module, tokenizer, cfg) -> float:
     """The trainer's eval (first ``eval_batches`` micro-batches of the eval split) in this one process."""
     blocks = build_blocks(cfg.data, tokenizer, max_positions(model.config))
-    n = cfg.train.eval_batches * cfg.train.micro_batch_size
-    total, count = 0.0, 0
-    for x, y in zip(blocks.eval_ids[:n].split(cfg.train.micro_batch_size),
-                    blocks.eval_labels[:n].split(cfg.train.micro_batch_size)):
-        tokens = (y[:, 1:] != -100).sum().item()
-        total += model(input_ids=x, labels=y).loss.float().item() * tokens
-        count += tokens
-    return total / count
+    return evaluate(model, blocks.eval, cfg.train.micro_batch_size, cfg.train.eval_batches)
 
 
 def run_cell(method: str, base: str, stage: int, out: Path, corpus: Path) -> dict:

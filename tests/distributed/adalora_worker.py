@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-from types import SimpleNamespace
 
+import datasets
 import torch
 import torch.distributed as dist
 
 from peft_dist.adapters import inject_adapters
 from peft_dist.adapters.registry import build_adapter_config
 from peft_dist.config.schema import ModelConfig
+from peft_dist.data import Split
 from peft_dist.distributed import importance
 from peft_dist.distributed.adalora import make_adalora_hook
 from peft_dist.distributed.env import exit_process, init_distributed, resolve_env
@@ -123,7 +124,9 @@ def main() -> None:
     data = torch.randint(1, 512, (args.steps, GLOBAL_BATCH, SEQ), generator=torch.Generator().manual_seed(1))
     records = []
     for step in range(1, args.steps + 1):
-        blocks = SimpleNamespace(train_ids=data[step - 1], train_labels=data[step - 1])
+        rows = data[step - 1].tolist()
+        blocks = Split(datasets.Dataset.from_dict(
+            {"input_ids": rows, "labels": rows, "position_ids": [list(range(SEQ))] * len(rows)}).with_format("torch"))
         micro_batches = [torch.arange((i * world + env.rank) * args.micro, (i * world + env.rank + 1) * args.micro)
                          for i in range(args.gas)]
         loss = torch.tensor(train_step(engine, blocks, micro_batches, [hook], step, env.rank))

@@ -34,13 +34,13 @@ def main(out: Path) -> None:
     model, _, _ = adapted_model(cfg, ds_config)
     engine = build_engine(cfg, model, ds_config)
     blocks = build_blocks(cfg.data, load_tokenizer(cfg.model.name_or_path), max_positions(model.config))
-    sampler = GlobalBatchSampler(len(blocks.train_ids), cfg.train.micro_batch_size, 1, dist.world_size, dist.rank,
+    sampler = GlobalBatchSampler(len(blocks.train), cfg.train.micro_batch_size, 1, dist.world_size, dist.rank,
                                  cfg.data.seed)
     for step in (1, 2):
-        assert train_step(engine, blocks, sampler.micro_batches(step - 1), [], step, dist.rank) is not None
+        assert train_step(engine, blocks.train, sampler.micro_batches(step - 1), [], step, dist.rank) is not None
     state, shards = optimizer_state(engine), [p.ds_tensor.clone() for p in engine.module.parameters() if p.requires_grad]
     os.environ["PEFT_DIST_FAULT"] = "nan:0:3"
-    skipped = train_step(engine, blocks, sampler.micro_batches(2), [], 3, dist.rank)
+    skipped = train_step(engine, blocks.train, sampler.micro_batches(2), [], 3, dist.rank)
     after = [p.ds_tensor for p in engine.module.parameters() if p.requires_grad]
     (out / f"rank{dist.rank}.json").write_text(json.dumps({
         "skipped": skipped is None, "optimizer_state_unchanged": same(state, optimizer_state(engine)),

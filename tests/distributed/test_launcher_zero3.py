@@ -13,6 +13,7 @@ import torch
 from peft_dist.train.config import load_config
 from peft_dist.data import build_blocks
 from peft_dist.inference import load_for_inference
+from peft_dist.train.step import evaluate
 from tests.multiproc import REPO, run_distributed
 
 pytestmark = pytest.mark.slow
@@ -44,14 +45,8 @@ def test_two_ranks_zero3_loss_falls_and_adapter_reloads(tmp_path):
     model, tokenizer = load_for_inference(result["adapter_dir"])
     cfg = load_config(None, ["train.eval_batches=4"])
     blocks = build_blocks(cfg.data, tokenizer)
-    n = cfg.train.eval_batches * cfg.train.micro_batch_size
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for x, y in zip(blocks.eval_ids[:n].split(4), blocks.eval_labels[:n].split(4)):
-            tokens = (y[:, 1:] != -100).sum().item()
-            total += model(input_ids=x, labels=y).loss.item() * tokens
-            count += tokens
-    assert total / count == pytest.approx(result["eval_loss"], rel=1e-5)
+    loss = evaluate(model, blocks.eval, cfg.train.micro_batch_size, cfg.train.eval_batches)
+    assert loss == pytest.approx(result["eval_loss"], rel=1e-5)
 
 
 def test_same_loss_curve_on_one_and_two_ranks(tmp_path):

@@ -1,4 +1,5 @@
-"""Streaming int8 loading under real ZeRO-3 on 2 CPU processes (gloo), against the N=1 loader.
+"""Streaming quantized loading under real ZeRO-3 on 2 CPU processes (gloo), against the N=1 loader, in int8
+and in 4 bits (NF4 with double quantization: every kind of 4-bit parameter).
 
 A 4-layer Llama (hidden 512, ~40 MB in fp32, 10.5 MB in int8) is saved sharded; loader_worker.py loads it
 on 2 ranks with persistence threshold 0. The N=1 oracle is the same loader without DeepSpeed, which
@@ -18,12 +19,27 @@ from peft_dist.quant.loader import load_quantized_base
 from tests.multiproc import REPO, run_distributed
 
 WORKER = str(REPO / "tests" / "distributed" / "loader_worker.py")
-LOGITS_ATOL = 1e-5  # the gathered int8 tensors are bit-identical; observed difference exactly 0
+LOGITS_ATOL = 1e-5  # the gathered quantized tensors are bit-identical; observed difference exactly 0
 MIB = 2 ** 20
+# The partition dtype of each parameter of a quantized linear (by parameter name); any other parameter
+# (and an int8 linear's scale) is in the float precision of the load.
+QUANTIZED_DTYPES = {8: {"weight": "torch.int8"},
+                    4: {"weight": "torch.uint8", "absmax": "torch.uint8", "nested_absmax": "torch.float32",
+                        "nested_code": "torch.float32", "absmax_offset": "torch.float32"}}
 
 
-@pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory):
+def expected_dtype(name: str, bits: int, floats: str) -> str:
+    module, _, param = name.rpartition(".")
+    return QUANTIZED_DTYPES[bits].get(param, floats) if module.endswith("proj") else floats
+
+
+def stored_bytes(directory) -> int:
+    """Bytes of every tensor in the (float32) checkpoint: the float model."""
+    return sum(t.numel() * t.element_size() for f in directory.glob("*.safetensors") for t in load_file(f).values())
+
+
+@pytest.fixture(scope="module", params=[{}, {"bits": 4, "double_quant": True}], ids=["int8", "nf4"])
+def zero3_run(tmp_path_factory, request):
     directory = tmp_path_factory.mktemp("ckpt")
     config = tiny_llama_config()
     config.hidden_size, config.intermediate_size, config.num_attention_heads = 512, 1408, 8
@@ -33,31 +49,32 @@ def zero3_run(tmp_path_factory):
     assert (directory / "model.safetensors.index.json").exists()
     out = tmp_path_factory.mktemp("out")
     # glibc otherwise keeps freed multi-MB blocks in its heap, and RSS would show allocator slack, not tensors.
-    proc = run_distributed([WORKER, "--checkpoint", str(directory), "--out", str(out)], 2, timeout=300,
-                           env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+    proc = run_distributed([WORKER, "--checkpoint", str(directory), "--out", str(out), "--quant",
+                            json.dumps(request.param)], 2, timeout=300, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return directory, ranks, proc.stdout
+    return directory, ranks, proc.stdout, QuantizationConfig(**request.param)
 
 
 @pytest.mark.slow
-def test_every_parameter_is_partitioned_in_int8(zero3_run):
-    _, ranks, _ = zero3_run
+def test_every_parameter_is_partitioned_in_its_stored_dtype(zero3_run):
+    """Half of every tensor on each rank, quantized tensors as bytes; the 4-bit statistics stay float32
+    under a bf16 config, and every gathered tensor equals the N=1 quantization bit for bit."""
+    _, ranks, _, quant = zero3_run
     for result in ranks:
         assert result["world_size"] == 2
         for name, p in result["params"].items():
             assert p["zero"], name
             assert p["local"] == math.ceil(p["full"] / 2), (name, p)
-            assert p["dtype"] == ("torch.int8" if name.endswith("proj.weight") else "torch.float32"), (name, p)
+            assert p["dtype"] == expected_dtype(name, quant.bits, "torch.float32"), (name, p)
         assert sum(name.endswith("proj.weight") for name in result["params"]) == 7 * 4
         assert all(result["identical"].values()), [n for n, ok in result["identical"].items() if not ok]
-        assert result["bf16_dtypes"] == {n: "torch.int8" if n.endswith("proj.weight") else "torch.bfloat16"
-                                         for n in result["params"]}
+        assert result["bf16_dtypes"] == {n: expected_dtype(n, quant.bits, "torch.bfloat16") for n in result["params"]}
 
 
 @pytest.mark.slow
 def test_logits_equal_single_process(zero3_run):
-    directory, ranks, _ = zero3_run
-    model, _ = load_quantized_base(ModelConfig(name_or_path=str(directory)), QuantizationConfig())
+    directory, ranks, _, quant = zero3_run
+    model, _ = load_quantized_base(ModelConfig(name_or_path=str(directory)), quant)
     ids = torch.arange(40).reshape(2, 20) * 7 % 512  # the worker's batch
     want = model(input_ids=ids).logits
     for result in ranks:
@@ -66,10 +83,9 @@ def test_logits_equal_single_process(zero3_run):
 
 @pytest.mark.slow
 def test_peak_memory_is_a_shard_plus_one_layer(zero3_run):
-    """Each rank's private memory grows by its int8 half plus about one layer, never the float model."""
-    _, ranks, stdout = zero3_run
-    fp32_model = sum(p["full"] * (1 if p["dtype"] == "torch.int8" else 4) for p in ranks[0]["params"].values())
-    fp32_model += sum(p["full"] * 3 for n, p in ranks[0]["params"].items() if n.endswith("proj.weight"))
+    """Each rank's private memory grows by its quantized half plus about one layer, never the float model."""
+    directory, ranks, stdout, _ = zero3_run
+    fp32_model = stored_bytes(directory)
     largest_fp32 = 1408 * 512 * 4
     for rank, result in enumerate(ranks):
         report = result["report"]
@@ -84,7 +100,6 @@ def test_peak_memory_is_a_shard_plus_one_layer(zero3_run):
 @pytest.mark.slow
 def test_only_rank_0_reads_the_checkpoint(zero3_run):
     """zero.Init broadcasts rank 0's values: rank 0 reads every stored tensor once, rank 1 reads none."""
-    directory, ranks, _ = zero3_run
-    stored = sum(t.numel() * t.element_size() for f in directory.glob("*.safetensors") for t in load_file(f).values())
-    assert ranks[0]["report"]["bytes_read"] == stored
+    directory, ranks, _, _ = zero3_run
+    assert ranks[0]["report"]["bytes_read"] == stored_bytes(directory)
     assert ranks[1]["report"]["bytes_read"] == 0

@@ -1,18 +1,28 @@
-"""Data loading, packing and the world-size-independent batch order."""
+"""Data loading, the prepared-once cache and the world-size-independent batch order (packing itself:
+tests/unit/test_packing.py)."""
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from peft_dist.config import DataConfig
-from peft_dist.data import IGNORE_INDEX, DataError, GlobalBatchSampler, build_blocks, pack
+from peft_dist.data import IGNORE_INDEX, DataError, GlobalBatchSampler, build_blocks
 from peft_dist.model import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer("builtin:tiny-llama")
+
+
+def data(tmp_path, **settings) -> DataConfig:
+    return DataConfig(cache_dir=str(tmp_path / "cache"), **settings)
+
+
+def ids(split) -> torch.Tensor:
+    return split.batch(range(len(split)))["input_ids"]
 
 
 def write_jsonl(path, rows):
@@ -24,41 +34,36 @@ def test_malformed_jsonl_line_is_reported_with_file_and_line(tmp_path, tokenizer
     path = tmp_path / "train.jsonl"
     path.write_text('{"text": "a"}\n{"text": "b"}\n{"text": oops}\n')
     with pytest.raises(DataError, match=r"train.jsonl:3: malformed JSON"):
-        build_blocks(DataConfig(path=str(path)), tokenizer)
+        build_blocks(data(tmp_path, path=str(path)), tokenizer)
 
 
 def test_missing_field_and_empty_and_missing_files(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}, {"body": "y"}])
     with pytest.raises(DataError, match=r"a.jsonl:2: missing field 'text'"):
-        build_blocks(DataConfig(path=str(path)), tokenizer)
+        build_blocks(data(tmp_path, path=str(path)), tokenizer)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(DataError, match="empty.txt: the file is empty"):
-        build_blocks(DataConfig(path=str(empty)), tokenizer)
+        build_blocks(data(tmp_path, path=str(empty)), tokenizer)
     with pytest.raises(DataError, match="matches no data file"):
-        build_blocks(DataConfig(path=str(tmp_path / "missing.jsonl")), tokenizer)
+        build_blocks(data(tmp_path, path=str(tmp_path / "missing.jsonl")), tokenizer)
 
 
-def test_block_size_longer_than_context_is_refused(tokenizer):
+def test_block_size_longer_than_context_is_refused(tmp_path, tokenizer):
     with pytest.raises(DataError, match="exceeds the model's context of 512"):
-        build_blocks(DataConfig(block_size=1024), tokenizer, max_positions=512)
+        build_blocks(data(tmp_path, block_size=1024), tokenizer, max_positions=512)
 
 
 def test_prompt_response_pairs_mask_the_prompt(tmp_path, tokenizer):
     rows = [{"prompt": f"question {i}?", "response": f" answer {i}."} for i in range(200)]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    blocks = build_blocks(DataConfig(path=str(path), prompt_field="prompt", response_field="response",
-                                     block_size=32), tokenizer)
-    masked = (blocks.train_labels == IGNORE_INDEX).float().mean().item()
+    blocks = build_blocks(data(tmp_path, path=str(path), prompt_field="prompt", response_field="response",
+                               block_size=32), tokenizer)
+    train = blocks.train.batch(range(len(blocks.train)))
+    masked = (train["labels"] == IGNORE_INDEX).float().mean().item()
     assert 0.2 < masked < 0.8
-    keep = blocks.train_labels != IGNORE_INDEX
-    assert torch.equal(blocks.train_labels[keep], blocks.train_ids[keep])
-
-
-def test_pack_concatenates_with_eos_and_drops_the_tail(tokenizer):
-    ids, labels = pack([{"text": "abc"}, {"text": "def"}], tokenizer, block_size=2)
-    flat = tokenizer("abc", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert ids.flatten().tolist()[: len(flat)] == flat and torch.equal(ids, labels)
+    keep = train["labels"] != IGNORE_INDEX
+    assert torch.equal(train["labels"][keep], train["input_ids"][keep])
 
 
 def test_text_and_parquet_files_load(tmp_path, tokenizer):
@@ -68,29 +73,30 @@ def test_text_and_parquet_files_load(tmp_path, tokenizer):
 
     text = "\n\n".join(f"paragraph number {i} with some words" for i in range(300))
     (tmp_path / "corpus.txt").write_text(text)
-    blocks = build_blocks(DataConfig(path=str(tmp_path / "corpus.txt"), block_size=16), tokenizer)
-    assert blocks.train_ids.shape[1] == 16 and len(blocks.eval_ids) > 0
+    blocks = build_blocks(data(tmp_path, path=str(tmp_path / "corpus.txt"), block_size=16), tokenizer)
+    assert ids(blocks.train).shape[1] == 16 and len(blocks.eval) > 0
     pq.write_table(pa.table({"content": [f"row {i} text" for i in range(300)]}), tmp_path / "t.parquet")
-    blocks = build_blocks(DataConfig(path=str(tmp_path / "t.parquet"), text_field="content", block_size=16),
+    blocks = build_blocks(data(tmp_path, path=str(tmp_path / "t.parquet"), text_field="content", block_size=16),
                           tokenizer)
-    assert len(blocks.train_ids) > 0
+    assert len(blocks.train) > 0
 
 
 def test_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
     """Documents are numbered; every number read back from the packed blocks belongs to one split only."""
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document {i} end " * 6} for i in range(60)])
-    cfg = DataConfig(path=str(path), block_size=32, eval_fraction=0.2)
-    a, b = build_blocks(cfg, tokenizer), build_blocks(cfg, tokenizer)
-    assert torch.equal(a.train_ids, b.train_ids) and torch.equal(a.eval_ids, b.eval_ids)
+    a = build_blocks(data(tmp_path / "a", path=str(path), block_size=32, eval_fraction=0.2), tokenizer)
+    b = build_blocks(data(tmp_path / "b", path=str(path), block_size=32, eval_fraction=0.2), tokenizer)
+    assert a.prepared_here and b.prepared_here  # two caches, prepared independently: the same blocks
+    assert torch.equal(ids(a.train), ids(b.train)) and torch.equal(ids(a.eval), ids(b.eval))
 
-    def documents(ids: torch.Tensor) -> set[int]:
-        return {int(n) for block in ids for n in re.findall(r"document (\d+) end", tokenizer.decode(block))}
+    def documents(split) -> set[int]:
+        return {int(n) for block in ids(split) for n in re.findall(r"document (\d+) end", tokenizer.decode(block))}
 
-    train, evaluation = documents(a.train_ids), documents(a.eval_ids)
+    train, evaluation = documents(a.train), documents(a.eval)
     assert len(evaluation) >= 6 and len(train) >= 40  # most documents survive the ragged tails
     assert not train & evaluation
-    other = build_blocks(DataConfig(path=str(path), block_size=32, eval_fraction=0.2, seed=7), tokenizer)
-    assert documents(other.eval_ids) != evaluation  # the split follows data.seed
+    other = build_blocks(data(tmp_path, path=str(path), block_size=32, eval_fraction=0.2, seed=7), tokenizer)
+    assert documents(other.eval) != evaluation  # the split follows data.seed
 
 
 def test_every_world_size_reads_the_same_global_batch():
@@ -110,4 +116,51 @@ def test_an_unsupported_file_names_the_supported_formats(tmp_path, tokenizer):
     path.write_text("text\nhello\n")
     with pytest.raises(DataError, match=r"train.csv is not a supported data file; supported: .txt \(text\), "
                                         r".*\.jsonl \(jsonl\).*\.parquet \(parquet\)"):
-        build_blocks(DataConfig(path=str(path)), tokenizer)
+        build_blocks(data(tmp_path, path=str(path)), tokenizer)
+
+
+def _prepare_in_a_process(cache: str, path: str, queue) -> None:
+    blocks = build_blocks(DataConfig(path=path, block_size=16, cache_dir=cache), load_tokenizer("builtin:tiny-llama"))
+    queue.put((blocks.prepared_here, ids(blocks.train).tolist(), str(blocks.directory)))
+
+
+def test_a_corpus_is_prepared_once_and_every_process_reads_the_same_blocks(tmp_path, tokenizer):
+    """Three processes start at once on one cache: one tokenizes, the others wait and memory-map its blocks."""
+    import multiprocessing
+
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document {i} " * (i % 7 + 1)} for i in range(300)])
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_prepare_in_a_process, args=(str(tmp_path / "cache"), str(path), queue))
+               for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+        assert worker.exitcode == 0
+    assert sorted(r[0] for r in results) == [False, False, True]
+    assert results[0][1:] == results[1][1:] == results[2][1:]
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [Path(results[0][2]).name]
+
+
+def test_the_cache_follows_the_files_and_the_settings_and_a_failed_preparation_leaves_nothing(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document {i} end " * 4} for i in range(50)])
+    first = build_blocks(data(tmp_path, path=str(path), block_size=16), tokenizer)
+    assert build_blocks(data(tmp_path, path=str(path), block_size=16), tokenizer).directory == first.directory
+    shorter = build_blocks(data(tmp_path, path=str(path), block_size=8), tokenizer)
+    assert shorter.prepared_here and shorter.directory != first.directory
+    write_jsonl(path, [{"text": f"changed {i} end " * 4} for i in range(50)])
+    changed = build_blocks(data(tmp_path, path=str(path), block_size=16), tokenizer)
+    assert changed.prepared_here and changed.directory != first.directory
+    with pytest.raises(DataError, match="the training split has fewer than block_size=4096 tokens"):
+        build_blocks(data(tmp_path, path=str(path), block_size=4096), tokenizer)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()) == sorted(
+        [first.directory.name, shorter.directory.name, changed.directory.name])  # no staging directory left
+
+
+def test_an_unwritable_cache_directory_is_named(tmp_path, tokenizer):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DataError, match=r"data.cache_dir: cannot write in .*file/sub .*set data.cache_dir"):
+        build_blocks(DataConfig(path="builtin:python-stdlib", cache_dir=str(blocker / "sub")), tokenizer)

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "peft_dist"
 FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "randn", "rand", "randint", "randperm", "eye",
              "linspace", "as_tensor"}
 CPU_ONLY = {
-    "data.py": "tokenizing and batching on the host; batches are moved with .to(engine.device)",
+    "data": "tokenizing and batching on the host; batches are moved with .to(engine.device)",
     "plan": "planner arithmetic on the meta device or plain numbers",
     "assets": "builds the tokenizer file",
     "quant/loader.py": "fills host tensors that zero.Init then places",

@@ -20,7 +20,7 @@ def trained_adapter(tmp_path, overrides=(), base_dir=None):
     """An adapter checkpoint with visibly non-zero updates (as if trained)."""
     cfg = load_config(None, [*(f"model.name_or_path={base_dir}",) * bool(base_dir), *overrides])
     model, _ = build_model(cfg.model)
-    quantize_model(model, cfg.quantization.target_modules, model.dtype)
+    quantize_model(model, cfg.quantization.target_modules, model.dtype, cfg.quantization)
     inject_adapters(model, cfg.adapters)
     torch.manual_seed(0)
     with torch.no_grad():

@@ -1,4 +1,5 @@
-"""Streaming int8 loader at N=1: the oracle is transformers' ``from_pretrained`` followed by ``quantize_model``."""
+"""Streaming loader at N=1 (int8 and 4-bit): the oracle is transformers' ``from_pretrained`` followed by
+``quantize_model``."""
 import math
 
 import pytest
@@ -10,8 +11,11 @@ from peft_dist.model import tiny_llama_config
 from peft_dist.quant.int8 import Int8Linear
 from peft_dist.quant.loader import load_quantized_base
 from peft_dist.quant.model import quantize_model
+from peft_dist.quant.nf4 import FourBitLinear
 
-LOGITS_ATOL = 1e-5  # same int8 tensors and the same fp32 ops; observed exactly 0
+LOGITS_ATOL = 1e-5  # same quantized tensors and the same fp32 ops; observed exactly 0
+QUANTS = [QuantizationConfig(), QuantizationConfig(bits=4, double_quant=True)]
+QUANT_IDS = ["int8", "nf4-double-quant"]
 
 
 def save_tiny(directory, max_shard_size="200KB", tie: bool = False):
@@ -23,24 +27,26 @@ def save_tiny(directory, max_shard_size="200KB", tie: bool = False):
     return directory
 
 
-def reference(directory):
+def reference(directory, quant: QuantizationConfig = QuantizationConfig()):
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
-    quantize_model(model, "all-linear", torch.float32)
+    quantize_model(model, "all-linear", torch.float32, quant)
     model.config.use_cache = False
     return model
 
 
+@pytest.mark.parametrize("quant", QUANTS, ids=QUANT_IDS)
 @pytest.mark.parametrize("shard", ["200KB", "50MB"], ids=["sharded", "single-file"])
-def test_matches_from_pretrained_then_quantize(tmp_path, shard):
+def test_matches_from_pretrained_then_quantize(tmp_path, shard, quant):
     directory = save_tiny(tmp_path, shard)
     assert (tmp_path / "model.safetensors.index.json").exists() == (shard == "200KB")
-    model, report = load_quantized_base(ModelConfig(name_or_path=str(directory)), QuantizationConfig())
-    want = reference(directory)
+    model, report = load_quantized_base(ModelConfig(name_or_path=str(directory)), quant)
+    want = reference(directory, quant)
     got_sd, want_sd = model.state_dict(), want.state_dict()
     assert set(got_sd) == set(want_sd)
     for key, value in want_sd.items():
         assert got_sd[key].dtype == value.dtype and torch.equal(got_sd[key], value), key
-    assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 7 * 4
+    layer_type = FourBitLinear if quant.bits == 4 else Int8Linear
+    assert sum(isinstance(m, layer_type) for m in model.modules()) == 7 * 4
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     assert not any(p.requires_grad for p in model.parameters())
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -50,8 +56,8 @@ def test_matches_from_pretrained_then_quantize(tmp_path, shard):
         p.numel() * p.element_size() for p in model.parameters())
     assert [(r.name, r.rel_error, r.max_abs_error) for r in report.quantization] == [
         (r.name, r.rel_error, r.max_abs_error)
-        for r in sorted(quantize_model(AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)),
-                        key=lambda r: [r.name for r in report.quantization].index(r.name))]
+        for r in sorted(quantize_model(AutoModelForCausalLM.from_pretrained(directory, local_files_only=True),
+                                       quant=quant), key=lambda r: [r.name for r in report.quantization].index(r.name))]
 
 
 def test_tied_embeddings_stay_tied(tmp_path):
@@ -75,11 +81,12 @@ def test_config_only_is_initialised_like_transformers():
     assert abs(std - tiny_llama_config().initializer_range) < 0.002, std  # normal(0, 0.02), then int8
 
 
-def test_builtin_base_has_the_same_values_with_and_without_quantization():
-    """The int8 builtin base is exactly the float one, quantized: same random draws in the same order."""
-    quantized, _ = load_quantized_base(ModelConfig(), QuantizationConfig())
+@pytest.mark.parametrize("quant", QUANTS, ids=QUANT_IDS)
+def test_builtin_base_has_the_same_values_with_and_without_quantization(quant):
+    """The quantized builtin base is exactly the float one, quantized: same random draws in the same order."""
+    quantized, _ = load_quantized_base(ModelConfig(), quant)
     float_base, _ = load_quantized_base(ModelConfig(), QuantizationConfig(enabled=False))
-    quantize_model(float_base, "all-linear", torch.float32)
+    quantize_model(float_base, "all-linear", torch.float32, quant)
     want = float_base.state_dict()
     assert all(torch.equal(value, want[key]) for key, value in quantized.state_dict().items())
 

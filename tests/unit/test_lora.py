@@ -10,8 +10,10 @@ from transformers.pytorch_utils import Conv1D
 from peft_dist.adapters import AdaptedLinear, adapter_state_dict, inject_adapters, load_adapter_state_dict
 from peft_dist.adapters.lora import LoraConfig, LoraDelta
 from peft_dist.config import ConfigError, ModelConfig
+from peft_dist.config.schema import QuantizationConfig
 from peft_dist.quant.loader import build_model
-from peft_dist.quant import Int8Linear, quantize_linear, quantize_model
+from peft_dist.quant import quantize_linear, quantize_model
+from peft_dist.targets import QuantizedLinear
 from peft_dist.tracking.run_info import parameter_summary
 
 
@@ -40,11 +42,12 @@ def test_lora_starts_as_identity_and_a_is_kaiming_uniform():
     assert delta.A.abs().max() <= bound and delta.A.abs().max() > 0.9 * bound
 
 
-@pytest.mark.parametrize("base_kind", ["linear", "int8", "conv1d"])
+@pytest.mark.parametrize("base_kind", ["linear", "int8", "nf4", "conv1d"])
 def test_merge_equals_unmerged_forward_and_unmerge_restores(base_kind):
     torch.manual_seed(1)
     linear = nn.Linear(16, 10)
     base = {"linear": linear, "int8": quantize_linear(linear, torch.float32),
+            "nf4": quantize_linear(linear, torch.float32, QuantizationConfig(bits=4)),
             "conv1d": Conv1D(10, 16)}[base_kind]
     layer = AdaptedLinear(base)
     delta = LoraDelta(10, 16, r=2, alpha=4)
@@ -53,7 +56,7 @@ def test_merge_equals_unmerged_forward_and_unmerge_restores(base_kind):
     x = torch.randn(5, 16)
     unmerged = layer(x)
     layer.merge()
-    assert not isinstance(layer.base, Int8Linear)  # merged into a dequantized base
+    assert not isinstance(layer.base, QuantizedLinear)  # merged into a dequantized base
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
     layer.unmerge()
     torch.testing.assert_close(layer(x), unmerged, rtol=1e-5, atol=1e-5)
