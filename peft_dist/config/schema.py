@@ -83,11 +83,26 @@ class QuantizationConfig:
 class DataConfig:
     """Training text.
 
-    path: ``builtin:python-stdlib`` (this Python's own standard library source, no network) or a local
-        file / directory / glob of .txt, .jsonl or .parquet files.
-    format: ``auto`` picks it from the file extension.
+    path: ``builtin:python-stdlib`` (this Python's own standard library source, no network), a local
+        file / directory / glob of .txt, .jsonl / .json (lines or one array) or .parquet files, or a
+        ``Dataset.save_to_disk`` directory.
+    format: ``auto`` picks the file kind from the extension and the layout of the rows from the fields of
+        the first row (``messages``: chat, ``conversations``: sharegpt, ``instruction`` + ``output``: alpaca,
+        else text or, with prompt_field, prompt/response pairs); ``text``, ``jsonl``, ``parquet`` force the
+        file kind; ``chat``, ``sharegpt``, ``alpaca`` force the layout.
     text_field: jsonl/parquet column holding plain text.
     prompt_field, response_field: used instead of text_field when both are set; loss only on the response.
+    columns: names of the chat / sharegpt / alpaca fields in the data, e.g. ``{messages: dialog}`` or
+        ``{instruction: question, output: answer}`` (standard name: data name).
+    chat_template: the Jinja template conversations are rendered with (the template, or a file holding it);
+        empty uses the tokenizer's own.
+    split: the split of a saved ``DatasetDict`` to read.
+    eval_path: evaluation data in the same formats as ``path``; empty holds out ``eval_fraction`` of ``path``.
+    packing: ``auto`` (``whole`` for prompt/response, alpaca and conversations, ``cut`` for text), ``cut``
+        (documents concatenated and cut at block boundaries) or ``whole`` (a document that does not fit the
+        space left in a block starts the next one; the rest is padding without loss).
+    overlong: what ``whole`` packing does with a document longer than block_size: ``drop`` (default: every
+        trained example keeps its prompt and its end) or ``truncate`` (keep its first block_size tokens).
     block_size: tokens per packed training sequence.
     eval_fraction: share of documents held out for evaluation (deterministic from ``seed``).
     max_documents: cap on documents read (0 = all), to keep quick runs quick.
@@ -101,6 +116,12 @@ class DataConfig:
     text_field: str = "text"
     prompt_field: str = ""
     response_field: str = ""
+    columns: dict = field(default_factory=dict)
+    chat_template: str = ""
+    split: str = "train"
+    eval_path: str = ""
+    packing: str = "auto"
+    overlong: str = "drop"
     block_size: int = 128
     eval_fraction: float = 0.05
     max_documents: int = 400
@@ -108,10 +129,19 @@ class DataConfig:
     cache_dir: str = "~/.cache/peft-dist/data"
     num_proc: int = 0
 
+    formats = ("auto", "text", "jsonl", "parquet", "chat", "sharegpt", "alpaca")
+    column_names = ("messages", "conversations", "instruction", "input", "output")
+
     def __post_init__(self) -> None:
         require(self.num_proc >= 0, "num_proc", "must be >= 0 (0 picks it)")
-        require(self.format in ("auto", "text", "jsonl", "parquet"), "format",
-                f"got {self.format!r}; use auto, text, jsonl or parquet")
+        require(self.format in self.formats, "format", f"got {self.format!r}; use {', '.join(self.formats)}")
+        require(self.packing in ("auto", "cut", "whole"), "packing", f"got {self.packing!r}; use auto, cut or whole")
+        require(self.overlong in ("drop", "truncate"), "overlong", f"got {self.overlong!r}; use drop or truncate")
+        require(isinstance(self.columns, dict) and set(self.columns) <= set(self.column_names)
+                and all(isinstance(v, str) and v for v in self.columns.values()), "columns",
+                f"got {self.columns!r}; map standard names ({', '.join(self.column_names)}) to the data's "
+                "field names, e.g. {messages: dialog} (text and prompt/response fields: data.text_field, "
+                "data.prompt_field, data.response_field)")
         require(self.block_size >= 2, "block_size", f"got {self.block_size}; must be at least 2")
         require(0.0 < self.eval_fraction < 1.0, "eval_fraction",
                 f"got {self.eval_fraction}; must be strictly between 0 and 1")

@@ -3,9 +3,10 @@
 The first process to need a corpus takes a file lock, reads, splits (by document, from ``data.seed``),
 tokenizes and packs it through ``datasets`` and publishes the blocks as Arrow with one atomic rename;
 every other process waits on the lock and then reuses them. The cache key covers everything that decides
-the blocks: the files (path, size, mtime), the tokenizer, the fields, block size, split, document cap and
-the code that packs. Each rank then memory-maps the Arrow files: the blocks cost page cache, not private
-memory, however large the corpus.
+the blocks: the files of ``data.path`` and ``data.eval_path`` (path, size, mtime), their layout, the
+tokenizer and the chat template, every data setting but where the cache is and how many processes tokenize,
+and the code that reads and packs. Each rank then memory-maps the Arrow files: the blocks cost page cache,
+not private memory, however large the corpus.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import sysconfig
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
@@ -30,9 +31,10 @@ import pyarrow.compute
 import torch
 
 from peft_dist.config.schema import DataConfig
-from peft_dist.data import packing, sources
-from peft_dist.data.packing import pack_documents, tokenize_documents
-from peft_dist.data.sources import BUILTIN_STDLIB, DataError, check_block_size, read_documents, resolve_files
+from peft_dist.data import formats, packing, sources
+from peft_dist.data.packing import fit_documents, pack_documents, pack_whole_documents, tokenize_documents
+from peft_dist.data.sources import (BUILTIN_STDLIB, DataError, check_block_size, conversation_template, locate,
+                                    read_documents)
 
 COLUMNS = ("input_ids", "labels", "position_ids")
 PARALLEL_FROM = 10_000  # documents; fewer tokenize faster in one process than the workers take to start
@@ -63,11 +65,17 @@ class Blocks:
     eval: Split
     directory: Path
     prepared_here: bool  # this process tokenized the corpus (False: it reused the cache)
+    prepared: dict  # prepared.json: documents, blocks and, for whole packing, documents left out, per split
 
-    def line(self) -> str:
-        how = "prepared" if self.prepared_here else "reused"
+    def line(self, preparer: int | None) -> str:
+        """One log line; ``preparer``: the rank of this job that tokenized the corpus (None: an earlier job)."""
+        how = f"tokenized by rank {preparer}" if preparer is not None else "tokenized by an earlier job"
+        left_out = "; ".join(f"{name}: {c['overlong']} longer than a block {c['overlong_action']}, "
+                             f"{c['without_loss']} without loss dropped"
+                             for name, c in self.prepared.items() if isinstance(c, dict) and "overlong" in c)
         return (f"data: {len(self.train)} training and {len(self.eval)} evaluation blocks of "
-                f"{len(self.train.rows[0]['input_ids'])} tokens, {how} in {self.directory}")
+                f"{len(self.train.rows[0]['input_ids'])} tokens" + (f" ({left_out})" if left_out else "")
+                + f"; {how}, cached in {self.directory}")
 
 
 def _digest(value: object) -> str:
@@ -81,15 +89,20 @@ def tokenizer_identity(tokenizer) -> str:
     return _digest([type(tokenizer).__name__, definition, tokenizer.eos_token_id])
 
 
-def cache_key(cfg: DataConfig, tokenizer) -> str:
-    if cfg.path == BUILTIN_STDLIB:
-        corpus: object = [cfg.path, sysconfig.get_paths()["stdlib"], sys.version]
-    else:
-        files, fmt = resolve_files(cfg.path, cfg.format)
-        corpus = [fmt, [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]]
-    code = [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (packing, sources)]
-    return _digest([corpus, code, tokenizer_identity(tokenizer), cfg.text_field, cfg.prompt_field,
-                    cfg.response_field, cfg.block_size, cfg.eval_fraction, cfg.max_documents, cfg.seed])[:20]
+def corpus_identity(cfg: DataConfig, path: str) -> object:
+    """What identifies the documents at ``path``: the files (path, size, mtime), their kind and layout."""
+    if path == BUILTIN_STDLIB:
+        return [path, sysconfig.get_paths()["stdlib"], sys.version]
+    source = locate(cfg, path)
+    return [source.kind, source.layout,
+            [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in source.files]]
+
+
+def cache_key(cfg: DataConfig, tokenizer, template: str | None) -> str:
+    corpora = [corpus_identity(cfg, p) for p in (cfg.path, cfg.eval_path) if p]
+    code = [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (formats, packing, sources)]
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "num_proc")}
+    return _digest([corpora, code, tokenizer_identity(tokenizer), template, settings])[:20]
 
 
 def release_freed_memory() -> None:
@@ -117,41 +130,77 @@ def cache_lock(directory: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def pack_split(docs: datasets.Dataset, tokenizer, block_size: int, num_proc: int) -> datasets.Dataset:
-    """Tokenize (in ``num_proc`` processes) and pack (in one, so the blocks never depend on ``num_proc``),
-    in batches small enough that the preparing rank's memory stays bounded whatever the corpus size."""
-    workers = num_proc or (min(8, len(os.sched_getaffinity(0))) if len(docs) >= PARALLEL_FROM else 1)
+def whole_packing(cfg: DataConfig, docs: datasets.Dataset) -> bool:
+    """``data.packing``; ``auto``: whole documents unless they are plain text."""
+    return cfg.packing == "whole" or (cfg.packing == "auto" and "text" not in docs.column_names)
+
+
+def pack_split(docs: datasets.Dataset, tokenizer, cfg: DataConfig,
+               template: str | None) -> tuple[datasets.Dataset, dict]:
+    """Tokenize (in ``data.num_proc`` processes) and pack (in one, so the blocks never depend on it), in batches
+    small enough that the preparing rank's memory stays bounded whatever the corpus size. Returns the blocks
+    and the counts of documents (and, for whole packing, of those longer than a block and of those dropped
+    for carrying no loss)."""
+    workers = cfg.num_proc or (min(8, len(os.sched_getaffinity(0))) if len(docs) >= PARALLEL_FROM else 1)
     tokenized = docs.map(tokenize_documents, batched=True, batch_size=TOKENIZE_BATCH,
-                         fn_kwargs={"tokenizer": tokenizer}, remove_columns=docs.column_names,
+                         fn_kwargs={"tokenizer": tokenizer, "template": template}, remove_columns=docs.column_names,
                          num_proc=workers if workers > 1 else None, desc="tokenizing")
+    counts: dict = {"documents": len(docs)}
+    pack, pack_kwargs = pack_documents, {"block_size": cfg.block_size}
+    if whole_packing(cfg, docs):
+        lengths = pyarrow.compute.list_value_length(tokenized.data.column("input_ids"))
+        overlong = pyarrow.compute.sum(pyarrow.compute.greater(lengths, cfg.block_size)).as_py() or 0
+        tokenized = tokenized.map(fit_documents, batched=True, remove_columns=tokenized.column_names,
+                                  fn_kwargs={"block_size": cfg.block_size, "overlong": cfg.overlong}, desc="fitting")
+        dropped = overlong if cfg.overlong == "drop" else 0
+        counts.update(overlong=overlong, overlong_action="dropped" if cfg.overlong == "drop" else "truncated",
+                      without_loss=len(docs) - len(tokenized) - dropped)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pack, pack_kwargs = pack_whole_documents, {"block_size": cfg.block_size, "pad_id": pad_id}
     lengths = pyarrow.compute.list_value_length(tokenized.data.column("input_ids"))
-    mean_length = max(1.0, pyarrow.compute.sum(lengths).as_py() / max(1, len(tokenized)))
-    documents_per_batch = max(1, math.ceil(PACK_BATCH_BLOCKS * block_size / mean_length))
-    return tokenized.map(pack_documents, batched=True, batch_size=documents_per_batch,
-                         fn_kwargs={"block_size": block_size}, remove_columns=tokenized.column_names,
-                         desc="packing")
+    mean_length = max(1.0, (pyarrow.compute.sum(lengths).as_py() or 0) / max(1, len(tokenized)))
+    documents_per_batch = max(1, math.ceil(PACK_BATCH_BLOCKS * cfg.block_size / mean_length))
+    blocks = tokenized.map(pack, batched=True, batch_size=documents_per_batch, fn_kwargs=pack_kwargs,
+                           remove_columns=tokenized.column_names, desc="packing")
+    return blocks, counts
 
 
-def prepare(cfg: DataConfig, tokenizer, directory: Path) -> None:
+def splits(cfg: DataConfig, staging: Path) -> list[tuple[str, datasets.Dataset]]:
+    """The training and evaluation documents: ``data.eval_path``'s, or ``eval_fraction`` of ``data.path``'s
+    held out by document (from ``data.seed``)."""
+    docs = read_documents(cfg, cfg.path, str(staging / "raw" / "training"))
+    if cfg.eval_path:
+        return [("training", docs), ("evaluation", read_documents(cfg, cfg.eval_path, str(staging / "raw" / "eval")))]
+    order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    n_eval = max(1, round(len(docs) * cfg.eval_fraction))
+    return [("training", docs.select(order[n_eval:])), ("evaluation", docs.select(order[:n_eval]))]
+
+
+def empty_split_error(cfg: DataConfig, name: str, counts: dict) -> DataError:
+    if "overlong" not in counts:
+        return DataError(f"data: the {name} split has fewer than block_size={cfg.block_size} tokens; add data, "
+                         "lower data.block_size or change data.eval_fraction")
+    return DataError(f"data: no document of the {name} split fits data.block_size={cfg.block_size} with a token "
+                     f"of loss ({counts['overlong']} longer, {counts['overlong_action']}; {counts['without_loss']} "
+                     "without loss); raise data.block_size or set data.overlong: truncate")
+
+
+def prepare(cfg: DataConfig, tokenizer, template: str | None, directory: Path) -> None:
     """Read, split, tokenize and pack into a staging directory, then publish it as ``directory``."""
     staging = Path(tempfile.mkdtemp(prefix=f"{directory.name}.staging-", dir=directory.parent))
     try:
         started = time.monotonic()
-        docs = read_documents(cfg, str(staging / "raw"))
-        order = torch.randperm(len(docs), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        n_eval = max(1, round(len(docs) * cfg.eval_fraction))
         counts = {}
-        for name, indices in (("training", order[n_eval:]), ("evaluation", order[:n_eval])):
-            blocks = pack_split(docs.select(indices), tokenizer, cfg.block_size, cfg.num_proc)
+        for name, docs in splits(cfg, staging):
+            blocks, counts[name] = pack_split(docs, tokenizer, cfg, template)
             if len(blocks) == 0:
-                raise DataError(f"data: the {name} split has fewer than block_size={cfg.block_size} tokens; "
-                                "add data, lower data.block_size or change data.eval_fraction")
+                raise empty_split_error(cfg, name, counts[name])
             blocks.save_to_disk(str(staging / name))
-            counts[name] = {"documents": len(indices), "blocks": len(blocks)}
-            del blocks
+            counts[name]["blocks"] = len(blocks)
+            del blocks, docs
         shutil.rmtree(staging / "raw", ignore_errors=True)
         (staging / "prepared.json").write_text(json.dumps(
-            {"path": cfg.path, "block_size": cfg.block_size, **counts,
+            {"path": cfg.path, "eval_path": cfg.eval_path, "block_size": cfg.block_size, **counts,
              "seconds": round(time.monotonic() - started, 1)}, indent=2))
         try:
             staging.rename(directory)
@@ -166,13 +215,15 @@ def prepare(cfg: DataConfig, tokenizer, directory: Path) -> None:
 def build_blocks(cfg: DataConfig, tokenizer, max_positions: int | None = None) -> Blocks:
     """The packed blocks of ``cfg``'s corpus: prepared here if no process has yet, memory-mapped."""
     check_block_size(cfg.block_size, max_positions)
-    directory = Path(cfg.cache_dir).expanduser() / cache_key(cfg, tokenizer)
+    template = conversation_template(cfg, tokenizer)
+    directory = Path(cfg.cache_dir).expanduser() / cache_key(cfg, tokenizer, template)
     prepared_here = False
     if not directory.is_dir():
         with cache_lock(directory):
             if not directory.is_dir():
-                prepare(cfg, tokenizer, directory)
+                prepare(cfg, tokenizer, template, directory)
                 prepared_here = True
     train, evaluation = (datasets.load_from_disk(str(directory / name)).with_format("torch")
                          for name in ("training", "evaluation"))
-    return Blocks(Split(train), Split(evaluation), directory, prepared_here)
+    prepared = json.loads((directory / "prepared.json").read_text())
+    return Blocks(Split(train), Split(evaluation), directory, prepared_here, prepared)

@@ -1,23 +1,40 @@
-"""Where documents come from: local files (text, jsonl, parquet) or the builtin corpus, read into a
-``datasets.Dataset`` with a ``text`` column or ``prompt``/``response`` columns, and their checks."""
+"""Where documents come from: local files (text, jsonl, parquet), a directory written by
+``Dataset.save_to_disk``, or the builtin corpus, read into a ``datasets.Dataset`` with a ``text`` column,
+``prompt``/``response`` columns or a ``messages`` column (``formats``), and their checks."""
 from __future__ import annotations
 
 import glob
 import json
 import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet
 
 from peft_dist.config.schema import DataConfig
+from peft_dist.data.formats import (CONVERSATIONS, LAYOUTS, check_record, detect_layout, required_fields,
+                                    standard_columns)
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
 EXTENSIONS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "jsonl", ".json": "jsonl",
               ".parquet": "parquet"}
+SAVED_MARKERS = ("state.json", "dataset_info.json", "dataset_dict.json")  # what save_to_disk writes
 
 
 class DataError(ValueError):
     """A data file is missing, empty or malformed; the message names the file (and line)."""
+
+
+@dataclass
+class Source:
+    """The files behind ``data.path`` (or ``data.eval_path``), how to read them and what their rows mean."""
+
+    path: str
+    files: list[str]
+    kind: str  # text, jsonl, parquet or saved (a save_to_disk directory)
+    layout: str  # text, pair, chat, sharegpt or alpaca (formats.py)
 
 
 def stdlib_documents(limit: int = 0) -> list[str]:
@@ -36,7 +53,9 @@ def stdlib_documents(limit: int = 0) -> list[str]:
 
 
 def resolve_files(path: str, fmt: str) -> tuple[list[str], str]:
-    """Expand a file, directory or glob into data files and decide their format."""
+    """Expand a file, directory or glob into data files and decide their kind (``fmt`` when it names one)."""
+    if Path(path).is_dir() and any((Path(path) / m).is_file() for m in SAVED_MARKERS):
+        return sorted(str(f) for f in Path(path).rglob("*") if f.is_file()), "saved"
     candidates = sorted(glob.glob(path)) if any(c in path for c in "*?[") else [path]
     files: list[str] = []
     for candidate in candidates:
@@ -47,69 +66,171 @@ def resolve_files(path: str, fmt: str) -> tuple[list[str], str]:
             files.append(str(p))
     if not files:
         raise DataError(f"data.path: {path!r} matches no data file; pass a .txt, .jsonl or .parquet file, "
-                        f"a directory of them, a glob, or {BUILTIN_STDLIB}")
+                        f"a directory of them, a glob, a Dataset.save_to_disk directory, or {BUILTIN_STDLIB}")
+    kind = "auto" if fmt in LAYOUTS else fmt
     unknown = [f for f in files if Path(f).suffix not in EXTENSIONS]
-    if fmt == "auto" and unknown:
-        supported = ", ".join(f"{ext} ({kind})" for ext, kind in EXTENSIONS.items())
-        raise DataError(f"data.path: {unknown[0]} is not a supported data file; supported: {supported}. Convert "
-                        "it, or set data.format if its content is one of these formats")
-    formats = {fmt} if fmt != "auto" else {EXTENSIONS[Path(f).suffix] for f in files}
-    if len(formats) != 1:
+    if kind == "auto" and unknown:
+        supported = ", ".join(f"{ext} ({k})" for ext, k in EXTENSIONS.items())
+        raise DataError(f"data.path: {unknown[0]} is not a supported data file; supported: {supported} and "
+                        "Dataset.save_to_disk directories. Convert it, or set data.format if its content is one "
+                        "of these formats")
+    kinds = {kind} if kind != "auto" else {EXTENSIONS[Path(f).suffix] for f in files}
+    if len(kinds) != 1:
         raise DataError(f"data.path: cannot tell one format for {files[:3]}; set data.format to text, "
                         "jsonl or parquet and use files of that one format")
     for f in files:
         if Path(f).stat().st_size == 0:
             raise DataError(f"{f}: the file is empty")
-    return files, formats.pop()
+    return files, kinds.pop()
 
 
-def check_jsonl(path: str, required: list[str]) -> None:
-    """Parse a jsonl file line by line so that a bad line is reported with its number."""
+def load_saved(path: str, split: str) -> datasets.Dataset:
+    """A ``save_to_disk`` dataset, memory-mapped; of a ``DatasetDict``, the split ``data.split``."""
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"{path}: no split {split!r}; set data.split to one of {sorted(loaded)}")
+        return loaded[split]
+    return loaded
+
+
+def first_fields(files: list[str], kind: str) -> list[str]:
+    """The field names of the first record (jsonl) or the columns (parquet)."""
+    if kind == "parquet":
+        return pyarrow.parquet.read_schema(files[0]).names
+    if kind == "jsonl":
+        _, record = next(json_records(files[0]), ("", {}))
+        return list(record) if isinstance(record, dict) else []
+    return ["text"]
+
+
+def locate(cfg: DataConfig, path: str) -> Source:
+    """The files at ``path``, their kind and the layout of their rows (``data.format``, else the fields)."""
+    files, kind = resolve_files(path, cfg.format)
+    fields = load_saved(path, cfg.split).column_names if kind == "saved" else first_fields(files, kind)
+    layout = detect_layout(cfg, fields)
+    if kind == "text" and layout != "text":
+        raise DataError(f"data.format: {layout} rows are read from jsonl, parquet or a Dataset.save_to_disk "
+                        f"directory, not from text files ({files[0]})")
+    return Source(path, files, kind, layout)
+
+
+def data_sources(cfg: DataConfig) -> list[Source]:
+    """The sources of ``data.path`` and ``data.eval_path`` (none for the builtin corpus)."""
+    return [locate(cfg, p) for p in (cfg.path, cfg.eval_path) if p and p != BUILTIN_STDLIB]
+
+
+def json_records(path: str) -> Iterator[tuple[str, object]]:
+    """``(where, record)`` for every record of a jsonl file (``file:line``) or of a file holding one JSON
+    array (``file: record N``; Alpaca's own ``alpaca_data.json`` is one)."""
     with open(path, encoding="utf-8") as handle:
+        if handle.read(4096).lstrip().startswith("["):
+            handle.seek(0)
+            try:
+                records = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from None
+            yield from ((f"{path}: record {number}", r) for number, r in enumerate(records, start=1))
+            return
+        handle.seek(0)
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield f"{path}:{number}", json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{number}: malformed JSON ({err.msg}); each line must be one "
                                 "JSON object") from None
-            missing = [k for k in required if not isinstance(record, dict) or k not in record]
-            if missing:
-                raise DataError(f"{path}:{number}: missing field {missing[0]!r}; set data.text_field "
-                                "(or data.prompt_field and data.response_field) to the field names used")
 
 
-def read_documents(cfg: DataConfig, cache_dir: str) -> datasets.Dataset:
-    """Documents as a dataset with a ``text`` column, or ``prompt`` and ``response`` columns, empty ones
-    dropped. ``datasets`` writes its Arrow copy of the raw files under ``cache_dir``."""
-    if cfg.path == BUILTIN_STDLIB:
+def check_jsonl(path: str, cfg: DataConfig, layout: str) -> None:
+    """Parse a jsonl (or JSON array) file record by record so that a bad one is reported where it is."""
+    required = required_fields(cfg, layout)
+    for where, record in json_records(path):
+        missing = [k for k in required if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise DataError(f"{where}: missing field {missing[0]!r}; set data.text_field (or data.prompt_field "
+                            "and data.response_field, or data.columns) to the field names used")
+        problem = check_record(cfg, layout, record)
+        if problem:
+            raise DataError(f"{where}: {problem}")
+
+
+def check_rows(cfg: DataConfig, source: Source, dataset: datasets.Dataset) -> None:
+    """``check_record`` on every parquet or saved row, naming the row (jsonl rows: ``check_jsonl``)."""
+    index = 0
+    for rows in dataset.iter(batch_size=1000):
+        for values in zip(*rows.values()):
+            problem = check_record(cfg, source.layout, dict(zip(rows, values)))
+            if problem:
+                raise DataError(f"{source.path}: row {index}: {problem}")
+            index += 1
+
+
+def load_rows(cfg: DataConfig, source: Source, cache_dir: str) -> datasets.Dataset:
+    """The raw rows of ``source``; ``datasets`` writes its Arrow copy of the files under ``cache_dir``."""
+    if source.kind == "saved":
+        return load_saved(source.path, cfg.split)
+    if source.kind == "jsonl":
+        for f in source.files:
+            check_jsonl(f, cfg, source.layout)
+        return datasets.load_dataset("json", data_files=source.files, split="train", cache_dir=cache_dir)
+    if source.kind == "parquet":
+        return datasets.load_dataset("parquet", data_files=source.files, split="train", cache_dir=cache_dir)
+    return datasets.load_dataset("text", data_files=source.files, split="train", sample_by="paragraph",
+                                 cache_dir=cache_dir)
+
+
+def read_documents(cfg: DataConfig, path: str, cache_dir: str) -> datasets.Dataset:
+    """Documents as a dataset with a ``text`` column, ``prompt`` and ``response`` columns or a ``messages``
+    column, empty ones dropped. Whatever ``datasets`` writes goes under ``cache_dir``, never next to a saved
+    dataset."""
+    if path == BUILTIN_STDLIB:
         dataset = datasets.Dataset.from_dict({"text": stdlib_documents(cfg.max_documents)})
     else:
-        files, fmt = resolve_files(cfg.path, cfg.format)
-        fields = [cfg.prompt_field, cfg.response_field] if cfg.prompt_field else [cfg.text_field]
-        if fmt == "jsonl":
-            for f in files:
-                check_jsonl(f, fields)
-            dataset = datasets.load_dataset("json", data_files=files, split="train", cache_dir=cache_dir)
-        elif fmt == "parquet":
-            dataset = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
-        else:
-            fields = ["text"]
-            dataset = datasets.load_dataset("text", data_files=files, split="train", sample_by="paragraph",
-                                            cache_dir=cache_dir)
-        missing = [k for k in fields if k not in dataset.column_names]
-        if missing:
-            raise DataError(f"{files[0]}: no column {missing[0]!r}; columns are {dataset.column_names}")
+        source = locate(cfg, path)
+        dataset = load_rows(cfg, source, cache_dir)
         if cfg.max_documents:
             dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
-        names = ["prompt", "response"] if cfg.prompt_field else ["text"]
-        dataset = dataset.select_columns(fields).rename_columns({k: n for k, n in zip(fields, names) if k != n})
+        if source.kind != "text":  # text files are read into a "text" column already
+            missing = [k for k in required_fields(cfg, source.layout) if k not in dataset.column_names]
+            if missing:
+                raise DataError(f"{source.path}: no column {missing[0]!r}; columns are {dataset.column_names}")
+            if source.kind in ("parquet", "saved") and source.layout in LAYOUTS:  # text and pairs: nothing to check
+                check_rows(cfg, source, dataset)
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            dataset = dataset.map(standard_columns, batched=True, remove_columns=dataset.column_names,
+                                  fn_kwargs={"cfg": cfg, "layout": source.layout}, desc="reading",
+                                  cache_file_name=str(Path(cache_dir) / "documents.arrow"))
     dataset = dataset.filter(lambda rows: [any(str(v).strip() for v in row) for row in zip(*rows.values())],
                              batched=True)
     if len(dataset) == 0:
-        raise DataError(f"data.path: {cfg.path!r} holds no non-empty documents")
+        raise DataError(f"data.path: {path!r} holds no non-empty documents")
     return dataset
+
+
+def chat_template(cfg: DataConfig, tokenizer) -> str:
+    """The Jinja chat template conversations are rendered with: ``data.chat_template`` (the template itself,
+    or a file holding it), else the tokenizer's own."""
+    template = cfg.chat_template
+    if template and "{" not in template:
+        if not Path(template).expanduser().is_file():
+            raise DataError(f"data.chat_template: {template!r} is neither a Jinja template nor a file")
+        template = Path(template).expanduser().read_text(encoding="utf-8")
+    template = template or getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not template:
+        raise DataError("data: conversations need a chat template and this tokenizer has none; set "
+                        "data.chat_template to a Jinja template (or a file holding one)")
+    if not tokenizer.is_fast:  # the assistant turns are located through the fast tokenizer's offsets
+        raise DataError(f"data: conversations need a fast tokenizer; {type(tokenizer).__name__} is not one")
+    return template
+
+
+def conversation_template(cfg: DataConfig, tokenizer) -> str | None:
+    """The chat template when ``data.path`` or ``data.eval_path`` holds conversations, else None."""
+    if any(source.layout in CONVERSATIONS for source in data_sources(cfg)):
+        return chat_template(cfg, tokenizer)
+    return None
 
 
 def check_block_size(block_size: int, max_positions: int | None) -> None:

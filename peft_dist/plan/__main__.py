@@ -4,7 +4,7 @@
       --write slurm/presets/gpt3-175b-16n
 
 Adapters and quantization come from ``--config`` (a run config YAML, with ``--set`` overrides) or,
-without one, LoRA r=16 on every decoder linear of an int8 base.
+without one, LoRA r=16 on every decoder linear of an int8 base; ``--bits 4`` plans (and writes) a 4-bit base.
 """
 from __future__ import annotations
 
@@ -38,9 +38,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--config", help="run config YAML for adapters and quantization (default: LoRA r=16, all-linear)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a run config value, as in launcher/train.py")
+    p.add_argument("--bits", type=int, choices=(4, 8),
+                   help="quantization.bits of the planned and written run (default: the config's, 8)")
     p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--global-batch", type=int, required=True, help="sequences per optimizer step")
-    p.add_argument("--tokens", type=float, required=True, help="training token budget, e.g. 1e9")
+    p.add_argument("--global-batch", type=int, default=512, help="sequences per optimizer step")
+    p.add_argument("--tokens", type=float, default=1e9, help="training token budget")
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
@@ -48,6 +50,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--efficiency", type=float, default=0.4, help="achieved fraction of peak on the matmuls")
     p.add_argument("--net-gbs", type=float, default=50.0, help="inter-node GB/s per GPU (400 Gb/s NIC = 50)")
     p.add_argument("--nvlink-gbs", type=float, default=300.0, help="intra-node all-gather GB/s per GPU")
+    p.add_argument("--hbm-gbs", type=float, default=3350.0, help="GPU memory GB/s (H100 SXM: 3350)")
+    p.add_argument("--pcie-gbs", type=float, default=25.0,
+                   help="host <-> GPU GB/s per GPU for CPU offload (PCIe 4.0 x16 achieves about 25)")
+    p.add_argument("--host-mem-gib", type=float, default=256.0, help="CPU memory per node for CPU offload")
     p.add_argument("--reserve-gib", type=float, default=4.0,
                    help="per-GPU memory for the CUDA context, NCCL buffers and fragmentation")
     p.add_argument("--persistence-threshold", type=int, default=100_000,
@@ -66,15 +72,21 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("seq_len", "global_batch", "nodes", "gpus_per_node"):
             if getattr(args, name) < 1:
                 raise PlanError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-        if args.tokens <= 0 or args.gpu_mem_gib <= 0 or args.peak_tflops <= 0 or not 0 < args.efficiency <= 1:
-            raise PlanError("--tokens, --gpu-mem-gib and --peak-tflops must be > 0 and --efficiency in (0, 1]")
+        if min(args.tokens, args.gpu_mem_gib, args.peak_tflops, args.hbm_gbs, args.pcie_gbs) <= 0 \
+                or not 0 < args.efficiency <= 1:
+            raise PlanError("--tokens, --gpu-mem-gib, --peak-tflops, --hbm-gbs and --pcie-gbs must be > 0 and "
+                            "--efficiency in (0, 1]")
         shape = load_shape(args.model)
         if args.seq_len > shape.max_positions:
             raise PlanError(f"--seq-len {args.seq_len} exceeds {shape.name}'s {shape.max_positions} positions")
         defaults = [] if args.config else default_overrides(args.model.removesuffix("/config.json"), shape.name)
-        cfg = load_config(args.config, defaults + args.overrides)
+        bits = [f"quantization.bits={args.bits}"] if args.bits else []
+        cfg = load_config(args.config, defaults + args.overrides + bits)
+        if args.bits and not cfg.quantization.enabled:
+            raise PlanError(f"--bits {args.bits}: the config's quantization.enabled is false; enable it or drop --bits")
         hardware = Hardware(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.peak_tflops, args.efficiency,
-                            args.net_gbs, args.nvlink_gbs, reserve_gib=args.reserve_gib)
+                            args.net_gbs, args.nvlink_gbs, args.hbm_gbs, args.reserve_gib, args.pcie_gbs,
+                            args.host_mem_gib)
         work = Workload(args.seq_len, args.global_batch, int(args.tokens))
         plan = make_plan(shape, cfg, hardware, work, args.persistence_threshold, args.dry_run,
                          shlex.join(a for a in argv if a != "--dry-run"))

@@ -1,19 +1,25 @@
-"""Per-GPU memory, communication per step and step time of a ZeRO-3 adapter run on an int8 base.
+"""Per-GPU memory, communication per step and step time of a ZeRO-3 adapter run on an int8 or 4-bit base.
 
 Exact parts (checked against the meta-device model): parameter bytes per rank and the bytes one pass
 all-gathers. Estimates, with their assumptions stated where they are made: activations, the
-all-gather working set, step time. The choice of micro-batch and gradient checkpointing is the
-fastest combination that fits.
+all-gather working set, step time, PCIe traffic of CPU offload. The choice of CPU offload, micro-batch
+and gradient checkpointing is the fastest combination that fits with the least offload.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from peft_dist.plan.inventory import RankBytes
+from peft_dist.config.schema import QuantizationConfig
+from peft_dist.plan.inventory import FP32, RankBytes, TensorInfo, weight_tensors
 from peft_dist.plan.models import ModelShape, PlanError
 
 GIB = 2**30
+INT8_BASE = QuantizationConfig()  # what callers that say nothing plan for: the default int8 base
+# DeepSpeed ZeRO-3 CPU offload (``zero_optimization.offload_param`` / ``offload_optimizer``, device cpu),
+# in order of PCIe traffic. NVMe is not an option for a quantized base: DeepSpeed's parameter swapper
+# (``swap_tensor/partitioned_param_swapper.py``) allocates its buffers in the model's float dtype.
+OFFLOADS = ("none", "optimizer", "param", "param+optimizer")
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,8 @@ class Hardware:
     nvlink_gbs: float = 300.0  # intra-node, per GPU (achieved NVLink all-gather bandwidth)
     hbm_gbs: float = 3350.0  # GPU memory bandwidth (dequantization is memory-bound)
     reserve_gib: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
+    pcie_gbs: float = 25.0  # host <-> GPU per GPU (PCIe 4.0 x16 achieves about 25 of its 32 GB/s)
+    host_mem_gib: float = 256.0  # CPU memory per node for what is offloaded
 
     @property
     def world(self) -> int:
@@ -46,6 +54,7 @@ class Workload:
     global_batch: int  # sequences per optimizer step
     tokens: int  # training token budget
     itemsize: int = 2  # bf16 activations and adapters
+    base: QuantizationConfig | None = field(default_factory=QuantizationConfig)  # None: a float base
 
 
 @dataclass(frozen=True)
@@ -59,10 +68,26 @@ class Choice:
     comm_s: float
     comm_bytes: int  # received per GPU per optimizer step
     step_s: float
+    offload: str = "none"  # one of OFFLOADS
+    host_bytes: int = 0  # offloaded bytes per rank in (pinned) CPU memory
+    pcie_bytes: int = 0  # host <-> GPU bytes per GPU per optimizer step
+    pcie_s: float = 0.0
 
     @property
     def total_bytes(self) -> int:
         return sum(self.memory.values())
+
+    def fits(self, hw: Hardware) -> bool:
+        """Within the GPU's memory, and the offloaded bytes of a node's ranks within its CPU memory."""
+        return (self.total_bytes <= hw.gpu_mem_gib * GIB
+                and self.host_bytes * hw.gpus_per_node <= hw.host_mem_gib * GIB)
+
+
+def base_name(quant: QuantizationConfig | None, itemsize: int) -> str:
+    """``int8``, ``nf4``, ``fp4`` (``+dq``: double quant) or the float dtype of an unquantized base."""
+    if quant is None:
+        return {2: "bf16", 4: "fp32"}[itemsize]
+    return "int8" if quant.bits == 8 else quant.quant_type + ("+dq" if quant.double_quant else "")
 
 
 def activation_bytes(shape: ModelShape, micro: int, seq: int, itemsize: int, checkpointing: bool) -> int:
@@ -89,21 +114,57 @@ def logits_bytes(shape: ModelShape, micro: int, seq: int, itemsize: int) -> int:
     return micro * seq * shape.vocab * (itemsize + 4 + 4)
 
 
-def largest_layer(shape: ModelShape) -> tuple[int, int]:
-    """(numel of one decoder layer's linears, numel of its largest linear)."""
-    sizes = [o * i for _, o, i, _ in shape.linears(0)]
-    return sum(sizes), max(sizes)
+def _layer_weights(shape: ModelShape, quant: QuantizationConfig | None, itemsize: int) -> list[TensorInfo]:
+    """The stored tensors of one decoder layer's linear weights (every linear quantized, as all-linear)."""
+    return [t for name, o, i, _ in shape.linears(0) for t in weight_tensors(name, o, i, quant, itemsize)]
 
 
-def gather_working_set(shape: ModelShape, itemsize: int, world: int) -> int:
-    """ZeRO-3 holds the running layer and the prefetched next one whole (int8), and the int8 matmul
-    dequantizes one weight at a time: an int8 -> bf16 cast plus the scaled result. On one rank
-    DeepSpeed gathers nothing (the partition is the whole tensor)."""
-    layer, biggest = largest_layer(shape)
-    return (2 * layer if world > 1 else 0) + 2 * itemsize * biggest
+def largest_layer(shape: ModelShape, quant: QuantizationConfig | None = INT8_BASE,
+                  itemsize: int = 2) -> tuple[int, int]:
+    """(parameter elements one decoder layer's linears are stored in, numel of its largest weight).
+
+    Elements as DeepSpeed counts them (``ds_numel``): the bucket and live-parameter limits are in these.
+    """
+    return (sum(t.numel for t in _layer_weights(shape, quant, itemsize)),
+            max(o * i for _, o, i, _ in shape.linears(0)))
 
 
-def backward_gather_bytes(shape: ModelShape, held: RankBytes, itemsize: int) -> int:
+def gather_working_set(shape: ModelShape, itemsize: int, world: int,
+                       quant: QuantizationConfig | None = INT8_BASE, param_offload: bool = False) -> int:
+    """ZeRO-3 holds the running layer and the prefetched next one whole (as stored: int8 or 4-bit with its
+    statistics), and the quantized matmul dequantizes one weight at a time: int8 an int8 -> bf16 cast plus
+    the scaled result, 4-bit bitsandbytes' dequantized weight plus the backward's copy of it in the
+    forward's layout (``quant/nf4.py``), 2 x itemsize bytes per element of the largest linear either way.
+    On one rank DeepSpeed gathers nothing (the partition is the whole tensor), unless the partitions
+    are in CPU memory (``offload_param``): then the two layers are fetched to the GPU all the same."""
+    layer = sum(t.numel * t.itemsize for t in _layer_weights(shape, quant, itemsize))
+    _, biggest = largest_layer(shape, quant, itemsize)
+    fetched = 2 * layer if world > 1 or param_offload else 0
+    return fetched + (2 * itemsize * biggest if quant is not None else 0)
+
+
+def dequant_bytes(shape: ModelShape, quant: QuantizationConfig | None, itemsize: int,
+                  checkpointing: bool) -> float:
+    """HBM bytes one micro-batch's dequantization moves (memory-bound; the matmuls are in compute).
+
+    int8: reads the int8 weight (1 B), writes and reads the cast (2 + 2 B), writes the scaled result (2 B),
+    in every pass. 4-bit (bitsandbytes' ``dequantize_4bit``): reads the codes and block statistics as stored
+    (0.5 + 4 / blocksize B; double quant first dequantizes the absmax, writing and reading them as float32,
+    + 8 / blocksize B) and writes the weight (2 B); the backward then copies it into the forward's layout
+    (reads and writes 2 B each). Passes: forward, backward, and with checkpointing the recompute.
+    """
+    weights = sum(o * i for _, o, i, _ in shape.linears(0)) * shape.layers
+    if quant is None:
+        return 0.0
+    if quant.bits == 8:
+        return (3 if checkpointing else 2) * (1 + 3 * itemsize) * weights
+    stored = sum(t.numel * t.itemsize for t in _layer_weights(shape, quant, itemsize)) * shape.layers / weights
+    forward = stored + (2 * FP32 / quant.blocksize if quant.double_quant else 0) + itemsize
+    return ((2 if checkpointing else 1) * forward + forward + 2 * itemsize) * weights
+
+
+def backward_gather_bytes(shape: ModelShape, held: RankBytes, itemsize: int,
+                          quant: QuantizationConfig | None = INT8_BASE) -> int:
     """Bytes the backward all-gathers again: the forward's, less two things it does not gather.
 
     * The tail of the forward still gathered when the backward starts: with the written
@@ -115,7 +176,7 @@ def backward_gather_bytes(shape: ModelShape, held: RankBytes, itemsize: int) -> 
 
     Measured by bench/scaling.py on 2 and 4 CPU ranks (docs/BENCHMARKS.md).
     """
-    layer, _ = largest_layer(shape)
+    layer, _ = largest_layer(shape, quant, itemsize)
     live = min(2 * layer, held.gathered_numel)
     tail = live * held.gathered // held.gathered_numel if held.gathered_numel else 0
     embeddings = (0 if shape.tied_embeddings else shape.vocab) + (shape.max_positions if shape.family != "llama" else 0)
@@ -135,56 +196,84 @@ def step_flops(shape: ModelShape, adapter_params: int, tokens: int, seq: int, ch
     return tokens * (forward * (2 if checkpointing else 1) + backward)
 
 
+def offload_terms(held: RankBytes, hw: Hardware, work: Workload, accumulation: int, gathered: int,
+                  offload: str) -> tuple[dict, int, int]:
+    """(GPU bytes of the model state, offloaded bytes per rank, PCIe bytes per step) under ``offload``.
+
+    offload_param: DeepSpeed keeps every partition in pinned CPU memory, in the parameter's own dtype
+    (DeepSpeed 0.19.8 ``partition_parameters._partition_param``: ``torch.empty(partition_size,
+    dtype=param.dtype, device=cpu)``; its all-gather copies ``ds_tensor`` to the GPU in that dtype, so
+    int8 and uint8 partitions are moved as bytes), and copies a rank's partition of each gathered tensor
+    to the GPU at every gather; persistent tensors stay whole on the GPU. offload_optimizer: the gradient
+    partition, fp32 master and Adam moments live in CPU memory, plus a persistent fp32 gradient partition
+    (docs/MEMORY.md); each micro-batch's reduced gradient partition goes down, the updated partition up.
+    """
+    params_off, optimizer_off = "param" in offload, "optimizer" in offload
+    state = {"base": held.frozen_persistent if params_off else held.frozen,
+             "adapters": held.trainable_persistent if params_off else held.trainable,
+             "optimizer": 0 if optimizer_off else held.optimizer}
+    host = pcie = 0
+    if params_off:
+        host += held.params - held.frozen_persistent - held.trainable_persistent
+        pcie += accumulation * gathered // hw.world
+    if optimizer_off:
+        host += held.optimizer + FP32 * held.trainable_owned
+        pcie += (accumulation + 1) * held.trainable_owned * work.itemsize
+    return state, host, pcie
+
+
 def evaluate(shape: ModelShape, held: RankBytes, hw: Hardware, work: Workload, micro: int,
-             checkpointing: bool) -> Choice:
+             checkpointing: bool, offload: str = "none") -> Choice:
     per_gpu = work.global_batch // hw.world
     accumulation = per_gpu // micro
+    # Per micro-batch: the base and adapters are all-gathered for the forward and again (less the tail
+    # still gathered and the input embeddings) for the backward; a ring receives (W-1)/W of them.
+    # Adapter gradients are reduce-scattered.
+    gathered = held.gathered + backward_gather_bytes(shape, held, work.itemsize, work.base)
+    state, host, pcie_bytes = offload_terms(held, hw, work, accumulation, gathered, offload)
     memory = {
-        "int8 base shard": held.frozen,
-        "adapter shard": held.trainable,
-        "optimizer state": held.optimizer,
+        f"{base_name(work.base, work.itemsize)} base shard": state["base"],
+        "adapter shard": state["adapters"],
+        "optimizer state": state["optimizer"],
         "activations": activation_bytes(shape, micro, work.seq_len, work.itemsize, checkpointing),
         "logits": logits_bytes(shape, micro, work.seq_len, work.itemsize),
-        "all-gather working set": gather_working_set(shape, work.itemsize, hw.world),
+        "all-gather working set": gather_working_set(shape, work.itemsize, hw.world, work.base, "param" in offload),
         "reserved": int(hw.reserve_gib * GIB),
     }
     tokens = per_gpu * work.seq_len
     compute = step_flops(shape, held.trainable_numel, tokens, work.seq_len, checkpointing) / (
         hw.peak_tflops * 1e12 * hw.efficiency)
-    # Dequantizing reads int8 (1 B), writes and reads the cast (2 + 2 B) and writes the result (2 B),
-    # in the forward, the backward and the recompute, for every weight, every micro-batch.
-    quantized = sum(o * i for _, o, i, _ in shape.linears(0)) * shape.layers
-    dequant = accumulation * (3 if checkpointing else 2) * 7 * quantized / (hw.hbm_gbs * 1e9)
-    # Per micro-batch: the base and adapters are all-gathered for the forward and again (less the tail
-    # still gathered and the input embeddings) for the backward; a ring receives (W-1)/W of them.
-    # Adapter gradients are reduce-scattered.
+    dequant = accumulation * dequant_bytes(shape, work.base, work.itemsize, checkpointing) / (hw.hbm_gbs * 1e9)
     ring = (hw.world - 1) / hw.world
-    trainable_whole = held.trainable_numel * work.itemsize
-    gathered = held.gathered + backward_gather_bytes(shape, held, work.itemsize)
-    comm_bytes = int(accumulation * ring * (gathered + trainable_whole))
+    comm_bytes = int(accumulation * ring * (gathered + held.trainable_numel * work.itemsize))
     comm = comm_bytes / (hw.link_gbs * 1e9)
-    # Prefetching overlaps the all-gathers with compute: the slower of the two sets the pace.
-    step = max(compute + dequant, comm)
-    return Choice(micro, accumulation, checkpointing, memory, compute, dequant, comm, comm_bytes, step)
+    # Prefetching overlaps the all-gathers with compute: the slower of the two sets the pace. The PCIe
+    # copies of offload run in the gathers (and the gradient path) they feed: counted with communication.
+    pcie = pcie_bytes / (hw.pcie_gbs * 1e9)
+    step = max(compute + dequant, comm + pcie)
+    return Choice(micro, accumulation, checkpointing, memory, compute, dequant, comm, comm_bytes, step,
+                  offload, host, pcie_bytes, pcie)
 
 
 def choose(shape: ModelShape, held: RankBytes, hw: Hardware, work: Workload) -> tuple[Choice, list[Choice]]:
-    """The fastest (micro-batch, checkpointing) that fits, and every candidate considered.
+    """The fastest (micro-batch, checkpointing) that fits with the least CPU offload that lets anything
+    fit (offload costs host memory and PCIe time, so it is used only where needed), and every candidate
+    considered.
 
-    If nothing fits, the smallest-memory candidate is returned (its total exceeds the GPU).
+    If nothing fits, the smallest-memory candidate is returned (its total exceeds the GPU or the host).
     """
     if work.global_batch % hw.world:
         good = ", ".join(str(hw.world * k) for k in (1, 2, 4, 8))
         raise PlanError(f"--global-batch {work.global_batch} is not a multiple of the {hw.world} GPUs "
                         f"(data parallel over every GPU); use e.g. {good}")
     per_gpu = work.global_batch // hw.world
-    candidates = [evaluate(shape, held, hw, work, micro, ckpt)
+    candidates = [evaluate(shape, held, hw, work, micro, ckpt, offload) for offload in OFFLOADS
                   for micro in range(1, per_gpu + 1) if per_gpu % micro == 0 for ckpt in (False, True)]
-    limit = hw.gpu_mem_gib * GIB
-    fitting = [c for c in candidates if c.total_bytes <= limit]
-    if fitting:
-        return min(fitting, key=lambda c: (c.step_s, c.total_bytes)), candidates
-    return min(candidates, key=lambda c: c.total_bytes), candidates
+    for offload in OFFLOADS:
+        fitting = [c for c in candidates if c.offload == offload and c.fits(hw)]
+        if fitting:
+            return min(fitting, key=lambda c: (c.step_s, c.total_bytes)), candidates
+    return min(candidates, key=lambda c: (c.total_bytes, c.host_bytes)), candidates
 
 
 def steps_for(work: Workload) -> int:

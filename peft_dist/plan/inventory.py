@@ -1,7 +1,7 @@
 """Parameter inventories and what a ZeRO-3 rank holds of them.
 
-An inventory is the list of parameter tensors of the adapted, int8-quantized model: its numel, bytes
-per element and whether it trains. The analytic model writes it down from a ``ModelShape``
+An inventory is the list of parameter tensors of the adapted, quantized (int8 or 4-bit) model: its
+numel, bytes per element and whether it trains. The analytic model writes it down from a ``ModelShape``
 (``analytic_inventory``); the dry run reads it off the real transformers model built on the meta
 device (``peft_dist.plan.dryrun``). ``per_rank`` applies DeepSpeed ZeRO-3's layout to either, so the
 two can be compared byte for byte.
@@ -18,10 +18,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from peft_dist.config.schema import QuantizationConfig
 from peft_dist.plan.models import ModelShape, PlanError
+from peft_dist.quant.nf4 import NESTED_BLOCKSIZE, NESTED_CODE_SIZE
 from peft_dist.targets import HEAD_NAMES, name_matches
 
 INT8 = 1
+FP32 = 4  # 4-bit block statistics stay float32 in every precision, as bitsandbytes keeps them
 # Per trainable element on its owner rank, besides the gradient partition (kept in the parameters'
 # dtype): the fp32 master (4) and Adam's exp_avg and exp_avg_sq (4 + 4).
 MASTER_AND_ADAM_BYTES = 12
@@ -39,9 +42,12 @@ class TensorInfo:
 class RankBytes:
     """What one rank holds, in bytes (``*_numel``: elements)."""
 
-    frozen: int  # the base: int8 weight shards, their scales, embeddings, norms (+ persistent copies)
+    frozen: int  # the base: quantized weight shards, their statistics, embeddings, norms (+ persistent copies)
     trainable: int  # adapter parameter shards in the training dtype (+ persistent copies)
     optimizer: int  # gradient partition, fp32 master, Adam moments of the owned elements
+    frozen_persistent: int  # of ``frozen``: whole copies of persistent tensors (stay on the GPU under offload_param)
+    trainable_persistent: int  # of ``trainable``: the same
+    trainable_owned: int  # trainable elements this rank owns (its optimizer partition)
     trainable_numel: int  # elements of trainable tensors in the whole model
     total_numel: int  # elements of all tensors in the whole model
     gathered: int  # bytes one forward pass all-gathers: the non-persistent tensors, whole
@@ -55,20 +61,25 @@ class RankBytes:
 def per_rank(inventory: list[TensorInfo], world: int, persistence_threshold: int) -> RankBytes:
     """Bytes one of ``world`` ZeRO-3 ranks holds for ``inventory`` (DeepSpeed's layout, see above)."""
     frozen = trainable = optimizer = trainable_numel = total = gathered = gathered_numel = 0
+    frozen_persistent = trainable_persistent = owned = 0
     for t in inventory:
         shard = math.ceil(t.numel / world)
-        held = shard * t.itemsize + (t.numel * t.itemsize if t.numel <= persistence_threshold else 0)
+        persistent = t.numel * t.itemsize if t.numel <= persistence_threshold else 0
         if t.numel > persistence_threshold:
             gathered += t.numel * t.itemsize
             gathered_numel += t.numel
         total += t.numel
         if t.trainable:
-            trainable += held
+            trainable += shard * t.itemsize + persistent
+            trainable_persistent += persistent
             optimizer += shard * (t.itemsize + MASTER_AND_ADAM_BYTES)
             trainable_numel += t.numel
+            owned += shard
         else:
-            frozen += held
-    return RankBytes(frozen, trainable, optimizer, trainable_numel, total, gathered, gathered_numel)
+            frozen += shard * t.itemsize + persistent
+            frozen_persistent += persistent
+    return RankBytes(frozen, trainable, optimizer, frozen_persistent, trainable_persistent, owned, trainable_numel,
+                     total, gathered, gathered_numel)
 
 
 def _candidate_linears(shape: ModelShape) -> list[tuple[str, int, int, bool]]:
@@ -83,10 +94,31 @@ def _targeted(name: str, targets: Any) -> bool:
     return name_matches(name, targets)
 
 
+def weight_tensors(name: str, d_out: int, d_in: int, quant: QuantizationConfig | None,
+                   itemsize: int) -> list[TensorInfo]:
+    """A frozen linear's weight as the trainer stores it (``quant/int8.py``, ``quant/nf4.py``): float
+    (``quant`` None), int8 with one scale per output row, or 4-bit codes two a byte with one float32 absmax
+    per block (double quant: a uint8 absmax per block, a float32 one per 256 blocks, the code, the offset)."""
+    numel = d_out * d_in
+    if quant is None:
+        return [TensorInfo(f"{name}.weight", numel, itemsize, False)]
+    if quant.bits == 8:
+        return [TensorInfo(f"{name}.weight", numel, INT8, False),
+                TensorInfo(f"{name}.weight_scale", d_out, itemsize, False)]
+    blocks = math.ceil(numel / quant.blocksize)
+    out = [TensorInfo(f"{name}.weight", math.ceil(numel / 2), INT8, False),
+           TensorInfo(f"{name}.absmax", blocks, INT8 if quant.double_quant else FP32, False)]
+    if quant.double_quant:
+        out += [TensorInfo(f"{name}.nested_absmax", math.ceil(blocks / NESTED_BLOCKSIZE), FP32, False),
+                TensorInfo(f"{name}.nested_code", NESTED_CODE_SIZE, FP32, False),
+                TensorInfo(f"{name}.absmax_offset", 1, FP32, False)]
+    return out
+
+
 def analytic_inventory(shape: ModelShape, adapters: list, quant_targets: Any | None,
-                       itemsize: int) -> list[TensorInfo]:
-    """The parameter tensors of ``shape`` after int8 quantization of ``quant_targets`` (None: off)
-    and LoRA injection, written down from the shape alone.
+                       itemsize: int, quant: QuantizationConfig | None = None) -> list[TensorInfo]:
+    """The parameter tensors of ``shape`` after quantization of ``quant_targets`` (None: off) as ``quant``
+    says (None: int8) and LoRA injection, written down from the shape alone.
 
     Raises ``PlanError`` for what this model does not write down: adapter methods other than LoRA
     (the planner then counts them on the meta-device model) and a quantized output head.
@@ -98,11 +130,8 @@ def analytic_inventory(shape: ModelShape, adapters: list, quant_targets: Any | N
         if quantized and is_head:
             raise PlanError("quantization.target_modules: quantizing the output head is not modelled; "
                             "use all-linear (the head stays in floating point)")
-        if quantized:
-            out += [TensorInfo(f"{name}.weight", d_out * d_in, INT8, False),
-                    TensorInfo(f"{name}.weight_scale", d_out, itemsize, False)]
-        elif not is_head:  # the head's weight is listed with the embeddings (shared when tied)
-            out.append(TensorInfo(f"{name}.weight", d_out * d_in, itemsize, False))
+        if quantized or not is_head:  # a float head's weight is listed with the embeddings (shared when tied)
+            out += weight_tensors(name, d_out, d_in, (quant or QuantizationConfig()) if quantized else None, itemsize)
         if bias:
             out.append(TensorInfo(f"{name}.bias", d_out, itemsize, False))
         for adapter in adapters:

@@ -1,12 +1,13 @@
 """A plan: what each GPU holds, how long a step takes, what the run costs, and whether it fits."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from peft_dist.config.schema import RunConfig
 from peft_dist.plan.dryrun import build_meta_model, meta_inventory
-from peft_dist.plan.estimate import GIB, Choice, Hardware, Workload, activation_bytes, choose, steps_for
+from peft_dist.plan.estimate import (GIB, OFFLOADS, Choice, Hardware, Workload, activation_bytes, base_name, choose,
+                                     steps_for)
 from peft_dist.plan.inventory import RankBytes, analytic_inventory, per_rank
 from peft_dist.plan.models import ModelShape
 
@@ -30,7 +31,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.choice.total_bytes <= self.hardware.gpu_mem_gib * GIB
+        return self.choice.fits(self.hardware)
 
     @property
     def gpu_hours(self) -> float:
@@ -40,24 +41,31 @@ class Plan:
 def make_plan(shape: ModelShape, cfg: RunConfig, hardware: Hardware, work: Workload,
               persistence_threshold: int = 100_000, dry_run: bool = False, argv: str = "") -> Plan:
     """Count what each rank holds (analytic, or on the meta device for methods it cannot write
-    down), then pick the fastest micro-batch / checkpointing that fits."""
-    quant_targets: Any = cfg.quantization.target_modules if cfg.quantization.enabled else None
+    down), then pick the least CPU offload that lets a candidate fit and its fastest micro-batch /
+    checkpointing."""
+    quant = cfg.quantization if cfg.quantization.enabled else None
+    quant_targets: Any = quant.target_modules if quant else None
     held, counted_by = None, "meta-device model"
     if all(a.method == "lora" for a in cfg.adapters):
-        held = per_rank(analytic_inventory(shape, cfg.adapters, quant_targets, ITEMSIZE["bfloat16"]),
+        held = per_rank(analytic_inventory(shape, cfg.adapters, quant_targets, ITEMSIZE["bfloat16"], quant),
                         hardware.world, persistence_threshold)
         counted_by = "analytic model"
     meta = None
     if dry_run or held is None:  # the real model skeleton: exact for every method
-        model = build_meta_model(shape, cfg.adapters, quant_targets, "bfloat16")
+        model = build_meta_model(shape, cfg.adapters, quant_targets, "bfloat16", quant)
         meta = per_rank(meta_inventory(model), hardware.world, persistence_threshold)
         held = held or meta
+    work = replace(work, base=quant)
     choice, candidates = choose(shape, held, hardware, work)
     plan = Plan(shape, hardware, work, held, choice, candidates, steps_for(work), persistence_threshold,
                 counted_by, argv, meta)
     if not plan.fits:
-        plan.notes.append("does not fit even at micro-batch 1 with checkpointing: add nodes (the base and "
-                          "optimizer shards shrink as 1/GPUs), shorten --seq-len, or use GPUs with more memory")
+        plan.notes.append(why_not(plan))
+    if "param" in choice.offload:
+        plan.notes.append("offload_param with a quantized base: DeepSpeed 0.19.8 keeps each CPU partition in the "
+                          "parameter's own dtype (int8/uint8 too) and copies it to the GPU in that dtype at every "
+                          "gather (partition_parameters.py); a 4-bit base trains with it on 2 CPU ranks with the "
+                          "losses of a run without (tests/distributed/test_plan_measured.py), not yet run on GPUs")
     if choice.comm_s > choice.compute_s + choice.dequant_s:
         plan.notes.append("communication-bound: every micro-batch all-gathers the base for its forward and again "
                           "for its backward; a larger micro-batch (more memory per GPU) or fewer, larger nodes "
@@ -65,8 +73,69 @@ def make_plan(shape: ModelShape, cfg: RunConfig, hardware: Hardware, work: Workl
     return plan
 
 
+def why_not(plan: Plan) -> str:
+    """Which term exceeds what: the GPU terms of the smallest candidate, or, when some candidate fits the
+    GPU (with offload), the CPU memory the least offload of those needs."""
+    hw, limit = plan.hardware, plan.hardware.gpu_mem_gib * GIB
+    on_gpu = [c for c in plan.candidates if c.total_bytes <= limit]
+    if not on_gpu:
+        c = min(plan.candidates, key=lambda x: x.total_bytes)
+        terms = ", ".join(f"{name} {value / GIB:.2f}" for name, value in
+                          sorted(c.memory.items(), key=lambda kv: -kv[1]) if value >= 0.005 * GIB)
+        what = (f"the smallest candidate (micro-batch {c.micro_batch}, checkpointing "
+                f"{'on' if c.checkpointing else 'off'}, offload {c.offload}) needs {c.total_bytes / GIB:.2f} GiB "
+                f"per GPU > {hw.gpu_mem_gib:g} GiB ({terms} GiB)")
+    else:
+        c = min(on_gpu, key=lambda x: x.host_bytes)
+        what = (f"it fits the GPU only with offload {c.offload}, whose {c.host_bytes / GIB:.2f} GiB per rank x "
+                f"{hw.gpus_per_node} ranks = {c.host_bytes * hw.gpus_per_node / GIB:.1f} GiB exceed the "
+                f"{hw.host_mem_gib:g} GiB of CPU memory per node (--host-mem-gib)")
+    bits = "" if plan.work.base is not None and plan.work.base.bits == 4 else "use --bits 4, "
+    return (f"does not fit: {what}; add nodes (the base and optimizer shards shrink as 1/GPUs), shorten "
+            f"--seq-len, {bits}or use GPUs with more memory")
+
+
 def _gib(n: float) -> str:
     return f"{n / GIB:8.2f} GiB"
+
+
+def base_line(quant: Any, itemsize: int) -> str:
+    """How the frozen base is stored (the plan's largest per-GPU term on few GPUs)."""
+    if quant is None:
+        return f"{base_name(quant, itemsize)}, not quantized"
+    how = ("8 bits, one scale per row" if quant.bits == 8 else
+           f"4 bits, blocksize {quant.blocksize}{', double quant' if quant.double_quant else ''}")
+    return f"{base_name(quant, itemsize)} ({how}) on {quant.target_modules}; embeddings and head in bf16"
+
+
+def offload_lines(plan: Plan) -> list[str]:
+    """What each DeepSpeed CPU offload option would give: the fastest fitting candidate, or the smallest."""
+    hw, c = plan.hardware, plan.choice
+    lines = [f"offload     {c.offload}" + (f": {c.host_bytes / GIB:.2f} GiB per rank in pinned CPU memory, "
+                                           f"{c.host_bytes * hw.gpus_per_node / GIB:.1f} GiB per node of "
+                                           f"{hw.host_mem_gib:g}" if c.offload != "none" else "")]
+    for offload in OFFLOADS:
+        options = [x for x in plan.candidates if x.offload == offload]
+        fitting = [x for x in options if x.fits(hw)]
+        best = min(fitting or options, key=lambda x: (x.step_s, x.total_bytes) if fitting else x.total_bytes)
+        verdict = f"fits, {best.step_s:.2f} s a step" if fitting else "does not fit"
+        lines.append(f"  {offload:<16} {_gib(best.total_bytes)} per GPU, {best.host_bytes / GIB:6.2f} GiB per "
+                     f"rank on the host (micro-batch {best.micro_batch}, checkpointing "
+                     f"{'on' if best.checkpointing else 'off'}): {verdict}")
+    return lines
+
+
+def step_lines(plan: Plan) -> list[str]:
+    """Communication (and the PCIe copies of offload), compute and dequantization of one optimizer step."""
+    c, hw, w = plan.choice, plan.hardware, plan.work
+    lines = ["", "per optimizer step",
+             f"  communication         {c.comm_bytes / 1e9:10.1f} GB received per GPU -> {c.comm_s:8.2f} s"]
+    if c.offload != "none":
+        lines.append(f"  PCIe (offload)        {c.pcie_bytes / 1e9:10.1f} GB per GPU at {hw.pcie_gbs:g} GB/s -> "
+                     f"{c.pcie_s:8.2f} s")
+    return lines + [f"  compute               {c.compute_s:10.2f} s",
+                    f"  {base_name(w.base, w.itemsize) + ' dequantization':<22}{c.dequant_s:10.2f} s",
+                    f"  step time (overlap)   {c.step_s:10.2f} s"]
 
 
 def format_plan(plan: Plan) -> str:
@@ -75,37 +144,37 @@ def format_plan(plan: Plan) -> str:
         f"model       {s.name}: {s.total_params() / 1e9:.1f}B parameters ({s.family}, {s.layers} layers, "
         f"hidden {s.hidden}, vocab {s.vocab})",
         f"adapters    {held.trainable_numel:,} trainable parameters "
-        f"({100 * held.trainable_numel / held.total_numel:.3f}%), counted by the {plan.counted_by}",
+        f"({100 * held.trainable_numel / (s.total_params() + held.trainable_numel):.3f}%), counted by the "
+        f"{plan.counted_by}",
+        f"base        {base_line(w.base, w.itemsize)}",
         f"cluster     {hw.nodes} nodes x {hw.gpus_per_node} GPUs = {hw.world} ranks, {hw.gpu_mem_gib:g} GiB, "
         f"{hw.peak_tflops:g} TFLOP/s peak at {hw.efficiency:.0%}, link {hw.link_gbs:g} GB/s per GPU",
         f"workload    seq {w.seq_len}, global batch {w.global_batch} sequences "
         f"({w.global_batch * w.seq_len:,} tokens), {w.tokens:,} tokens = {plan.steps:,} steps",
         "",
         f"chosen      micro-batch {c.micro_batch} x accumulation {c.accumulation} per GPU, "
-        f"activation checkpointing {'on' if c.checkpointing else 'off'}",
+        f"activation checkpointing {'on' if c.checkpointing else 'off'}, CPU offload {c.offload}",
         "",
         "memory per GPU",
     ]
     lines += [f"  {name:<24}{_gib(value)}" for name, value in c.memory.items()]
-    lines.append(f"  {'total':<24}{_gib(c.total_bytes)}  of {hw.gpu_mem_gib:g} GiB -> "
-                 f"{'FITS' if plan.fits else 'DOES NOT FIT'}")
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    if not plan.fits and c.total_bytes <= hw.gpu_mem_gib * GIB:
+        verdict += " (CPU memory: see the note)"
+    lines.append(f"  {'total':<24}{_gib(c.total_bytes)}  of {hw.gpu_mem_gib:g} GiB -> {verdict}")
     off, on = (activation_bytes(s, c.micro_batch, w.seq_len, w.itemsize, ckpt) for ckpt in (False, True))
     lines += ["", f"activations (micro-batch {c.micro_batch}): checkpointing off {_gib(off).strip()} | "
-              f"on {_gib(on).strip()}"]
+              f"on {_gib(on).strip()}", ""]
+    lines += offload_lines(plan) + step_lines(plan)
     lines += [
-        "",
-        "per optimizer step",
-        f"  communication         {c.comm_bytes / 1e9:10.1f} GB received per GPU -> {c.comm_s:8.2f} s",
-        f"  compute               {c.compute_s:10.2f} s",
-        f"  int8 dequantization   {c.dequant_s:10.2f} s",
-        f"  step time (overlap)   {c.step_s:10.2f} s",
         "",
         f"total       {plan.steps * c.step_s / 3600:,.1f} h wall clock, {plan.gpu_hours:,.0f} GPU-hours",
         "",
-        "candidates (micro-batch, checkpointing: total memory, step time)",
+        f"candidates with offload {c.offload} (micro-batch, checkpointing: total memory, step time)",
     ]
     lines += [f"  {x.micro_batch:>3} {'on ' if x.checkpointing else 'off'}: {_gib(x.total_bytes)}, "
-              f"{x.step_s:8.2f} s{'  <- chosen' if x is c else ''}" for x in plan.candidates]
+              f"{x.step_s:8.2f} s{'  <- chosen' if x is c else ''}"
+              for x in plan.candidates if x.offload == c.offload]
     if plan.dry_run is not None:
         d = plan.dry_run
         if plan.counted_by != "analytic model":

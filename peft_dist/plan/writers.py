@@ -32,14 +32,23 @@ def ds_config(plan: Plan, base_path: str) -> dict:
     elements, and its default (1e9) would keep a whole small model, or a billion elements of a large
     one, gathered from the end of the forward into the backward. Overlap communication with compute
     (the step time assumes it). Batch sizes stay in the run config, where ``build_ds_config`` takes
-    them from.
+    them from. The plan's CPU offload, if any, as DeepSpeed's own ``offload_param`` / ``offload_optimizer``
+    (pinned CPU memory); with the optimizer offloaded DeepSpeed runs the trainer's torch AdamW on the CPU
+    partitions (``zero_force_ds_cpu_optimizer: false``, docs/MEMORY.md), and any offload the base file
+    sets that the plan did not choose is removed.
     """
     config = json.loads(resolve_ds_config_path(base_path).read_text())
-    layer, _ = largest_layer(plan.shape)
+    layer, _ = largest_layer(plan.shape, plan.work.base, plan.work.itemsize)
     zero = config.setdefault("zero_optimization", {})
     zero.update({"stage": 3, "overlap_comm": True, "stage3_prefetch_bucket_size": layer,
                  "stage3_max_live_parameters": 2 * layer, "stage3_max_reuse_distance": layer,
                  "stage3_param_persistence_threshold": plan.persistence_threshold})
+    for kind in ("param", "optimizer"):
+        zero.pop(f"offload_{kind}", None)
+        if kind in plan.choice.offload:
+            zero[f"offload_{kind}"] = {"device": "cpu", "pin_memory": True}
+    if "optimizer" in plan.choice.offload:
+        config["zero_force_ds_cpu_optimizer"] = False
     return config
 
 

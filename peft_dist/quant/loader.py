@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.conversion_mapping import get_model_conversion_mapping
@@ -36,8 +36,8 @@ from peft_dist.quant.model import QUANTIZED_TYPES, QuantReport, quantization_err
 class LoadReport:
     """What loading cost this rank: RSS before and at its peak, and the parameter bytes held.
 
-    ``*_private`` is RSS minus its file-backed shared pages: safetensors reads through mmap, and pages
-    of the checkpoint file that were read count in RSS although the kernel can drop them at any time.
+    ``*_private`` is RSS minus its file-backed shared pages (libraries; the checkpoint itself is read, not
+    mapped, since 2026-11-30).
     """
 
     rank: int
@@ -62,6 +62,42 @@ class LoadReport:
                 f"checkpoint read {self.bytes_read / mib:.2f} MiB in {self.seconds:.1f} s")
 
 
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's tensor entries (``dtype``, ``shape``, ``data_offsets``) and where its data starts:
+    the format is an 8-byte little-endian header length, a JSON header, then the raw tensor bytes."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def read_tensor(path: Path, entry: dict, data_start: int) -> torch.Tensor:
+    """One tensor of a safetensors file, read into memory of its own."""
+    if entry["dtype"] not in SAFETENSORS_DTYPES:
+        raise ConfigError(f"model.name_or_path: {path.name} stores a tensor of dtype {entry['dtype']}, which the "
+                          f"loader does not read; supported: {', '.join(SAFETENSORS_DTYPES)}")
+    begin, end = entry["data_offsets"]
+    buffer = bytearray(end - begin)
+    with open(path, "rb", buffering=0) as handle:
+        handle.seek(data_start + begin)
+        view, done = memoryview(buffer), 0
+        while done < len(buffer):
+            count = handle.readinto(view[done:])
+            if not count:
+                raise ConfigError(f"model.name_or_path: {path} ends inside a tensor; the file is truncated")
+            done += count
+    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    if not buffer:
+        return torch.empty(entry["shape"], dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+
+
 class CheckpointReader:
     """One tensor at a time from a local safetensors checkpoint, single file or sharded with an index, by the
     model's own parameter names.
@@ -71,6 +107,10 @@ class CheckpointReader:
     ``lm_head``; a checkpoint of the base model alone lacks the ``model.`` prefix), so any checkpoint that
     transformers loads by renaming keys streams here too. Conversions that merge or split tensors (fused
     experts) are refused when a tensor needs one.
+
+    Tensors are read with plain file reads, not through a memory map: a mapped checkpoint's pages count in
+    the reading rank's resident set (and in its logged peak) for as long as the file stays mapped, although
+    they are only page cache; read, a tensor costs its own bytes until it is quantized and dropped.
     """
 
     def __init__(self, directory: str | os.PathLike, model: nn.Module) -> None:
@@ -81,8 +121,7 @@ class CheckpointReader:
             weight_map = json.loads(index.read_text())["weight_map"]
             files = {name: directory / file for name, file in weight_map.items()}
         elif single.is_file():
-            with safe_open(single, framework="pt") as f:
-                files = {name: single for name in f.keys()}
+            files = {name: single for name in safetensors_header(single)[0]}
         else:
             raise ConfigError(f"model.name_or_path: no model.safetensors or model.safetensors.index.json in "
                               f"{str(directory)!r}; save the model with save_pretrained(safe_serialization=True)")
@@ -95,7 +134,7 @@ class CheckpointReader:
         for key in files:
             name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
             (self.converted if converter else self.keys)[name] = key
-        self._open: dict[Path, object] = {}
+        self._headers: dict[Path, tuple[dict, int]] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self.keys
@@ -111,9 +150,10 @@ class CheckpointReader:
                               "needs; is it a checkpoint of this architecture?")
         key = self.keys[name]
         path = self.files[key]
-        if path not in self._open:
-            self._open[path] = safe_open(path, framework="pt")
-        tensor = self._open[path].get_tensor(key)
+        if path not in self._headers:
+            self._headers[path] = safetensors_header(path)
+        header, data_start = self._headers[path]
+        tensor = read_tensor(path, header[key], data_start)
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 

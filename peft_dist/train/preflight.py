@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from peft_dist.adapters.inject import inject_adapters
 from peft_dist.config.schema import ConfigError, DataConfig, QuantizationConfig, RunConfig
-from peft_dist.data import BUILTIN_STDLIB, check_block_size, check_jsonl, resolve_files
-from peft_dist.model import DTYPES, load_model_config, max_positions
+from peft_dist.data import check_block_size, check_jsonl, conversation_template, data_sources
+from peft_dist.data.formats import CONVERSATIONS
+from peft_dist.model import DTYPES, load_model_config, load_tokenizer, max_positions
 from peft_dist.quant.model import quantize_model
 
 
@@ -60,16 +61,18 @@ def check_output_dir(path: Path) -> None:
                           "choose a directory this user can write") from None
 
 
-def check_data(data: DataConfig, model_config: PretrainedConfig) -> None:
+def check_data(data: DataConfig, model_config: PretrainedConfig, model_name: str) -> None:
     """Data errors found without tokenizing: the files exist in one format, jsonl lines parse and carry the
-    fields (``file:line`` on the first bad one), and a block fits the model's context."""
+    fields of their layout (``file:line`` on the first bad one), conversations have a chat template, and a
+    block fits the model's context."""
     check_block_size(data.block_size, max_positions(model_config))
-    if data.path != BUILTIN_STDLIB:
-        files, fmt = resolve_files(data.path, data.format)
-        if fmt == "jsonl":
-            fields = [data.prompt_field, data.response_field] if data.prompt_field else [data.text_field]
-            for file in files:
-                check_jsonl(file, fields)
+    found = data_sources(data)
+    for source in found:
+        if source.kind == "jsonl":
+            for file in source.files:
+                check_jsonl(file, data, source.layout)
+    if any(source.layout in CONVERSATIONS for source in found):
+        conversation_template(data, load_tokenizer(model_name))
 
 
 def preflight(cfg: RunConfig) -> None:
@@ -77,7 +80,7 @@ def preflight(cfg: RunConfig) -> None:
     precision, the output directory, the data, the adapters and quantization (on the meta device)."""
     check_precision(cfg.train.precision)
     model_config = load_model_config(cfg.model.name_or_path)
-    check_data(cfg.data, model_config)
+    check_data(cfg.data, model_config, cfg.model.name_or_path)
     quant_targets = cfg.quantization.target_modules if cfg.quantization.enabled else None
     meta_model(model_config, cfg.adapters, quant_targets, cfg.model.dtype, cfg.quantization)
     check_output_dir(Path(cfg.checkpoint.output_dir))  # last: it creates the directory

@@ -266,7 +266,9 @@ def setup(cfg: RunConfig) -> Run:
         datasets.disable_progress_bars()
     blocks = build_blocks(cfg.data, load_tokenizer(cfg.model.name_or_path), max_positions(load_model_config(
         cfg.model.name_or_path)))
-    log.info(blocks.line())
+    preparers = [False] * dist.world_size
+    torch.distributed.all_gather_object(preparers, blocks.prepared_here)
+    log.info(blocks.line(preparers.index(True) if any(preparers) else None))
     sampler = GlobalBatchSampler(len(blocks.train), cfg.train.micro_batch_size,
                                  cfg.train.gradient_accumulation_steps, dist.world_size, dist.rank, cfg.data.seed)
     # Streamed in one tensor at a time and, under ZeRO-3, partitioned module by module as it loads.

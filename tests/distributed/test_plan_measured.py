@@ -85,3 +85,22 @@ def test_memory_falls_with_the_number_of_ranks(measured):
     peaks = [max(measured[world]["model"]) - max(measured[world]["tiny"]) for world in WORLDS]
     assert peaks[0] > peaks[1] > peaks[2], [p / MIB for p in peaks]
     assert peaks[1] - peaks[2] == pytest.approx((predicted_bytes(SHAPE, 2) - predicted_bytes(SHAPE, 4)), rel=0.5)
+
+
+def test_the_planned_cpu_offload_trains_a_4bit_base_as_without_it(tmp_path):
+    """What the planner writes when a base does not fit the GPU (``offload_param``, optionally with
+    ``offload_optimizer``) takes a 4-bit base, whose uint8 codes DeepSpeed then keeps in CPU partitions:
+    2 CPU ranks of launcher/train.py, every tensor partitioned, the same losses as without offload."""
+    from tests.distributed.test_launcher_zero3 import launch
+
+    zero = "deepspeed.overrides.zero_optimization"
+    param = f"{zero}.offload_param={{device: cpu, pin_memory: true}}"
+    optimizer = [f"{zero}.offload_optimizer={{device: cpu, pin_memory: true}}",
+                 "deepspeed.overrides.zero_force_ds_cpu_optimizer=false"]
+    short = ["quantization.bits=4", "train.max_steps=3", "train.warmup_steps=1", "train.micro_batch_size=1",
+             "train.gradient_accumulation_steps=2", "train.eval_batches=1", "data.max_documents=30"]
+    losses = {name: launch(tmp_path, name, 2, *short, *extra, launcher="torchrun")["losses"]
+              for name, extra in {"none": [], "param": [param], "param+optimizer": [param, *optimizer]}.items()}
+    assert len(losses["none"]) == 3
+    assert losses["param"] == pytest.approx(losses["none"], abs=1e-5)
+    assert losses["param+optimizer"] == pytest.approx(losses["none"], abs=1e-5)

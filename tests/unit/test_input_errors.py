@@ -13,6 +13,7 @@ import torch
 from launcher.train import main
 from peft_dist.config.schema import ConfigError
 from peft_dist.inference import load_for_inference
+from peft_dist.model import load_tokenizer, tiny_llama_config
 from peft_dist.train.checkpoint import CheckpointError, MANIFEST, WEIGHTS, latest_checkpoint
 from peft_dist.train.files import LOCK, lock_run_dir, unlock_run_dirs
 from tests.unit.test_export import trained_adapter
@@ -42,6 +43,22 @@ def test_a_malformed_data_line_before_the_process_group(tmp_path, capsys):
     data.write_text('{"text": "a"}\n{"text": oops}\n')
     assert run_cli(tmp_path, f"data.path={data}") == 2
     assert "train.jsonl:2: malformed JSON" in capsys.readouterr().err
+    assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
+
+
+def test_a_bad_conversation_and_a_missing_chat_template_before_the_process_group(tmp_path, capsys):
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]}))
+    assert run_cli(tmp_path, f"data.path={data}") == 2
+    assert "chat.jsonl:1: turn 2: unknown role 'bot'; use system, user, assistant" in capsys.readouterr().err
+    tokenizer, model = load_tokenizer("builtin:tiny-llama"), tmp_path / "model"
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(model)  # a model directory whose tokenizer has no chat template
+    tiny_llama_config().save_pretrained(model)
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    data.write_text(json.dumps({"messages": turns}))
+    assert run_cli(tmp_path, f"data.path={data}", f"model.name_or_path={model}") == 2
+    assert "this tokenizer has none; set data.chat_template" in capsys.readouterr().err
     assert not torch.distributed.is_initialized() and not (tmp_path / "run").exists()
 
 

@@ -1,6 +1,7 @@
 """Streaming loader at N=1 (int8 and 4-bit): the oracle is transformers' ``from_pretrained`` followed by
 ``quantize_model``."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,3 +119,27 @@ def test_missing_tensor_is_named(tmp_path):
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ConfigError, match="no tensor 'model.layers.1.mlp.up_proj.weight'"):
         load_quantized_base(ModelConfig(name_or_path=str(directory)), QuantizationConfig())
+
+
+def test_tensors_are_read_exactly_and_no_checkpoint_file_stays_mapped(tmp_path):
+    """Every dtype a checkpoint holds reads back bit for bit (the oracle: safetensors' own loader), and
+    reading maps nothing: a mapped file's pages would count in the rank's resident set."""
+    from safetensors.torch import load_file, save_file
+
+    from peft_dist.quant.loader import read_tensor, safetensors_header
+
+    tensors = {"bf16": torch.randn(3, 5).bfloat16(), "f32": torch.randn(7), "i8": torch.randint(-128, 127, (4, 4),
+               dtype=torch.int8), "u8": torch.randint(0, 255, (9, 1), dtype=torch.uint8),
+               "flag": torch.tensor([True, False]), "empty": torch.zeros(0, 4)}
+    path = tmp_path / "model.safetensors"
+    save_file(tensors, str(path))
+    header, start = safetensors_header(path)
+    got = {name: read_tensor(path, header[name], start) for name in tensors}
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    expected = load_file(str(path))  # (maps the file)
+    for name in tensors:
+        assert got[name].dtype == expected[name].dtype and torch.equal(got[name], expected[name]), name
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 3)
+    with pytest.raises(ConfigError, match="ends inside a tensor; the file is truncated"):
+        [read_tensor(path, entry, start) for entry in header.values()]

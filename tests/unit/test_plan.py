@@ -126,18 +126,23 @@ def test_choice_is_the_fastest_that_fits_and_memory_shrinks_with_nodes():
 
 def test_backward_gathers_all_but_the_live_tail_and_the_input_embeddings():
     shape, held = held_for("gpt3-175b", 128, threshold=0)
-    layer = 12 * 12288**2  # a GPT-3 layer's linears: qkv 3h^2, proj h^2, fc 4h^2, proj 4h^2
+    # A GPT-3 layer's linears as stored: int8 qkv 3h^2, proj h^2, fc 4h^2, proj 4h^2 and a scale per output row.
+    layer = 12 * 12288**2 + (3 + 1 + 4 + 1) * 12288
     tail = 2 * layer * held.gathered // held.gathered_numel  # two layers' elements, at the mean bytes per element
     positions = 2048 * 12288 * 2  # wpe, bf16 (wte is tied to the head: the backward uses it)
     assert backward_gather_bytes(shape, held, 2) == held.gathered - tail - positions
     assert held.gathered - backward_gather_bytes(shape, held, 2) < 0.03 * held.gathered  # ~2 of 96 layers
 
 
-def test_too_small_gpus_do_not_fit_and_say_what_to_change(capsys):
-    assert main(["--model", "gpt3-175b", "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem-gib", "24",
-                 "--global-batch", "8", "--tokens", "1e6"]) == 1
+def test_too_small_gpus_fit_only_with_cpu_offload_and_say_what_to_change(capsys):
+    argv = ["--model", "gpt3-175b", "--nodes", "1", "--gpus-per-node", "8", "--gpu-mem-gib", "24",
+            "--global-batch", "8", "--tokens", "1e6"]
+    assert main(argv) == 0  # the int8 base (20.5 GiB a rank) in pinned CPU memory: 164 GiB of the node's 256
     out = capsys.readouterr().out
-    assert "DOES NOT FIT" in out and "add nodes" in out
+    assert "CPU offload param" in out and "163.8 GiB per node of 256" in out
+    assert main(argv + ["--host-mem-gib", "128"]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "add nodes" in out and "exceed the 128 GiB of CPU memory" in out
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -229,3 +234,126 @@ def test_plan_of_a_non_lora_method_uses_the_meta_count(capsys):
     model = build_meta_model(PRESETS["llama-7b"], [build_adapter_config({"method": "krona"}, "a")], "all-linear")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert f"adapters    {trainable:,} trainable parameters" in out and "counted by the meta-device model" in out
+
+
+def nf4(**kw):
+    from peft_dist.config.schema import QuantizationConfig
+
+    return QuantizationConfig(bits=4, **kw)
+
+
+@pytest.mark.parametrize("quant", [nf4(), nf4(double_quant=True), nf4(quant_type="fp4", blocksize=128)])
+def test_four_bit_analytic_matches_the_real_four_bit_layers(quant):
+    """FourBitLinear on the meta device: packed codes, float32 absmax per block (double quant: uint8 absmax,
+    nested absmax, code and offset), counted tensor by tensor as the analytic model writes them down."""
+    shape = with_layers(PRESETS["llama-70b"], 2)
+    adapters = [lora(r=8, target_modules="all-linear")]
+    model = build_meta_model(shape, adapters, "all-linear", "bfloat16", quant)
+    meta = meta_inventory(model)
+    analytic = analytic_inventory(shape, adapters, "all-linear", 2, quant)
+    assert sorted((t.numel, t.itemsize, t.trainable) for t in analytic) == \
+        sorted((t.numel, t.itemsize, t.trainable) for t in meta)
+    prefix = "model.layers.0.mlp.down_proj.base."  # the adapter wraps the FourBitLinear
+    down = {t.name.removeprefix(prefix): (t.numel, t.itemsize) for t in meta if t.name.startswith(prefix)}
+    n = 8192 * 28672
+    blocks = n // quant.blocksize
+    expected = {"weight": (n // 2, 1), "absmax": (blocks, 1 if quant.double_quant else 4)}
+    if quant.double_quant:
+        expected |= {"nested_absmax": (math.ceil(blocks / 256), 4), "nested_code": (256, 4), "absmax_offset": (1, 4)}
+    assert down == expected
+    for world in (1, 2, 64):
+        assert per_rank(analytic, world, 100_000) == per_rank(meta, world, 100_000)
+
+
+def llama_70b_plan(*extra):
+    """The issue's case: llama-70b, one node of 2 x 24 GiB GPUs, 4-bit base (defaults otherwise)."""
+    from peft_dist.plan.__main__ import default_overrides
+    from peft_dist.plan.planner import make_plan
+
+    cfg = load_config(None, default_overrides("llama-70b", "llama-70b") + ["quantization.bits=4", *extra])
+    return make_plan(PRESETS["llama-70b"], cfg, Hardware(1, 2, 24, 989), Workload(2048, 512, 10**9))
+
+
+def test_llama_70b_4bit_on_two_24gib_gpus_fits_only_with_the_base_offloaded_to_cpu():
+    plan = llama_70b_plan()
+    h, kv, i, vocab = 8192, 1024, 28672, 32000
+    weights = 80 * (2 * h * h + 2 * kv * h + 3 * i * h)  # q, o; k, v (grouped-query); gate, up, down
+    norms = (2 * 80 + 1) * h  # persistent (<= 1e5 elements): a half shard and a whole bf16 copy each
+    base = weights * (0.5 + 4 / 64) / 2 + 2 * vocab * h * 2 / 2 + norms * (2 / 2 + 2)
+    assert plan.held.frozen == base  # codes 0.5 B + float32 absmax 4/64 B per weight; embeddings, head bf16
+    assert base / GIB == pytest.approx(18.42, abs=0.01)
+    none = [c for c in plan.candidates if c.offload == "none"]
+    smallest = min(none, key=lambda c: c.total_bytes)  # micro-batch 1, checkpointing on
+    assert smallest.memory["nf4 base shard"] == base
+    assert smallest.total_bytes / GIB == pytest.approx(29.60, abs=0.01) and not smallest.fits(plan.hardware)
+    assert not any(c.fits(plan.hardware) for c in plan.candidates if c.offload == "optimizer")
+    c = plan.choice  # the cheapest that fits: the base to the CPU, the optimizer stays on the GPU
+    assert plan.fits and (c.offload, c.micro_batch, c.checkpointing) == ("param", 4, True)
+    assert c.total_bytes / GIB == pytest.approx(22.57, abs=0.01) and c.memory["nf4 base shard"] == norms * 2
+    persistent = norms * 2 + plan.held.trainable_persistent  # norms, and LoRA's small k/v B matrices
+    assert c.host_bytes == plan.held.params - persistent  # every shard but the persistent copies, pinned
+    assert c.host_bytes / GIB == pytest.approx(18.61, abs=0.01)
+    gathered = plan.held.gathered + backward_gather_bytes(plan.shape, plan.held, 2, plan.work.base)
+    assert c.pcie_bytes == 64 * gathered // 2  # each rank's share of every gather, 64 micro-batches
+    assert c.pcie_s == pytest.approx(c.pcie_bytes / 25e9)
+
+
+def test_offload_only_when_nothing_fits_without_it():
+    """llama-13b, 4 bits, one 24 GiB GPU: offloading the base would allow micro-batch 8 (1% faster, the
+    PCIe copies hidden under compute), but micro-batch 4 fits without: no offload."""
+    shape, hw = PRESETS["llama-13b"], Hardware(1, 1, 24, 989)
+    held = per_rank(analytic_inventory(shape, [lora(r=16)], "all-linear", 2, nf4()), 1, 100_000)
+    choice, candidates = choose(shape, held, hw, Workload(2048, 16, 10**9, base=nf4()))
+    assert (choice.offload, choice.micro_batch, choice.checkpointing) == ("none", 4, True)
+    faster = min((c for c in candidates if c.fits(hw)), key=lambda c: c.step_s)
+    assert (faster.offload, faster.micro_batch) == ("param", 8) and faster.step_s < choice.step_s
+
+
+def test_four_bit_dequantization_moves_fewer_bytes_than_int8():
+    """HBM bytes per weight and micro-batch: int8 7 B a pass; NF4 reads 0.5 + 4/64 B, writes 2 B, and the
+    backward copies the weight into the forward's layout (4 B)."""
+    from peft_dist.plan.estimate import INT8_BASE, dequant_bytes
+
+    shape = PRESETS["llama-70b"]
+    weights = sum(o * i for _, o, i, _ in shape.linears(0)) * shape.layers
+    assert dequant_bytes(shape, INT8_BASE, 2, True) == 3 * 7 * weights
+    forward = 0.5 + 4 / 64 + 2
+    assert dequant_bytes(shape, nf4(), 2, True) == pytest.approx((3 * forward + 4) * weights)
+    assert dequant_bytes(shape, nf4(), 2, False) == pytest.approx((2 * forward + 4) * weights)
+    assert dequant_bytes(shape, None, 2, True) == 0
+
+
+def test_the_issue_command_plans_and_writes_a_4bit_run_with_the_base_offloaded(tmp_path, capsys):
+    argv = ["--model", "llama-70b", "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem-gib", "24", "--bits", "4"]
+    assert main(argv + ["--write", str(tmp_path / "llama70b")]) == 0
+    out = capsys.readouterr().out
+    assert "CPU offload param" in out and "FITS" in out and "18.61 GiB per rank in pinned CPU memory" in out
+    assert "int8/uint8 too" in out  # what the plan says about DeepSpeed's offload of non-float parameters
+    cfg = load_config(tmp_path / "llama70b.yaml")
+    assert (cfg.quantization.bits, cfg.quantization.quant_type, cfg.quantization.blocksize) == (4, "nf4", 64)
+    ds = build_ds_config(cfg, world_size=2)
+    zero = ds["zero_optimization"]
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": True} and "offload_optimizer" not in zero
+    layer = sum(o * i // 2 + o * i // 64 for _, o, i, _ in PRESETS["llama-70b"].linears(0))  # codes + absmax
+    assert (zero["stage3_prefetch_bucket_size"], zero["stage3_max_live_parameters"]) == (layer, 2 * layer)
+    assert ds["train_batch_size"] == 512 and ds["bf16"] == {"enabled": True}
+
+
+def test_a_plan_that_fits_nowhere_names_the_term(capsys):
+    base = ["--model", "llama-70b", "--nodes", "1", "--gpus-per-node", "2", "--bits", "4"]
+    assert main(base + ["--gpu-mem-gib", "8"]) == 1
+    out = capsys.readouterr().out
+    assert "needs 9.64 GiB per GPU > 8 GiB (reserved 4.00, activations 3.25, all-gather working set 1.77" in out
+    assert main(base + ["--gpu-mem-gib", "24", "--host-mem-gib", "32"]) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT (CPU memory" in out
+    assert "only with offload param, whose 18.61 GiB per rank x 2 ranks = 37.2 GiB exceed the 32 GiB" in out
+    assert main(base + ["--gpu-mem-gib", "24", "--set", "quantization.enabled=false"]) == 2
+    assert "quantization.enabled is false" in capsys.readouterr().err
+
+
+def test_llama_70b_doc_shows_what_the_planner_prints(capsys):
+    """docs/SCALING.md quotes the issue's 4-bit 70B plan; it must stay the planner's real output."""
+    assert main(["--model", "llama-70b", "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem-gib", "24",
+                 "--bits", "4"]) == 0
+    assert capsys.readouterr().out.strip() in (REPO_ROOT / "docs" / "SCALING.md").read_text()
