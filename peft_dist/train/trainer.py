@@ -168,7 +168,7 @@ class Run:
             metrics.update(gather_peak_memory(self.engine.device))  # a collective: every rank logs
             self.tracker.log_metrics(metrics, step)
             if not self.interactive:
-                self.log.info("step %d/%d loss %.4f, %.0f tokens/s, eta %.0fs", step, cfg.train.max_steps,
+                self.log.info("step %d/%d loss %.4f, %.3g tokens/s, eta %.0fs", step, cfg.train.max_steps,
                               mean_loss, tokens_per_step / elapsed, (cfg.train.max_steps - step) * elapsed)
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.max_steps:
             eval_loss = self.evaluate()

@@ -1,4 +1,6 @@
-"""Pure helpers of the bench scripts: budget matching (bench/quality.py) and the scaling fit (bench/scaling.py)."""
+"""Pure helpers of the bench scripts: budget matching, claims and the learning-rate sweep (bench/quality.py) and the
+scaling fit (bench/scaling.py)."""
+import math
 import sys
 
 import pytest
@@ -12,29 +14,79 @@ import scaling  # noqa: E402
 
 
 def kept_by_formula(adapter: dict) -> int:
-    """Kept parameters written down from the shape (hidden d, L layers), independent of the meta model."""
-    d, layers = quality.SHAPE.hidden, quality.SHAPE.layers
-    if adapter["method"] == "prefix":  # P_k and P_v: l vectors of width d per layer, the MLP folded away
-        return layers * 2 * adapter["length"] * d
-    if adapter["method"] == "krona_block":  # A (a1, a2) and B (d/a1, d/a2) per layer, + s_res
+    """Kept parameters written down from the shape (hidden d, FFN f, L layers), independent of the meta model."""
+    d, f, layers = quality.SHAPE.hidden, quality.SHAPE.intermediate, quality.SHAPE.layers
+    dims = {"q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "o_proj": (d, d), "gate_proj": (f, d),
+            "up_proj": (f, d), "down_proj": (d, f)}
+    linears = [dims[t] for t in adapter.get("target_modules", [])] * layers  # (d_out, d_in) of each target
+    method = adapter["method"]
+    if method == "lora":  # A (r, d_in) and B (d_out, r)
+        return sum(adapter["r"] * (o + i) for o, i in linears)
+    if method == "adalora":  # the final budget: target_r triplets of each matrix, one singular value each
+        return sum(adapter["target_r"] * (o + i + 1) for o, i in linears)
+    if method == "krona":  # A (a1, a2) and B (d_out/a1, d_in/a2) per target
+        return sum(adapter["a1"] * adapter["a2"] + (o // adapter["a1"]) * (i // adapter["a2"]) for o, i in linears)
+    if method == "krona_block":  # A (a1, a2) and B (d/a1, d/a2) per layer, + s_res
         a1, a2 = adapter["a1"], adapter["a2"]
         return layers * (a1 * a2 + (d // a1) * (d // a2) + adapter["residual"])
-    raise ValueError(adapter["method"])
+    if method == "parallel_adapter":  # down (r, d) + bias r, up (d, r) + bias d, per layer
+        return layers * (2 * d * adapter["r"] + adapter["r"] + d)
+    if method == "prefix":  # P_k and P_v: l vectors of width d per layer, the MLP folded away
+        return layers * 2 * adapter["length"] * d
+    if method == "bitfit":  # two RMSNorm weights per layer and the final one
+        return (2 * layers + 1) * d
+    raise ValueError(method)
+
+
+def by_formula(adapters: list[dict]) -> tuple[int, int]:
+    """A counter for ``quality.plan`` from the formulas (kept only: the planner matches on kept parameters)."""
+    (adapter,) = adapters
+    kept = kept_by_formula(adapter)
+    return kept, kept
+
+
+@pytest.mark.parametrize("adapters", [
+    [{"method": "lora", "r": 3, "alpha": 6, "target_modules": quality.ALL}],
+    [{"method": "krona", "a1": 4, "a2": 8, "target_modules": quality.ALL}],
+    [{"method": "parallel_adapter", "sublayer": "ffn", "r": 5, "scale": 4.0}],
+    [{"method": "bitfit", "norm": True}],
+])
+def test_formulas_agree_with_the_injected_model(adapters):
+    assert quality.parameter_counts(adapters)[0] == kept_by_formula(adapters[0])
 
 
 @pytest.mark.parametrize("budget", [0.001, 0.01])
 @pytest.mark.parametrize("method", ["prefix", "krona_block", "prefix_reparam"])
 def test_matched_budget_is_near_the_target(method, budget):
-    (adapter,), count, _ = quality.match_budget(method, budget)
+    (adapter,), count, _ = quality.match_budgets((method,), budget, [])[method]
     assert count == kept_by_formula(adapter)
     assert 0.8 < count / (budget * quality.SHAPE.total_params()) < 1.25, (adapter, count)
 
 
-def test_mam_splits_its_budget_between_prefix_and_scaled_adapter():
-    (mam,), count, _ = quality.match_budget("mam", 0.01)
-    (prefix,), p, _ = quality.match_budget("prefix", 0.005)
-    assert (mam["prefix_length"], mam["scale"]) == (prefix["length"], 4.0)
-    assert quality.parameter_counts([mam]) == (count, count) and count > p
+def test_mam_is_counted_as_its_two_parts():
+    (mam,), kept, trained = next(o for o in quality.counted("mam", quality.parameter_counts)
+                                 if o[0][0]["prefix_length"] == 2 and o[0][0]["r"] == 1)
+    prefix = quality.parameter_counts([{"method": "prefix", "length": 2, "reparameterize": False}])
+    adapter = quality.parameter_counts([{"method": "parallel_adapter", "sublayer": "ffn", "r": 1, "scale": 4.0}])
+    assert quality.parameter_counts([mam]) == (kept, trained) == (prefix[0] + adapter[0], prefix[1] + adapter[1])
+
+
+# Pairs no configuration can match: MAM's count is prefixes (2,048 each) plus an adapter (2,052 r + 1,024), half a
+# prefix off; KronA^B has 2,048 / 2,560 / 4,352 near 0.1%, KronA 4,096 / 5,120.
+UNMATCHABLE = {("krona_block", "krona", 0.001), ("mam", "prefix", 0.001), ("prefix_reparam", "parallel", 0.001)}
+
+
+def test_planned_pairs_are_matched_within_two_percent():
+    rows = quality.plan(quality.METHODS, quality.BUDGETS, by_formula)
+    kept = {(method, budget): k for method, budget, _, k, _ in rows}
+    for x, y, b in quality.compared_pairs(quality.BUDGETS):
+        target = b * quality.SHAPE.total_params()
+        assert 0.5 <= kept[x, b] / target <= 2.0 and 0.5 <= kept[y, b] / target <= 2.0
+        if (x, y, b) in UNMATCHABLE:  # the planner is not lazy: no two configurations in the window match
+            near = {m: [k for _, k, _ in quality.counted(m, by_formula) if 0.5 <= k / target <= 2.0] for m in (x, y)}
+            assert min(quality.mismatch(i, j) for i in near[x] for j in near[y]) > quality.BUDGET_TOLERANCE
+        else:
+            assert quality.mismatch(kept[x, b], kept[y, b]) <= quality.BUDGET_TOLERANCE, (x, y, b)
 
 
 def test_adalora_is_counted_at_its_final_budget():
@@ -70,9 +122,37 @@ def test_writing_results_keeps_the_hand_written_reading():
     assert new.endswith(quality.HAND_WRITTEN + "\n\n## Reading the table\n\nKronA holds at 0.1%.\n")
 
 
-@pytest.mark.parametrize("x_loss, spread, outcome", [
-    (3.90, 0.01, "holds"), (4.10, 0.01, "reversed"), (3.995, 0.01, "no difference beyond the seed spread"),
-    (3.90, 0.0, "one seed, no spread to judge by")])
-def test_verdict_needs_a_difference_beyond_the_seed_spread(x_loss, spread, outcome):
-    results = {("krona", 0.001): {"loss": (x_loss, spread)}, ("lora", 0.001): {"loss": (4.0, spread / 2)}}
-    assert quality.verdict("krona", "lora", results, 0.001).endswith(outcome)
+def result(kept: int, seeds: list[float]) -> dict:
+    """A ``claims`` entry: each seed's loss, and 4 test blocks per seed around it."""
+    return {"kept": kept, "seeds": seeds, "blocks": [[s - 0.01, s + 0.01, s - 0.02, s + 0.02] for s in seeds]}
+
+
+LORA = [4.00, 4.03, 3.98, 4.01, 4.02]  # seed-to-seed spread larger than the effects below, shared by the pair
+
+
+@pytest.mark.parametrize("shift, outcome", [(-0.05, "holds"), (+0.05, "reversed"), (-0.002, "not shown")])
+def test_claims_pair_by_seed(shift, outcome):
+    krona = [v + shift + e for v, e in zip(LORA, [0.001, -0.001, 0.002, 0.0, -0.002])]
+    (line,) = quality.claims({("krona", 0.001): result(4096, krona), ("lora", 0.001): result(4096, LORA)}, (0.001,))
+    assert line.endswith(outcome) and "Holm" in line
+
+
+def test_claims_skip_unmatched_budgets_and_correct_for_the_family():
+    krona = [v - 0.05 for v in LORA]
+    results = {("krona", 0.001): result(4096, krona), ("lora", 0.001): result(4096, LORA),
+               ("krona_block", 0.001): result(4352, [v - 0.1 for v in LORA])}
+    unmatched, matched = sorted(quality.claims(results, (0.001,)), key=lambda line: "not compared" not in line)
+    assert unmatched.endswith("not compared, budgets not matched within 2% (4,352 vs 4,096)")
+    assert matched.endswith("holds")
+
+
+def test_sweep_widens_the_grid_until_the_optimum_is_inside():
+    def loss(lr: float) -> float:  # lowest at lr = 1 (log10 0), beyond the grid's top
+        return math.log10(lr) ** 2
+
+    best, scores = quality.best_learning_rate(loss, (1e-3, 1e-2, 1e-1))
+    assert best == pytest.approx(1.0) and sorted(scores)[-1] == pytest.approx(10.0)  # grown by x10 twice
+    best, _ = quality.best_learning_rate(lambda lr: float("nan") if lr > 0.05 else loss(lr * 100), (1e-3, 1e-2, 1e-1))
+    assert best == pytest.approx(1e-2)  # a diverged run (nan) never counts as the best
+    with pytest.raises(RuntimeError, match="still on the edge"):
+        quality.best_learning_rate(lambda lr: -lr, (1e-3, 1e-2, 1e-1), widenings=2)

@@ -1,0 +1,85 @@
+"""bench/stats.py against known answers: published t tables, a hand-worked paired test, Holm's textbook example."""
+import random
+import sys
+
+import pytest
+
+from tests.multiproc import REPO
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import stats  # noqa: E402
+
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (30, 2.042)])
+def test_t_quantile_matches_the_printed_table(df, quantile):
+    # two-sided 95% critical values, e.g. NIST/SEMATECH e-Handbook, table 1.3.6.7.2
+    assert stats.t_quantile(0.975, df) == pytest.approx(quantile, abs=5e-4)
+    assert stats.t_quantile(0.025, df) == pytest.approx(-quantile, abs=5e-4)
+
+
+def test_t_cdf_known_values():
+    assert stats.t_cdf(1.0, 1) == pytest.approx(0.75)  # Cauchy: 1/2 + atan(1)/pi
+    assert stats.t_cdf(2.0, 2) == pytest.approx(0.5 + 2 / (2 * 6**0.5))  # df 2: 1/2 + t / (2 sqrt(2 + t^2))
+    assert stats.t_cdf(0.0, 7) == pytest.approx(0.5)
+    assert stats.t_cdf(2.0, 10) == pytest.approx(0.963306, abs=1e-6)
+    assert stats.t_cdf(-2.0, 10) == pytest.approx(1 - 0.963306, abs=1e-6)
+
+
+def test_incomplete_beta_edge_cases():
+    assert stats.incomplete_beta(1.0, 1.0, 0.3) == pytest.approx(0.3)  # uniform
+    assert stats.incomplete_beta(2.5, 2.5, 0.5) == pytest.approx(0.5)  # symmetric
+    assert stats.incomplete_beta(2.0, 3.0, 0.0) == 0.0 and stats.incomplete_beta(2.0, 3.0, 1.0) == 1.0
+
+
+def test_paired_t_on_a_hand_example():
+    # d = 1..5: mean 3, sd sqrt(2.5), se 0.7071, t = 4.243 on 4 df, half-width 2.776 * 0.7071 = 1.963
+    test = stats.paired_t([1.5, 2.5, 3.5, 4.5, 5.5], [0.5, 0.5, 0.5, 0.5, 0.5])
+    assert (test.mean, test.n) == (pytest.approx(3.0), 5)
+    assert (test.low, test.high) == (pytest.approx(1.0368, abs=1e-4), pytest.approx(4.9632, abs=1e-4))
+    assert test.p == pytest.approx(0.01324, abs=1e-5)
+
+
+def test_paired_t_removes_what_the_pair_shares():
+    # a large per-seed offset shared by both methods hides a constant 0.02 gap from an unpaired test, not this one
+    shared = [0.0, 0.3, -0.2, 0.5, -0.4]
+    noise = [0.001, -0.002, 0.0, 0.002, -0.001]
+    test = stats.paired_t([4.0 + s + e for s, e in zip(shared, noise)], [4.02 + s for s in shared])
+    assert test.high < 0 and test.p < 1e-4
+
+
+def test_holm_on_the_textbook_example():
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 -> 0.02, 0.03, 0.06, max(0.04, 0.06); returned in input order
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_bootstrap_covers_the_true_mean_difference():
+    rng = random.Random(1)
+    y = [rng.gauss(4.0, 0.3) for _ in range(200)]
+    x = [v - 0.05 + rng.gauss(0.0, 0.02) for v in y]  # true difference -0.05
+    low, high = stats.paired_bootstrap(x, y, seed=0)
+    assert low < -0.05 < high and high - low < 0.02
+    assert stats.paired_bootstrap(x, y, seed=0) == (low, high)  # a fixed seed gives a fixed interval
+
+
+def paired(mean: float, spread: float) -> stats.Paired:
+    """A test of x - y over 5 seeds whose differences are ``mean`` plus a symmetric spread."""
+    y = [4.0] * 5
+    return stats.paired_t([4.0 + mean + spread * k for k in (-2, -1, 0, 1, 2)], y)
+
+
+@pytest.mark.parametrize("test, adjusted, outcome", [
+    (paired(-0.05, 0.002), 0.001, "holds"),
+    (paired(+0.05, 0.002), 0.001, "reversed"),
+    (paired(-0.05, 0.002), 0.2, "not shown"),  # significant alone, not after the correction
+    (paired(-0.005, 0.0005), 0.001, "not shown"),  # significant but below MIN_EFFECT
+    (paired(-0.05, 0.05), 0.001, "not shown"),  # the CI reaches 0
+])
+def test_verdict_rule(test, adjusted, outcome):
+    assert stats.outcome(test, adjusted) == outcome
+
+
+def test_too_few_pairs_is_an_error():
+    with pytest.raises(ValueError, match="at least 2"):
+        stats.paired_t([1.0], [2.0])
