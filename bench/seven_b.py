@@ -165,8 +165,7 @@ def main() -> None:
     first, first_s = launch(config, runs / "first.log")
     second, second_s = launch(config, runs / "second.log", "checkpoint.resume=true")
     logs = [(runs / n).read_text(errors="replace") for n in ("first.log", "second.log")]
-    print(f"job 1: exit {first} after {first_s:.0f} s (torchrun exits 1 when its ranks exit 75: stopped with a "
-          f"checkpoint after {args.steps - 1} steps, as a preemption does)")
+    print(f"job 1: exit {first} after {first_s:.0f} s (75: stopped with a checkpoint after {args.steps - 1} steps)")
     print(f"job 2: exit {second} after {second_s:.0f} s (resumed: "
           f"{'yes' if re.search(r'resumed from step', logs[1]) else 'NO'})")
     for line in load_lines(logs[0]):
