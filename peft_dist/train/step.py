@@ -50,7 +50,8 @@ def evaluate(engine, split: Split, micro: int, batches: int, rank: int = 0, worl
         total += loss * tokens
         tokens_seen += tokens
     engine.train()
-    total, tokens_seen = all_reduce_sum([total, tokens_seen], engine.device)
+    if world_size > 1:  # (world_size 1: this process evaluates alone, even inside a distributed job)
+        total, tokens_seen = all_reduce_sum([total, tokens_seen], engine.device)
     return total / max(tokens_seen, 1.0)
 
 

@@ -47,7 +47,9 @@ def test_config_builds_with_its_stage(ds_file):
 def test_two_rank_run_trains_and_writes_the_adapter(tmp_path_factory, ds_file):
     result = run(tmp_path_factory, ds_file)
     losses = result["losses"]
-    assert len(losses) == 4 and losses[-1] < losses[0] - 0.2, losses
+    # One step's loss depends on its batch; the eval split is fixed: it must fall well below the first step's
+    # (ln 512 = 6.24 at the start; 5.86 after these 4 steps).
+    assert len(losses) == 4 and losses[-1] < losses[0] and result["eval_loss"] < losses[0] - 0.2, result
     adapter = Path(result["adapter_dir"])
     assert (adapter / CONFIG).is_file()
     weights = load_file(adapter / WEIGHTS)
