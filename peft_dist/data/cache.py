@@ -33,8 +33,8 @@ import torch
 from peft_dist.config.schema import DataConfig
 from peft_dist.data import formats, packing, sources
 from peft_dist.data.packing import fit_documents, pack_documents, pack_whole_documents, tokenize_documents
-from peft_dist.data.sources import (BUILTIN_STDLIB, DataError, check_block_size, conversation_template, locate,
-                                    read_documents)
+from peft_dist.data.sources import (BUILTIN_STDLIB, DataError, Source, chat_template, check_block_size,
+                                    data_sources, holds_conversations, read_documents)
 
 COLUMNS = ("input_ids", "labels", "position_ids")
 PARALLEL_FROM = 10_000  # documents; fewer tokenize faster in one process than the workers take to start
@@ -74,7 +74,7 @@ class Blocks:
                              f"{c['without_loss']} without loss dropped"
                              for name, c in self.prepared.items() if isinstance(c, dict) and "overlong" in c)
         return (f"data: {len(self.train)} training and {len(self.eval)} evaluation blocks of "
-                f"{len(self.train.rows[0]['input_ids'])} tokens" + (f" ({left_out})" if left_out else "")
+                f"{self.prepared['block_size']} tokens" + (f" ({left_out})" if left_out else "")
                 + f"; {how}, cached in {self.directory}")
 
 
@@ -89,17 +89,17 @@ def tokenizer_identity(tokenizer) -> str:
     return _digest([type(tokenizer).__name__, definition, tokenizer.eos_token_id])
 
 
-def corpus_identity(cfg: DataConfig, path: str) -> object:
-    """What identifies the documents at ``path``: the files (path, size, mtime), their kind and layout."""
-    if path == BUILTIN_STDLIB:
-        return [path, sysconfig.get_paths()["stdlib"], sys.version]
-    source = locate(cfg, path)
+def corpus_identity(source: Source) -> object:
+    """What identifies a located source's documents: the files (path, size, mtime), their kind and layout."""
     return [source.kind, source.layout,
             [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in source.files]]
 
 
-def cache_key(cfg: DataConfig, tokenizer, template: str | None) -> str:
-    corpora = [corpus_identity(cfg, p) for p in (cfg.path, cfg.eval_path) if p]
+def cache_key(cfg: DataConfig, found: list[Source], tokenizer, template: str | None) -> str:
+    """``found``: the located sources of ``data.path`` and ``data.eval_path`` (``data_sources``)."""
+    corpora = [corpus_identity(source) for source in found]
+    if BUILTIN_STDLIB in (cfg.path, cfg.eval_path):
+        corpora.append([BUILTIN_STDLIB, sysconfig.get_paths()["stdlib"], sys.version])
     code = [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (formats, packing, sources)]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "num_proc")}
     return _digest([corpora, code, tokenizer_identity(tokenizer), template, settings])[:20]
@@ -215,8 +215,9 @@ def prepare(cfg: DataConfig, tokenizer, template: str | None, directory: Path) -
 def build_blocks(cfg: DataConfig, tokenizer, max_positions: int | None = None) -> Blocks:
     """The packed blocks of ``cfg``'s corpus: prepared here if no process has yet, memory-mapped."""
     check_block_size(cfg.block_size, max_positions)
-    template = conversation_template(cfg, tokenizer)
-    directory = Path(cfg.cache_dir).expanduser() / cache_key(cfg, tokenizer, template)
+    found = data_sources(cfg)  # located once: the template and the key both need them
+    template = chat_template(cfg, tokenizer) if holds_conversations(found) else None
+    directory = Path(cfg.cache_dir).expanduser() / cache_key(cfg, found, tokenizer, template)
     prepared_here = False
     if not directory.is_dir():
         with cache_lock(directory):

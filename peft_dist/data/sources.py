@@ -226,11 +226,9 @@ def chat_template(cfg: DataConfig, tokenizer) -> str:
     return template
 
 
-def conversation_template(cfg: DataConfig, tokenizer) -> str | None:
-    """The chat template when ``data.path`` or ``data.eval_path`` holds conversations, else None."""
-    if any(source.layout in CONVERSATIONS for source in data_sources(cfg)):
-        return chat_template(cfg, tokenizer)
-    return None
+def holds_conversations(found: list[Source]) -> bool:
+    """Whether any of the located sources (``data_sources``) holds conversations, which need a chat template."""
+    return any(source.layout in CONVERSATIONS for source in found)
 
 
 def check_block_size(block_size: int, max_positions: int | None) -> None:

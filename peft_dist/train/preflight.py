@@ -19,8 +19,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from peft_dist.adapters.inject import inject_adapters
 from peft_dist.config.schema import ConfigError, DataConfig, QuantizationConfig, RunConfig
-from peft_dist.data import check_block_size, check_jsonl, conversation_template, data_sources
-from peft_dist.data.formats import CONVERSATIONS
+from peft_dist.data import chat_template, check_block_size, check_jsonl, data_sources, holds_conversations
 from peft_dist.model import DTYPES, load_model_config, load_tokenizer, max_positions
 from peft_dist.quant.model import quantize_model
 
@@ -71,8 +70,8 @@ def check_data(data: DataConfig, model_config: PretrainedConfig, model_name: str
         if source.kind == "jsonl":
             for file in source.files:
                 check_jsonl(file, data, source.layout)
-    if any(source.layout in CONVERSATIONS for source in found):
-        conversation_template(data, load_tokenizer(model_name))
+    if holds_conversations(found):
+        chat_template(data, load_tokenizer(model_name))
 
 
 def preflight(cfg: RunConfig) -> None:
