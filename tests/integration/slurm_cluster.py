@@ -139,6 +139,10 @@ class SlurmCluster:
         match = re.search(rf"\b{field}=(\S+)", out)
         return match.group(1) if match else ""
 
+    def show_job(self, job_id: str) -> str:
+        """``scontrol show job`` as text, for failure messages (state, reason, exit code, restarts)."""
+        return "\n--- scontrol show job\n" + self.run(["scontrol", "show", "job", job_id], check=False).stdout
+
     def wait_for_state(self, job_id: str, states: set[str], timeout: float) -> str:
         deadline = time.monotonic() + timeout
         state = ""
@@ -148,6 +152,20 @@ class SlurmCluster:
                 return state
             time.sleep(1)
         raise TimeoutError(f"job {job_id} still {state!r} after {timeout}s, expected {sorted(states)}{self.logs()}")
+
+    def start_requeued_now(self, job_id: str) -> None:
+        """Start a requeued job without Slurm's requeue delay (BeginTime), but only once the node has released
+        its previous run and a second has passed: slurmd revokes the old run's credential at that time (one
+        second granularity), and a relaunch created in the same second is killed as "Job credential revoked",
+        the race the delay exists to prevent."""
+        self.wait_for_state(job_id, {"PENDING"}, timeout=120)
+        deadline = time.monotonic() + 120
+        while self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.strip() != "idle":
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"node never idle after job {job_id} was requeued{self.logs()}")
+            time.sleep(0.5)
+        time.sleep(2)
+        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     def logs(self) -> str:
         parts = []

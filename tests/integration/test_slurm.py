@@ -110,10 +110,10 @@ def test_a_signal_during_loading_requeues_and_the_rerun_trains_from_the_start(cl
         time.sleep(0.5)
     cluster.wait_for_state(job_id, {"PENDING"}, timeout=120)
     assert cluster.job_field(job_id, "Restarts") == "1"
-    cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+    cluster.start_requeued_now(job_id)
     state = cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=240)
     log = job_log(tmp_path, job_id)
-    assert state == "COMPLETED", log[-6000:]
+    assert state == "COMPLETED", f"{log[-6000:]}{cluster.show_job(job_id)}{cluster.logs()}"
     assert "signal during setup" in log and "[launch] requeueing job" in log and f"job {job_id} (restart 1)" in log
     finished = json.loads((tmp_path / "run" / "result.json").read_text())
     assert finished["first_step"] == 1 and finished["step"] == 10
@@ -126,10 +126,10 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, full_run, tmp_pa
 
     cluster.wait_for_state(job_id, {"PENDING"}, timeout=120)
     assert cluster.job_field(job_id, "Restarts") == "1"
-    cluster.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])  # skip Slurm's requeue delay
+    cluster.start_requeued_now(job_id)
     state = cluster.wait_for_state(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=240)
     log = job_log(tmp_path, job_id)
-    assert state == "COMPLETED", log[-6000:]
+    assert state == "COMPLETED", f"{log[-6000:]}{cluster.show_job(job_id)}{cluster.logs()}"
 
     stopped = int(log.split("checkpoint at step ")[1].split()[0])
     assert 1 <= stopped < STEPS
