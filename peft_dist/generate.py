@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
 from deepspeed.accelerator import get_accelerator
 
 from peft_dist.inference import load_for_inference
+from peft_dist.model import generate_ids
 from peft_dist.train.checkpoint import CheckpointError
 
 
@@ -19,14 +19,9 @@ def generate(adapter_dir: str, prompt: str, max_new_tokens: int = 40, temperatur
     """The prompt and its continuation, on this machine's accelerator (DeepSpeed's choice: a GPU if there
     is one, else the CPU)."""
     model, tokenizer = load_for_inference(adapter_dir, force)
-    device = get_accelerator().current_device_name()
-    model.to(device)
-    inputs = tokenizer(prompt, return_tensors="pt").to(device)
-    with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                temperature=temperature if temperature > 0 else None,
-                                pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(output[0], skip_special_tokens=True)
+    model.to(get_accelerator().current_device_name())
+    prompt_ids, new_ids = generate_ids(model, tokenizer, prompt, max_new_tokens, temperature)
+    return tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
 
 
 def main() -> int:

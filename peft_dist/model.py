@@ -112,3 +112,17 @@ def packed_inputs(config: PretrainedConfig, batch: dict[str, torch.Tensor], dtyp
         return {**inputs, "attention_mask": additive.masked_fill(~mask, torch.finfo(dtype).min)}
     raise ConfigError(f"model: packed documents on {config.model_type} need the sdpa or eager attention, not "
                       f"{config._attn_implementation!r}")
+
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.0,
+                 synced: bool = False) -> tuple[list[int], list[int]]:
+    """The token ids of ``prompt`` and those ``model`` adds to it (greedy at temperature 0). ``synced``: every rank
+    of a ZeRO-3 job calls this alike; transformers then runs a forward on each rank until all ranks are done, as
+    each forward gathers the parameters collectively."""
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                            temperature=temperature if temperature > 0 else None,
+                            pad_token_id=tokenizer.eos_token_id, synced_gpus=synced)
+    length = inputs["input_ids"].shape[1]
+    return output[0, :length].tolist(), output[0, length:].tolist()

@@ -5,7 +5,11 @@ Every field has a default so that an empty YAML file is the embedded tiny CPU ru
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -83,9 +87,14 @@ class QuantizationConfig:
 class DataConfig:
     """Training text.
 
-    path: ``builtin:python-stdlib`` (this Python's own standard library source, no network), a local
-        file / directory / glob of .txt, .jsonl / .json (lines or one array) or .parquet files, or a
-        ``Dataset.save_to_disk`` directory.
+    path: ``builtin:python-stdlib`` (this Python's own standard library source, no network; what an empty path
+        reads unless ``sources`` is set), a local file / directory / glob of .txt, .jsonl / .json (lines or one
+        array) or .parquet files, a ``Dataset.save_to_disk`` directory, or a Hugging Face dataset id ``user/name``
+        already in the local datasets cache (read offline: nothing is downloaded at run time).
+    sources: a mixture instead of ``path``: a list of ``{path, weight, name, format, text_field, prompt_field,
+        response_field, columns, split, eval_path}`` (``path`` required; ``weight`` 1 and ``name`` the file stem
+        unless set; the other keys default to this section's). Source s supplies weight_s / sum of the weights of
+        the training blocks; each keeps its own evaluation split and reports ``eval/<name>/loss``.
     format: ``auto`` picks the file kind from the extension and the layout of the rows from the fields of
         the first row (``messages``: chat, ``conversations``: sharegpt, ``instruction`` + ``output``: alpaca,
         else text or, with prompt_field, prompt/response pairs); ``text``, ``jsonl``, ``parquet`` force the
@@ -96,7 +105,7 @@ class DataConfig:
         ``{instruction: question, output: answer}`` (standard name: data name).
     chat_template: the Jinja template conversations are rendered with (the template, or a file holding it);
         empty uses the tokenizer's own.
-    split: the split of a saved ``DatasetDict`` to read.
+    split: the split of a saved ``DatasetDict`` or of a hub dataset to read.
     eval_path: evaluation data in the same formats as ``path``; empty holds out ``eval_fraction`` of ``path``.
     packing: ``auto`` (``whole`` for prompt/response, alpaca and conversations, ``cut`` for text), ``cut``
         (documents concatenated and cut at block boundaries) or ``whole`` (a document that does not fit the
@@ -111,7 +120,8 @@ class DataConfig:
     num_proc: tokenizing processes; 0 picks up to 8 for corpora of 10,000 documents or more, else 1.
     """
 
-    path: str = "builtin:python-stdlib"
+    path: str = ""
+    sources: list = field(default_factory=list)
     format: str = "auto"
     text_field: str = "text"
     prompt_field: str = ""
@@ -131,8 +141,15 @@ class DataConfig:
 
     formats = ("auto", "text", "jsonl", "parquet", "chat", "sharegpt", "alpaca")
     column_names = ("messages", "conversations", "instruction", "input", "output")
+    source_keys = ("path", "weight", "name", "format", "text_field", "prompt_field", "response_field", "columns",
+                   "split", "eval_path")
 
     def __post_init__(self) -> None:
+        require(not (self.path and self.sources), "path",
+                "set either data.path or data.sources, not both; move the path into data.sources as "
+                "{path: ..., weight: ...}")
+        if not self.path and not self.sources:
+            self.path = "builtin:python-stdlib"
         require(self.num_proc >= 0, "num_proc", "must be >= 0 (0 picks it)")
         require(self.format in self.formats, "format", f"got {self.format!r}; use {', '.join(self.formats)}")
         require(self.packing in ("auto", "cut", "whole"), "packing", f"got {self.packing!r}; use auto, cut or whole")
@@ -148,6 +165,60 @@ class DataConfig:
         require(self.max_documents >= 0, "max_documents", "must be >= 0 (0 reads all)")
         require(bool(self.prompt_field) == bool(self.response_field), "prompt_field",
                 "set both prompt_field and response_field, or neither")
+        names = [source.name for source in self.mixture()]  # resolving the sources checks each entry
+        for i, name in enumerate(names):
+            require(name not in names[:i], f"sources.{i}.name", f"{name!r} also names data.sources."
+                    f"{names.index(name)} (a name defaults to the file stem); give each source its own name")
+
+    def mixture(self) -> list[DataSource]:
+        """The sources to train on: each ``sources`` entry over this section's settings, or ``path`` alone."""
+        if not self.sources:
+            return [DataSource(source_name(self.path), 1.0, self)]
+        return [self._source(f"sources.{i}", entry) for i, entry in enumerate(self.sources)]
+
+    def _source(self, key: str, entry: Any) -> DataSource:
+        """One ``sources`` entry, checked like a section: unknown keys, types, the weight, the name."""
+        require(isinstance(entry, dict), key, f"got {entry!r}; each source is a mapping such as "
+                "{path: data/chat.jsonl, weight: 2}")
+        for name, value in entry.items():
+            require(name in self.source_keys, f"{key}.{name}", f"unknown key. Valid keys of a source are: "
+                    f"{', '.join(self.source_keys)} (the other data settings are shared: set them under data)")
+            expected, what = {"weight": ((int, float), "a number"), "columns": (dict, "a mapping")}.get(
+                name, (str, "a string"))
+            require(isinstance(value, expected) and not isinstance(value, bool), f"{key}.{name}",
+                    f"expected {what}, got {value!r}")
+        require(bool(entry.get("path")), f"{key}.path", "required: the source's file, directory, glob or hub id")
+        weight = entry.get("weight", 1.0)
+        require(weight > 0 and math.isfinite(weight), f"{key}.weight",
+                f"got {weight!r}; use a number > 0 (the source's share of the training blocks is its weight over "
+                "the sum of the weights)")
+        name = entry.get("name", source_name(entry["path"]))
+        require(re.fullmatch(SOURCE_NAME, name) is not None, f"{key}.name",
+                f"got {name!r}; use letters, digits, '_', '.' and '-' (it names the metric eval/<name>/loss)")
+        settings = {k: v for k, v in entry.items() if k not in ("weight", "name")}
+        try:
+            return DataSource(name, float(weight), dataclasses.replace(self, sources=[], **settings))
+        except ConfigError as err:
+            raise ConfigError(f"{key}.{err}") from None
+
+
+SOURCE_NAME = r"[A-Za-z0-9_.-]+"  # characters an MLflow metric key can hold, '/' aside (it separates eval/<name>/loss)
+
+
+def source_name(path: str) -> str:
+    """The default name of the source at ``path``: its file stem (a hub id's dataset name), every character
+    outside ``SOURCE_NAME`` replaced by '_'."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(path).stem) or "_"
+
+
+@dataclass
+class DataSource:
+    """One source of the training data: its name (``eval/<name>/loss``), its weight and the data settings it is
+    read with (one ``data.path`` with the entry's own path, format, fields, split and eval_path)."""
+
+    name: str
+    weight: float
+    data: DataConfig
 
 
 @dataclass
@@ -219,6 +290,9 @@ class TrackingConfig:
     uri: MLflow tracking URI; empty means ``$MLFLOW_TRACKING_URI`` or, failing that, a SQLite store
         ``mlflow.db`` in the run directory.
     peak_tflops: the device's peak TFLOP/s, to log model FLOPs utilization (0 = do not log MFU).
+    sample_prompts: prompts the model continues (greedily) at every evaluation, logged as the table artifact
+        ``samples/step-<step>.json`` (step, prompt, completion); empty: none.
+    sample_max_new_tokens: tokens generated for each sample prompt.
     """
 
     backend: str = "mlflow"
@@ -226,11 +300,17 @@ class TrackingConfig:
     experiment: str = "peft-dist"
     run_name: str = ""
     peak_tflops: float = 0.0
+    sample_prompts: list = field(default_factory=list)
+    sample_max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
         require(self.backend in ("mlflow", "none"), "backend",
                 f"got {self.backend!r}; use mlflow or none")
         require(self.peak_tflops >= 0, "peak_tflops", "must be >= 0 (0 = do not log MFU)")
+        require(all(isinstance(p, str) and p for p in self.sample_prompts), "sample_prompts",
+                f"got {self.sample_prompts!r}; use a list of non-empty strings")
+        require(self.sample_max_new_tokens >= 1, "sample_max_new_tokens",
+                f"got {self.sample_max_new_tokens}; must be >= 1")
 
 
 @dataclass

@@ -3,10 +3,10 @@
 The first process to need a corpus takes a file lock, reads, splits (by document, from ``data.seed``),
 tokenizes and packs it through ``datasets`` and publishes the blocks as Arrow with one atomic rename;
 every other process waits on the lock and then reuses them. The cache key covers everything that decides
-the blocks: the files of ``data.path`` and ``data.eval_path`` (path, size, mtime), their layout, the
-tokenizer and the chat template, every data setting but where the cache is and how many processes tokenize,
-and the code that reads and packs. Each rank then memory-maps the Arrow files: the blocks cost page cache,
-not private memory, however large the corpus.
+the blocks: the files of ``data.path`` and ``data.eval_path`` (path, size, mtime; of a hub dataset, its Arrow
+files in the datasets cache), their layout, the tokenizer and the chat template, every data setting but where
+the cache is and how many processes tokenize, and the code that reads and packs. Each rank then memory-maps
+the Arrow files: the blocks cost page cache, not private memory, however large the corpus.
 """
 from __future__ import annotations
 
@@ -101,7 +101,8 @@ def cache_key(cfg: DataConfig, found: list[Source], tokenizer, template: str | N
     if BUILTIN_STDLIB in (cfg.path, cfg.eval_path):
         corpora.append([BUILTIN_STDLIB, sysconfig.get_paths()["stdlib"], sys.version])
     code = [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (formats, packing, sources)]
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "num_proc")}
+    # sources: one source's settings are the whole key, so a mixture's source shares the cache of that data.path
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "num_proc", "sources")}
     return _digest([corpora, code, tokenizer_identity(tokenizer), template, settings])[:20]
 
 

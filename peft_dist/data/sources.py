@@ -1,12 +1,15 @@
 """Where documents come from: local files (text, jsonl, parquet), a directory written by
-``Dataset.save_to_disk``, or the builtin corpus, read into a ``datasets.Dataset`` with a ``text`` column,
-``prompt``/``response`` columns or a ``messages`` column (``formats``), and their checks."""
+``Dataset.save_to_disk``, a Hugging Face dataset id already in the local datasets cache, or the builtin corpus,
+read into a ``datasets.Dataset`` with a ``text`` column, ``prompt``/``response`` columns or a ``messages`` column
+(``formats``), and their checks."""
 from __future__ import annotations
 
 import glob
 import json
+import re
 import sysconfig
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +35,8 @@ class Source:
     """The files behind ``data.path`` (or ``data.eval_path``), how to read them and what their rows mean."""
 
     path: str
-    files: list[str]
-    kind: str  # text, jsonl, parquet or saved (a save_to_disk directory)
+    files: list[str]  # of a hub dataset: its Arrow files in the datasets cache
+    kind: str  # text, jsonl, parquet, saved (a save_to_disk directory) or hub (a cached hub dataset)
     layout: str  # text, pair, chat, sharegpt or alpaca (formats.py)
 
 
@@ -66,7 +69,8 @@ def resolve_files(path: str, fmt: str) -> tuple[list[str], str]:
             files.append(str(p))
     if not files:
         raise DataError(f"data.path: {path!r} matches no data file; pass a .txt, .jsonl or .parquet file, "
-                        f"a directory of them, a glob, a Dataset.save_to_disk directory, or {BUILTIN_STDLIB}")
+                        f"a directory of them, a glob, a Dataset.save_to_disk directory, a cached Hugging Face "
+                        f"dataset id (user/name) or {BUILTIN_STDLIB}")
     kind = "auto" if fmt in LAYOUTS else fmt
     unknown = [f for f in files if Path(f).suffix not in EXTENSIONS]
     if kind == "auto" and unknown:
@@ -84,14 +88,52 @@ def resolve_files(path: str, fmt: str) -> tuple[list[str], str]:
     return files, kinds.pop()
 
 
-def load_saved(path: str, split: str) -> datasets.Dataset:
-    """A ``save_to_disk`` dataset, memory-mapped; of a ``DatasetDict``, the split ``data.split``."""
-    loaded = datasets.load_from_disk(path)
+def pick_split(path: str, loaded: datasets.Dataset | datasets.DatasetDict, split: str) -> datasets.Dataset:
+    """``loaded`` itself, or of a ``DatasetDict`` the split ``data.split``."""
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(f"{path}: no split {split!r}; set data.split to one of {sorted(loaded)}")
         return loaded[split]
     return loaded
+
+
+def load_saved(path: str, split: str) -> datasets.Dataset:
+    """A ``save_to_disk`` dataset, memory-mapped; of a ``DatasetDict``, the split ``data.split``."""
+    return pick_split(path, datasets.load_from_disk(path), split)
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether ``path`` reads as a hub dataset id (``user/name``) rather than a local path: nothing exists there,
+    it has one '/', no glob and no data file extension."""
+    return (re.fullmatch(r"[\w.-]+/[\w.-]+", path) is not None and not Path(path).exists()
+            and Path(path).suffix not in EXTENSIONS)
+
+
+@contextmanager
+def hub_offline() -> Iterator[None]:
+    """``datasets`` offline for the duration: ``load_dataset(id)`` then only looks in the local datasets cache.
+    (It reads HF_HUB_OFFLINE / HF_DATASETS_OFFLINE into ``datasets.config`` once, at import.)"""
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
+
+
+def load_hub(dataset_id: str, split: str) -> datasets.Dataset:
+    """The split ``data.split`` of a hub dataset from the local datasets cache, memory-mapped; never downloads."""
+    try:
+        with hub_offline():
+            loaded = datasets.load_dataset(dataset_id)
+    except (ConnectionError, FileNotFoundError, ValueError) as err:
+        raise DataError(
+            f"data.path: {dataset_id!r} is no local file or directory, and no Hugging Face dataset of that id is "
+            f"in the local datasets cache {datasets.config.HF_DATASETS_CACHE} ({type(err).__name__}: "
+            f"{str(err).splitlines()[0]}). Nothing is downloaded at run time: run datasets.load_dataset("
+            f"{dataset_id!r}) once on a machine with network (with this HF_HOME / HF_DATASETS_CACHE), or save the "
+            "dataset with Dataset.save_to_disk and set data.path to that directory") from None
+    return pick_split(dataset_id, loaded, split)
 
 
 def first_fields(files: list[str], kind: str) -> list[str]:
@@ -106,8 +148,12 @@ def first_fields(files: list[str], kind: str) -> list[str]:
 
 def locate(cfg: DataConfig, path: str) -> Source:
     """The files at ``path``, their kind and the layout of their rows (``data.format``, else the fields)."""
-    files, kind = resolve_files(path, cfg.format)
-    fields = load_saved(path, cfg.split).column_names if kind == "saved" else first_fields(files, kind)
+    if is_hub_id(path):
+        dataset = load_hub(path, cfg.split)
+        files, kind, fields = [f["filename"] for f in dataset.cache_files], "hub", dataset.column_names
+    else:
+        files, kind = resolve_files(path, cfg.format)
+        fields = load_saved(path, cfg.split).column_names if kind == "saved" else first_fields(files, kind)
     layout = detect_layout(cfg, fields)
     if kind == "text" and layout != "text":
         raise DataError(f"data.format: {layout} rows are read from jsonl, parquet or a Dataset.save_to_disk "
@@ -157,7 +203,7 @@ def check_jsonl(path: str, cfg: DataConfig, layout: str) -> None:
 
 
 def check_rows(cfg: DataConfig, source: Source, dataset: datasets.Dataset) -> None:
-    """``check_record`` on every parquet or saved row, naming the row (jsonl rows: ``check_jsonl``)."""
+    """``check_record`` on every parquet, saved or hub row, naming the row (jsonl rows: ``check_jsonl``)."""
     index = 0
     for rows in dataset.iter(batch_size=1000):
         for values in zip(*rows.values()):
@@ -171,6 +217,8 @@ def load_rows(cfg: DataConfig, source: Source, cache_dir: str) -> datasets.Datas
     """The raw rows of ``source``; ``datasets`` writes its Arrow copy of the files under ``cache_dir``."""
     if source.kind == "saved":
         return load_saved(source.path, cfg.split)
+    if source.kind == "hub":
+        return load_hub(source.path, cfg.split)
     if source.kind == "jsonl":
         for f in source.files:
             check_jsonl(f, cfg, source.layout)
@@ -196,7 +244,7 @@ def read_documents(cfg: DataConfig, path: str, cache_dir: str) -> datasets.Datas
             missing = [k for k in required_fields(cfg, source.layout) if k not in dataset.column_names]
             if missing:
                 raise DataError(f"{source.path}: no column {missing[0]!r}; columns are {dataset.column_names}")
-            if source.kind in ("parquet", "saved") and source.layout in LAYOUTS:  # text and pairs: nothing to check
+            if source.kind in ("parquet", "saved", "hub") and source.layout in LAYOUTS:  # text, pairs: nothing to check
                 check_rows(cfg, source, dataset)
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             dataset = dataset.map(standard_columns, batched=True, remove_columns=dataset.column_names,

@@ -24,6 +24,8 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
 
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None: ...
+
     def set_tags(self, tags: dict[str, str]) -> None: ...
 
     def append_tag(self, key: str, value: str) -> None: ...
@@ -45,6 +47,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
         pass
 
     def set_tags(self, tags: dict[str, str]) -> None:

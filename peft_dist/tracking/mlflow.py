@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import shutil
 import threading
 import time
@@ -153,6 +154,11 @@ class MlflowTracker:
             log.warning("tracking: cannot snapshot artifact %s (%s); it is not logged", path, err)
             return
         self._put("artifact", {"path": str(staged), "artifact_path": artifact_path})
+
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
+        """A table (column name -> values, JSON-serialisable) as the artifact ``artifact_file`` (.json), which
+        MLflow's UI shows as a table; sent later, like every record."""
+        self._put("table", {"columns": columns, "artifact_file": artifact_file})
 
     def metric_history(self) -> dict[str, list[tuple[int, float]]]:
         """Every metric point of this run known here (including those logged before a resume), by step."""
@@ -352,6 +358,11 @@ class MlflowTracker:
                 shutil.rmtree(path.parent, ignore_errors=True)
                 with contextlib.suppress(OSError):  # only once every snapshot is uploaded
                     (self.run_dir / STAGING).rmdir()
+        elif first.kind == "table":
+            artifact_file = first.data["artifact_file"]
+            logged = client.list_artifacts(run_id, posixpath.dirname(artifact_file) or None)
+            if artifact_file not in {info.path for info in logged}:  # log_table appends: a retry must not
+                client.log_table(run_id, first.data["columns"], artifact_file)
         elif first.kind == "terminate":
             client.set_terminated(run_id, first.data["status"])
 

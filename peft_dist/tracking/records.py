@@ -1,7 +1,7 @@
 """What the MLflow tracker buffers, and where it keeps what it could not send.
 
 A ``Record`` is one unit of work: a batch of metrics, params or tags, a tag to append to, an
-artifact to upload, or the run's final status. Records MLflow did not take go to
+artifact to upload, a table to log, or the run's final status. Records MLflow did not take go to
 ``<run_dir>/tracking_backlog.jsonl``, one JSON object per line with its run id; records MLflow
 refused carry ``"rejected": <error>`` and are never re-sent. Artifacts are snapshotted (hard links)
 under ``<run_dir>/.tracking_staging`` until they are uploaded.
@@ -24,7 +24,7 @@ BATCHABLE = ("metrics", "params", "tags")  # kinds that share one log_batch requ
 class Record:
     """One unit of work for the sender; ``data`` is JSON-serialisable so it can go to the backlog."""
 
-    kind: str  # metrics | params | tags | append_tag | artifact | terminate
+    kind: str  # metrics | params | tags | append_tag | artifact | table | terminate
     data: dict[str, Any]
     run_id: str | None = None  # None: the run of the tracker that logged it
     seq: int = 0

@@ -1,5 +1,5 @@
-"""One optimizer step and the evaluation, as every rank runs them (the collectives in the same order on
-every rank): the pieces of the recipe that bench/ and the test workers reuse."""
+"""One optimizer step, the evaluation and the sample completions, as every rank runs them (the collectives in
+the same order on every rank): the pieces of the recipe that bench/ and the test workers reuse."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ import torch
 from peft_dist.adapters.inject import trainable_parameters
 from peft_dist.data import Split
 from peft_dist.distributed.zero3 import optimizer_state, restore_optimizer_state, zero_gradients
-from peft_dist.model import packed_inputs
+from peft_dist.model import generate_ids, packed_inputs
 from peft_dist.train import faults
 
 
@@ -29,9 +29,29 @@ def forward_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return model(**packed_inputs(module.config, inputs, module.get_input_embeddings().weight.dtype)).loss
 
 
-@torch.no_grad()
 def evaluate(engine, split: Split, micro: int, batches: int, rank: int = 0, world_size: int = 1) -> float:
-    """Token-weighted mean loss over the first ``batches`` micro-batches of ``split``.
+    """Token-weighted mean loss over the first ``batches`` micro-batches of ``split`` (``eval_sums``)."""
+    total, tokens = eval_sums(engine, split, micro, batches, rank, world_size)
+    return total / max(tokens, 1.0)
+
+
+def evaluate_sources(engine, splits: dict[str, Split], micro: int, batches: int, rank: int = 0,
+                     world_size: int = 1) -> dict[str, float]:
+    """``eval/loss``: the token-weighted mean loss over the first ``batches`` micro-batches of every source's
+    evaluation split together (of one source, ``evaluate``'s); with several sources also ``eval/<name>/loss``
+    of each, whose mean weighted by their evaluated loss tokens is ``eval/loss``."""
+    sums = {name: eval_sums(engine, split, micro, batches, rank, world_size) for name, split in splits.items()}
+    total, tokens = sum(t for t, _ in sums.values()), sum(n for _, n in sums.values())
+    metrics = {"eval/loss": total / max(tokens, 1.0)}
+    if len(splits) > 1:
+        metrics.update({f"eval/{name}/loss": t / max(n, 1.0) for name, (t, n) in sums.items()})
+    return metrics
+
+
+@torch.no_grad()
+def eval_sums(engine, split: Split, micro: int, batches: int, rank: int = 0,
+              world_size: int = 1) -> tuple[float, float]:
+    """The loss times the loss tokens, and the loss tokens, over the first ``batches`` micro-batches of ``split``.
 
     The evaluated blocks do not depend on the world size (so a reloaded adapter can be checked in one
     process). Batches are dealt round-robin; under ZeRO-3 every rank must run the same number of
@@ -52,7 +72,20 @@ def evaluate(engine, split: Split, micro: int, batches: int, rank: int = 0, worl
     engine.train()
     if world_size > 1:  # (world_size 1: this process evaluates alone, even inside a distributed job)
         total, tokens_seen = all_reduce_sum([total, tokens_seen], engine.device)
-    return total / max(tokens_seen, 1.0)
+    return total, tokens_seen
+
+
+def sample_completions(engine, tokenizer, prompts: list[str], max_new_tokens: int, world_size: int = 1) -> list[str]:
+    """What the model adds to each prompt, greedily (``generate_ids``, as ``peft_dist.generate``). Under ZeRO-3
+    every rank must call this with the same prompts: each forward gathers parameters collectively."""
+    engine.eval()
+    completions = []
+    for prompt in prompts:
+        _, new_ids = generate_ids(getattr(engine, "module", engine), tokenizer, prompt, max_new_tokens,
+                                  synced=world_size > 1)
+        completions.append(tokenizer.decode(new_ids, skip_special_tokens=True))
+    engine.train()
+    return completions
 
 
 def all_ranks_true(flag: bool, device: torch.device) -> bool:

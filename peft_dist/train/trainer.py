@@ -28,7 +28,7 @@ from tqdm import tqdm
 from peft_dist.adapters.inject import inject_adapters, trainable_parameters
 from peft_dist.config.load import config_to_dict
 from peft_dist.config.schema import RunConfig
-from peft_dist.data import Blocks, GlobalBatchSampler, build_blocks
+from peft_dist.data import GlobalBatchSampler, Mixture, MixtureSampler, build_mixture
 from peft_dist.distributed.env import DistEnv, init_distributed, resolve_env, setup_logging, watch_launchers
 from peft_dist.distributed.hooks import TrainHook, make_hooks
 from peft_dist.distributed.zero3 import build_ds_config, scalars_as_vectors
@@ -38,7 +38,7 @@ from peft_dist.train import checkpoint as ckpt
 from peft_dist.train import faults
 from peft_dist.train.files import lock_run_dir, unlock_run_dirs
 from peft_dist.train.preflight import preflight
-from peft_dist.train.step import all_reduce_sum, evaluate, train_step
+from peft_dist.train.step import all_reduce_sum, evaluate_sources, sample_completions, train_step
 from peft_dist.train.schedule import warmup_cosine
 from peft_dist.tracking import Tracker, create_tracker
 from peft_dist.tracking.plots import write_plots
@@ -90,8 +90,9 @@ class Run:
     log: logging.Logger
     run_dir: Path
     engine: Any
-    blocks: Blocks
-    sampler: GlobalBatchSampler
+    tokenizer: Any
+    data: Mixture
+    sampler: GlobalBatchSampler | MixtureSampler
     hooks: list[TrainHook]
     tracker: Tracker
     metadata: dict  # the adapter checkpoint's metadata (its step set at each save)
@@ -119,7 +120,7 @@ class Run:
             faults.inject("signal", self.dist.rank, step)
             # Seeded per step and rank: dropout differs across ranks and a resumed run draws the same masks.
             torch.manual_seed(cfg.train.seed + 1_000_003 * self.dist.rank + step)
-            local_loss = train_step(self.engine, self.blocks.train, self.sampler.micro_batches(step - 1), self.hooks,
+            local_loss = train_step(self.engine, self.data.train, self.sampler.micro_batches(step - 1), self.hooks,
                                     step, self.dist.rank)
             mean_loss, stop_votes = all_reduce_sum([local_loss or 0.0, float(self.stop.requested)],
                                                    self.engine.device)
@@ -171,10 +172,7 @@ class Run:
                 self.log.info("step %d/%d loss %.4f, %.3g tokens/s, eta %.0fs", step, cfg.train.max_steps,
                               mean_loss, tokens_per_step / elapsed, (cfg.train.max_steps - step) * elapsed)
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step < cfg.train.max_steps:
-            eval_loss = self.evaluate()
-            self.tracker.log_metrics({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))},
-                                     step)
-            self.log.info("step %d eval loss %.4f", step, eval_loss)
+            self.log.info("step %d eval loss %.4f", step, self.evaluate(step))
 
     def _checkpoint_or_stop(self, step: int, stop_requested: bool) -> bool:
         """Write a resumable checkpoint when one is due; True (after writing one) when the job must stop
@@ -195,17 +193,33 @@ class Run:
             self._write_result()
         return bool(stop_now)
 
-    def evaluate(self) -> float:
-        return evaluate(self.engine, self.blocks.eval, self.cfg.train.micro_batch_size,
-                        self.cfg.train.eval_batches, self.dist.rank, self.dist.world_size)
+    def evaluate(self, step: int) -> float:
+        """Log the eval losses (each source's too, with several) and perplexity at ``step``, and the sample
+        completions; return ``eval/loss``. Every rank runs it: each forward is a collective under ZeRO-3."""
+        train = self.cfg.train
+        metrics = evaluate_sources(self.engine, self.data.evals, train.micro_batch_size, train.eval_batches,
+                                   self.dist.rank, self.dist.world_size)
+        metrics["eval/perplexity"] = math.exp(min(metrics["eval/loss"], 50))
+        self.tracker.log_metrics(metrics, step)
+        self._log_samples(step)
+        return metrics["eval/loss"]
+
+    def _log_samples(self, step: int) -> None:
+        """The model's greedy continuation of each ``tracking.sample_prompts`` as the table
+        ``samples/step-<step>.json``; generated on every rank, logged by rank 0."""
+        tracking = self.cfg.tracking
+        if not tracking.sample_prompts or tracking.backend == "none":
+            return
+        completions = sample_completions(self.engine, self.tokenizer, tracking.sample_prompts,
+                                         tracking.sample_max_new_tokens, self.dist.world_size)
+        self.tracker.log_table({"step": [step] * len(completions), "prompt": list(tracking.sample_prompts),
+                                "completion": completions}, f"samples/step-{step:08d}.json")
 
     def finish(self) -> None:
         """Final eval, the adapter-only checkpoint, ``result.json`` and the loss plots."""
         result = self.result
-        result.eval_loss = self.evaluate()
+        result.eval_loss = self.evaluate(result.step)
         result.eval_perplexity = math.exp(min(result.eval_loss, 50))
-        self.tracker.log_metrics({"eval/loss": result.eval_loss, "eval/perplexity": result.eval_perplexity},
-                                 result.step)
         adapter_dir = self.run_dir / "adapter"
         ckpt.save_adapter(self.engine.module, adapter_dir, {**self.metadata, "step": result.step}, self.dist.is_main)
         result.adapter_dir = str(adapter_dir)
@@ -261,16 +275,17 @@ def setup(cfg: RunConfig) -> Run:
     torch.distributed.barrier()
     if dist.is_main:
         start_run_dir(run_dir, cfg)
-    # Tokenized once per corpus (by the first rank to get here; the others wait, then reuse it), memory-mapped.
+    # Tokenized once per source (by the first rank to get there; the others wait, then reuse it), memory-mapped.
     if not dist.is_main:  # the rank that prepares the data may be another: only rank 0 shows progress bars
         datasets.disable_progress_bars()
-    blocks = build_blocks(cfg.data, load_tokenizer(cfg.model.name_or_path), max_positions(load_model_config(
-        cfg.model.name_or_path)))
-    preparers = [False] * dist.world_size
-    torch.distributed.all_gather_object(preparers, blocks.prepared_here)
-    log.info(blocks.line(preparers.index(True) if any(preparers) else None))
-    sampler = GlobalBatchSampler(len(blocks.train), cfg.train.micro_batch_size,
-                                 cfg.train.gradient_accumulation_steps, dist.world_size, dist.rank, cfg.data.seed)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    data = build_mixture(cfg.data, tokenizer, max_positions(load_model_config(cfg.model.name_or_path)))
+    prepared_by_rank: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(prepared_by_rank, [part.prepared_here for part in data.parts])
+    for line in data.lines(prepared_by_rank):
+        log.info(line)
+    sampler = data.sampler(cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, dist.world_size,
+                           dist.rank, cfg.data.seed)
     # Streamed in one tensor at a time and, under ZeRO-3, partitioned module by module as it loads.
     model, load_report, injected = adapted_model(cfg, ds_config)
     log_load_report(log, load_report, dist.world_size, cfg.quantization.bits)
@@ -286,7 +301,7 @@ def setup(cfg: RunConfig) -> Run:
             start_step, run_id = state["step"], state.get("tracker_run_id")
             log.info("resumed from step %d", start_step)
     tracker = start_tracking(cfg, run_dir, ds_config, dist, run_id, fresh=start_step == 0)
-    return Run(cfg, dist, log, run_dir, engine, blocks, sampler, hooks, tracker, metadata,
+    return Run(cfg, dist, log, run_dir, engine, tokenizer, data, sampler, hooks, tracker, metadata,
                model_flops_per_token(engine.module, cfg.data.block_size),
                TrainResult(step=start_step, first_step=start_step + 1), stop)
 

@@ -133,6 +133,7 @@ def test_plots_from_metric_history(tmp_path):
 def test_factory_and_uri_resolution(tmp_path, monkeypatch):
     assert isinstance(create_tracker(TrackingConfig(), tmp_path, is_main=False), NullTracker)
     assert isinstance(create_tracker(TrackingConfig(backend="none"), tmp_path, is_main=True), NullTracker)
+    NullTracker().log_table({"step": [1], "prompt": ["a"], "completion": ["b"]}, "samples/step-00000001.json")
     assert resolve_uri("http://a:5000", tmp_path, {"MLFLOW_TRACKING_URI": "http://b"}) == "http://a:5000"
     assert resolve_uri("", tmp_path, {"MLFLOW_TRACKING_URI": "http://b"}) == "http://b"
     assert resolve_uri("", tmp_path, {}) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
@@ -161,7 +162,8 @@ def _dead_uri() -> str:
 @pytest.mark.slow  # MLflow's SQLite schema setup alone takes seconds
 def test_unreachable_server_never_blocks_and_backlog_is_sent_later(tmp_path, caplog):
     """No server at all: logging stays instant, close is bounded, everything lands in the backlog
-    with a warning, and the backlog is then sent to a store that works (a local SQLite one)."""
+    with a warning, and the backlog is then sent to a store that works (a local SQLite one). A table sent
+    again (a retry) is not appended to the one logged."""
     run_dir = tmp_path / "run"
     (tmp_path / "f.txt").write_text("payload")
     caplog.set_level(logging.WARNING, logger="peft_dist")
@@ -176,6 +178,8 @@ def test_unreachable_server_never_blocks_and_backlog_is_sent_later(tmp_path, cap
     tracker.log_params({"train.lr": 0.01})
     tracker.log_artifact(tmp_path / "f.txt", "notes")
     (tmp_path / "f.txt").unlink()  # the tracker keeps its own snapshot until it is uploaded
+    table = {"step": [20, 20], "prompt": ["def f(", "the cat"], "completion": ["x):", " sat"]}
+    tracker.log_table(table, "samples/step-00000020.json")
     began = time.perf_counter()
     tracker.close("FINISHED")
     assert time.perf_counter() - began < 3.0
@@ -183,7 +187,7 @@ def test_unreachable_server_never_blocks_and_backlog_is_sent_later(tmp_path, cap
     assert "unreachable" in caplog.text and BACKLOG in caplog.text
     lines = [json.loads(line) for line in (run_dir / BACKLOG).read_text().splitlines()]
     assert [line["step"] for line in lines if line["kind"] == "metrics"] == list(range(1, 21))
-    assert {line["kind"] for line in lines} == {"metrics", "params", "artifact", "terminate"}
+    assert {line["kind"] for line in lines} == {"metrics", "params", "artifact", "table", "terminate"}
 
     assert send_backlog(run_dir, uri=f"sqlite:///{tmp_path}/later.db")
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/later.db")
@@ -194,6 +198,12 @@ def test_unreachable_server_never_blocks_and_backlog_is_sent_later(tmp_path, cap
     local = client.download_artifacts(run.info.run_id, "notes/f.txt", str(tmp_path / "dl"))
     assert Path(local).read_text() == "payload"
     assert not (run_dir / ".tracking_staging").exists()
+    again = MlflowTracker(TrackingConfig(uri=f"sqlite:///{tmp_path}/later.db"), run_dir, run.info.run_id, reopen=False)
+    again.log_table(table, "samples/step-00000020.json")
+    again.close(status=None)
+    local = client.download_artifacts(run.info.run_id, "samples/step-00000020.json", str(tmp_path / "dl"))
+    assert json.loads(Path(local).read_text()) == {"columns": ["step", "prompt", "completion"],
+                                                   "data": [list(row) for row in zip(*table.values())]}
 
 
 @pytest.mark.slow  # MLflow's SQLite schema setup alone takes seconds

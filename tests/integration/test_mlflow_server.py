@@ -23,6 +23,7 @@ from mlflow import MlflowClient
 
 from peft_dist.config.schema import TrackingConfig
 from peft_dist.distributed.env import free_port
+from peft_dist.generate import generate
 from peft_dist.tracking.mlflow import RUN_FILE, MlflowTracker
 from peft_dist.tracking.records import BACKLOG
 from peft_dist.tracking.offline import EXPORT_TAGS, record_export, send_backlog
@@ -37,7 +38,8 @@ adapters:
 train: {lr: 1.0e-2, warmup_steps: 1, micro_batch_size: 2, max_steps: 3, log_interval: 2, eval_interval: 3, eval_batches: 2}
 data: {max_documents: 60}
 checkpoint: {save_interval: 2}
-tracking: {experiment: tiny-adalora, peak_tflops: 0.05}
+tracking: {experiment: tiny-adalora, peak_tflops: 0.05, sample_prompts: ["def main(", "the cat"],
+           sample_max_new_tokens: 8}
 deepspeed: {overrides: {zero_optimization.stage3_param_persistence_threshold: 0}}
 """
 
@@ -205,7 +207,8 @@ def test_two_rank_adalora_run_logs_everything_and_resume_continues_the_run(serve
     """One MLflow run for the job (rank 0 only) with every listed param, metric series and artifact.
     A resume in a second Slurm job continues the same run and appends its job id to the tag; that job
     starts while the server is down and the server comes back mid-run (after the step-4 checkpoint):
-    the job finishes, and what it logged arrives, directly or through the backlog file."""
+    the job finishes, and what it logged arrives, directly or through the backlog file. The sample
+    completions both ranks generated under ZeRO-3 are those peft_dist.generate gives for the adapter."""
     config = tmp_path / "adalora.yaml"
     config.write_text(ADALORA_CONFIG)
     run_dir = tmp_path / "run"
@@ -275,6 +278,15 @@ def test_two_rank_adalora_run_logs_everything_and_resume_continues_the_run(serve
     local = client.download_artifacts(run_id, "adapter/adapter_model.safetensors", str(tmp_path / "dl"))
     assert Path(local).read_bytes() == (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
     assert not (run_dir / BACKLOG).exists()
+
+    prompts = ["def main(", "the cat"]
+    tables = {step: json.loads(Path(client.download_artifacts(run_id, f"samples/step-{step:08d}.json",
+                                                              str(tmp_path / "dl"))).read_text()) for step in (3, 6)}
+    for step, table in tables.items():  # step 3 once, though both jobs evaluated it
+        assert table["columns"] == ["step", "prompt", "completion"]
+        assert [row[:2] for row in table["data"]] == [[step, p] for p in prompts]
+    assert [generate(str(run_dir / "adapter"), p, max_new_tokens=8) for p in prompts] == [
+        p + row[2] for p, row in zip(prompts, tables[6]["data"])]
 
 
 def test_no_server_default_is_sqlite_in_the_run_directory(tmp_path):

@@ -2,6 +2,7 @@
 save_to_disk datasets, a separate evaluation file; whole-document packing. Checked against hand-built
 references: which tokens carry loss and where each document's positions restart."""
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -9,6 +10,7 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 import torch
+from datasets.arrow_writer import ArrowWriter
 from transformers import AutoModelForCausalLM
 
 from peft_dist.assets import build_tiny_tokenizer
@@ -18,7 +20,7 @@ from peft_dist.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_NO_INPUT
 from peft_dist.data.packing import fit_documents, pack_whole_documents, tokenize_conversation
 from peft_dist.model import TINY_TOKENIZER, load_tokenizer, packed_inputs
 from tests.architectures import _configs
-from tests.unit.test_data import data, write_jsonl
+from tests.unit.test_data import data, ids, write_jsonl
 
 EOS = "<|endoftext|>"
 CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 3?"},
@@ -222,6 +224,58 @@ def test_saved_datasets_and_dataset_dicts_load_without_writing_next_to_them(tmp_
     (tmp_path / "chat.txt").write_text("hello\n")
     with pytest.raises(DataError, match=r"data.format: chat rows are read from jsonl, parquet or a "):
         build_blocks(data(tmp_path, path=str(tmp_path / "chat.txt"), format="chat"), tokenizer)
+
+
+def cache_hub_dataset(hf_cache: Path, dataset_id: str, splits: dict[str, datasets.Dataset], commit: str) -> Path:
+    """What ``datasets.load_dataset(dataset_id)`` leaves in the datasets cache on a machine with network, for the
+    hub revision ``commit``: ``<user>___<name>/default/0.0.0/<commit>/`` holding ``dataset_info.json`` and one
+    Arrow stream ``<name>-<split>.arrow`` per split; the layout datasets' offline lookup searches (its
+    ``load.CachedDatasetModuleFactory`` and ``packaged_modules/cache``)."""
+    user, name = dataset_id.split("/")
+    directory = hf_cache / f"{user}___{name}" / "default" / "0.0.0" / commit
+    directory.mkdir(parents=True)
+    infos = {}
+    for split, rows in splits.items():
+        with ArrowWriter(path=str(directory / f"{name}-{split}.arrow"), features=rows.features) as writer:
+            writer.write_table(rows.data.table)
+            examples, size = writer.finalize()
+        infos[split] = datasets.SplitInfo(split, num_bytes=size, num_examples=examples, dataset_name=name)
+    datasets.DatasetInfo(features=rows.features, config_name="default", dataset_name=name,
+                         splits=datasets.SplitDict(infos)).write_to_directory(str(directory))
+    return directory
+
+
+def test_a_cached_hub_dataset_id_trains_like_a_file_without_network(tmp_path, tokenizer, monkeypatch):
+    """``data.path: user/name`` reads what ``load_dataset`` once put in the datasets cache: the same blocks as the
+    rows in a jsonl file, columns renamed, the split chosen, the cache key following the cached files. It reads
+    offline even where the environment does not say so (the lookup then never goes to the hub); an id that is not
+    cached is refused with the way to get it."""
+    hf_cache = tmp_path / "hf"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", hf_cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # a machine with network, as far as datasets knows
+    rows = [{"dialog": c} for c in conversations(40)]
+    cache_hub_dataset(hf_cache, "someone/tiny-chat", {"train": datasets.Dataset.from_list(rows[:30]),
+                                                      "test": datasets.Dataset.from_list(rows[30:])}, "0123abcd")
+    settings = {"format": "chat", "columns": {"messages": "dialog"}, "block_size": 80}
+    hub = build_blocks(data(tmp_path, path="someone/tiny-chat", **settings), tokenizer)
+    local = build_blocks(data(tmp_path, path=str(write_jsonl(tmp_path / "c.jsonl", rows[:30])), **settings), tokenizer)
+    assert torch.equal(ids(hub.train), ids(local.train)) and torch.equal(ids(hub.eval), ids(local.eval))
+    assert datasets.config.HF_HUB_OFFLINE is False  # offline only while reading
+    test = build_blocks(data(tmp_path, path="someone/tiny-chat", split="test", **settings), tokenizer)
+    assert sorted(loss for _, loss in documents_of(tokenizer, test.train) + documents_of(tokenizer, test.eval)
+                  if loss) == sorted(f"answer {i}.{EOS}" + (f"more {i}.{EOS}" if i % 2 else "") for i in range(30, 40))
+    assert not build_blocks(data(tmp_path, path="someone/tiny-chat", **settings), tokenizer).prepared_here
+
+    cache_hub_dataset(hf_cache, "someone/tiny-chat", {"train": datasets.Dataset.from_list(rows[10:])}, "4567cdef")
+    newer = build_blocks(data(tmp_path, path="someone/tiny-chat", **settings), tokenizer)  # the newest revision
+    assert newer.prepared_here and newer.directory != hub.directory
+    with pytest.raises(DataError, match=r"someone/tiny-chat: no split 'test'; set data.split to one of \['train'\]"):
+        build_blocks(data(tmp_path, path="someone/tiny-chat", split="test", **settings), tokenizer)
+    with pytest.raises(DataError, match=r"data.path: 'someone/missing' is no local file or directory, and no Hugging "
+                                        r"Face dataset of that id is in the local datasets cache .*/hf \(.*Offline"
+                                        r".*run datasets.load_dataset\('someone/missing'\) once on a machine with "
+                                        r"network .* or save the dataset with Dataset.save_to_disk"):
+        build_blocks(data(tmp_path, path="someone/missing"), tokenizer)
 
 
 def test_data_columns_rename_the_fields_of_a_layout(tmp_path, tokenizer):
