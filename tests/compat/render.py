@@ -12,9 +12,6 @@ import transformers
 
 from tests.compat import arch_worker, zero_worker
 
-STAGES = (2, 3)
-
-
 def zero_verdict(cell: dict) -> str:
     if "error" in cell:
         return f"✗ {cell['error']}"
@@ -57,7 +54,7 @@ def arch_table(cells: list[dict]) -> list[str]:
 
 
 def zero_table(cells: list[dict]) -> list[str]:
-    columns = [(base, stage) for base in zero_worker.BASES for stage in STAGES]
+    columns = zero_worker.COLUMNS
     by_key = {(c["method"], c["base"], c["stage"]): c for c in cells}
     lines = ["| method | " + " | ".join(f"{base}, ZeRO-{stage}" for base, stage in columns) + " |",
              "|---|" + "---|" * len(columns)]
@@ -108,11 +105,13 @@ def render(arch_cells: list[dict], zero_cells: list[dict], versions_section: str
         f"{zero_worker.RELOAD_TOLERANCE['fp32']:g} in fp32, ≤ {zero_worker.RELOAD_TOLERANCE['bf16']:g} in bf16); "
         "in fp32 the ZeRO-2 and ZeRO-3 loss curves are also equal. ZeRO-3 cells set "
         "`stage3_param_persistence_threshold: 0`, so every parameter (int8 weights, scales, adapters) is "
-        "really partitioned and gathered.",
+        "really partitioned and gathered (for NF4: the packed 4-bit bytes and their absmax).",
         "",
         "- **int8**: frozen linears stored as row-wise int8 (`quantization.enabled: true`), "
         "`model.dtype: float32`, `train.precision: fp32`.",
         "- **bf16**: no quantization, `model.dtype: bfloat16`, `train.precision: bf16`.",
+        "- **nf4**: frozen linears stored as 4-bit NF4 through bitsandbytes, blocks of 64 "
+        "(`quantization.bits: 4`), `model.dtype: float32`, `train.precision: fp32`; ZeRO-3 only.",
         "",
         *zero_table(zero_cells),
         "",

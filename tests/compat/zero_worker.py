@@ -1,9 +1,9 @@
 """ZeRO compatibility-matrix cells, all in one process group (run by test_compat_matrix.py and
 ``python -m tests.compat``).
 
-Every rank runs, for each ZeRO stage asked for (each cell builds its own engine), every registered
-method and each base (int8 weights with fp32 training, or a bf16
-base with bf16 training), a short real training job through ``peft_dist.train.trainer.train``. Rank 0 then
+Every rank runs, for every registered method and each (base, ZeRO stage) column of ``COLUMNS`` (each cell
+builds its own engine; the bases: int8 or NF4 weights with fp32 training, or a bf16 base with bf16
+training), a short real training job through ``peft_dist.train.trainer.train``. Rank 0 then
 reloads the saved adapter onto a fresh base in-process and evaluates the same eval blocks, and writes one
 JSON record per cell to ``--out``/zero_cells.json. A cell that raises is recorded with its error (every rank raises the
 same configuration or shape error, so the group stays in step).
@@ -44,7 +44,11 @@ SETTINGS = {
 BASES = {
     "int8": {"model": {"dtype": "float32"}, "quantization": {"enabled": True}, "precision": "fp32"},
     "bf16": {"model": {"dtype": "bfloat16"}, "quantization": {"enabled": False}, "precision": "bf16"},
+    "nf4": {"model": {"dtype": "float32"}, "quantization": {"enabled": True, "bits": 4}, "precision": "fp32"},
 }
+# (base, ZeRO stage) columns. NF4 runs on ZeRO-3 only, where its packed bytes and absmax are partitioned and
+# gathered; ZeRO-2 keeps every tensor whole, which the int8 and bf16 columns already cover.
+COLUMNS = (("int8", 2), ("int8", 3), ("bf16", 2), ("bf16", 3), ("nf4", 3))
 RELOAD_TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}  # relative eval-loss gap after reloading the adapter
 
 
@@ -109,15 +113,13 @@ def run_cell(method: str, base: str, stage: int, out: Path, corpus: Path) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--stages", type=int, nargs="+", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--methods", nargs="*", default=None)
-    parser.add_argument("--bases", nargs="*", default=list(BASES))
     args = parser.parse_args()
     out = Path(args.out)
     corpus = write_corpus(out / "zero_corpus.txt")
-    records = [run_cell(method, base, stage, out, corpus) for stage in args.stages
-               for method in (args.methods or sorted(methods())) for base in args.bases]
+    records = [run_cell(method, base, stage, out, corpus) for base, stage in COLUMNS
+               for method in (args.methods or sorted(methods()))]
     if resolve_env().rank == 0:
         (out / "zero_cells.json").write_text(json.dumps(records, indent=2))
 
