@@ -54,6 +54,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--pcie-gbs", type=float, default=25.0,
                    help="host <-> GPU GB/s per GPU for CPU offload (PCIe 4.0 x16 achieves about 25)")
     p.add_argument("--host-mem-gib", type=float, default=256.0, help="CPU memory per node for CPU offload")
+    p.add_argument("--disk-gbs", type=float, default=2.0,
+                   help="GB/s at which rank 0 reads the checkpoint when a job starts or is requeued")
     p.add_argument("--reserve-gib", type=float, default=4.0,
                    help="per-GPU memory for the CUDA context, NCCL buffers and fragmentation")
     p.add_argument("--persistence-threshold", type=int, default=100_000,
@@ -72,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("seq_len", "global_batch", "nodes", "gpus_per_node"):
             if getattr(args, name) < 1:
                 raise PlanError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-        if min(args.tokens, args.gpu_mem_gib, args.peak_tflops, args.hbm_gbs, args.pcie_gbs) <= 0 \
+        if min(args.tokens, args.gpu_mem_gib, args.peak_tflops, args.hbm_gbs, args.pcie_gbs, args.disk_gbs) <= 0 \
                 or not 0 < args.efficiency <= 1:
-            raise PlanError("--tokens, --gpu-mem-gib, --peak-tflops, --hbm-gbs and --pcie-gbs must be > 0 and "
-                            "--efficiency in (0, 1]")
+            raise PlanError("--tokens, --gpu-mem-gib, --peak-tflops, --hbm-gbs, --pcie-gbs and --disk-gbs must be > 0 "
+                            "and --efficiency in (0, 1]")
         shape = load_shape(args.model)
         if args.seq_len > shape.max_positions:
             raise PlanError(f"--seq-len {args.seq_len} exceeds {shape.name}'s {shape.max_positions} positions")
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PlanError(f"--bits {args.bits}: the config's quantization.enabled is false; enable it or drop --bits")
         hardware = Hardware(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.peak_tflops, args.efficiency,
                             args.net_gbs, args.nvlink_gbs, args.hbm_gbs, args.reserve_gib, args.pcie_gbs,
-                            args.host_mem_gib)
+                            args.host_mem_gib, args.disk_gbs)
         work = Workload(args.seq_len, args.global_batch, int(args.tokens))
         plan = make_plan(shape, cfg, hardware, work, args.persistence_threshold, args.dry_run,
                          shlex.join(a for a in argv if a != "--dry-run"))

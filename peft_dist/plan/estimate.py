@@ -37,6 +37,7 @@ class Hardware:
     reserve_gib: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
     pcie_gbs: float = 25.0  # host <-> GPU per GPU (PCIe 4.0 x16 achieves about 25 of its 32 GB/s)
     host_mem_gib: float = 256.0  # CPU memory per node for what is offloaded
+    disk_gbs: float = 2.0  # what rank 0 reads the checkpoint at (a parallel file system or local NVMe)
 
     @property
     def world(self) -> int:
@@ -274,6 +275,37 @@ def choose(shape: ModelShape, held: RankBytes, hw: Hardware, work: Workload) -> 
         if fitting:
             return min(fitting, key=lambda c: (c.step_s, c.total_bytes)), candidates
     return min(candidates, key=lambda c: (c.total_bytes, c.host_bytes)), candidates
+
+
+@dataclass(frozen=True)
+class LoadCost:
+    """What every job start, and so every requeue, reads and moves before its first step.
+
+    The loader (``quant/loader.py``) has global rank 0 read each stored tensor of the checkpoint once and
+    quantize it, and ``zero.Init`` broadcasts the result: every other rank receives the base as stored,
+    whole, and keeps its 1/N. A requeued job then also reads its newest checkpoint: each rank its own
+    optimizer partition (fp32 master and Adam moments) and the adapter.
+    """
+
+    checkpoint_bytes: int  # read from disk by rank 0 alone; the other ranks read none of the base
+    broadcast_bytes: int  # received by each other rank
+    resume_bytes: int  # read by each rank at a requeue
+    read_s: float
+    broadcast_s: float
+
+    @property
+    def seconds(self) -> float:
+        """Reading and broadcasting run one module after the other, so their times add up (rank 0's
+        quantization, once per tensor, is not modelled)."""
+        return self.read_s + self.broadcast_s
+
+
+def load_cost(shape: ModelShape, held: RankBytes, hw: Hardware, checkpoint_itemsize: int = 2) -> LoadCost:
+    """``LoadCost`` for a checkpoint of ``checkpoint_itemsize``-byte floats (bf16 safetensors: 2)."""
+    checkpoint = shape.total_params() * checkpoint_itemsize
+    broadcast = held.frozen_stored if hw.world > 1 else 0
+    resume = held.trainable_owned * 3 * FP32 + held.trainable_numel * 2
+    return LoadCost(checkpoint, broadcast, resume, checkpoint / (hw.disk_gbs * 1e9), broadcast / (hw.link_gbs * 1e9))
 
 
 def steps_for(work: Workload) -> int:

@@ -52,6 +52,7 @@ class RankBytes:
     total_numel: int  # elements of all tensors in the whole model
     gathered: int  # bytes one forward pass all-gathers: the non-persistent tensors, whole
     gathered_numel: int  # their elements
+    frozen_stored: int  # the base as stored, whole (what zero.Init broadcasts from rank 0 when it loads)
 
     @property
     def params(self) -> int:
@@ -61,7 +62,7 @@ class RankBytes:
 def per_rank(inventory: list[TensorInfo], world: int, persistence_threshold: int) -> RankBytes:
     """Bytes one of ``world`` ZeRO-3 ranks holds for ``inventory`` (DeepSpeed's layout, see above)."""
     frozen = trainable = optimizer = trainable_numel = total = gathered = gathered_numel = 0
-    frozen_persistent = trainable_persistent = owned = 0
+    frozen_persistent = trainable_persistent = owned = frozen_stored = 0
     for t in inventory:
         shard = math.ceil(t.numel / world)
         persistent = t.numel * t.itemsize if t.numel <= persistence_threshold else 0
@@ -78,8 +79,9 @@ def per_rank(inventory: list[TensorInfo], world: int, persistence_threshold: int
         else:
             frozen += shard * t.itemsize + persistent
             frozen_persistent += persistent
+            frozen_stored += t.numel * t.itemsize
     return RankBytes(frozen, trainable, optimizer, frozen_persistent, trainable_persistent, owned, trainable_numel,
-                     total, gathered, gathered_numel)
+                     total, gathered, gathered_numel, frozen_stored)
 
 
 def _candidate_linears(shape: ModelShape) -> list[tuple[str, int, int, bool]]:

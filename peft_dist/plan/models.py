@@ -31,18 +31,20 @@ class ModelShape:
     vocab: int
     max_positions: int
     tied_embeddings: bool
+    head_size: int = 0  # a config's explicit head_dim (Gemma, Qwen3, Mistral-NeMo); 0: hidden // heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
 
     def linears(self, layer: int) -> list[tuple[str, int, int, bool]]:
         """``(full module name, d_out, d_in, has_bias)`` of every linear of decoder layer ``layer``."""
-        h, i, kv = self.hidden, self.intermediate, self.kv_heads * self.head_dim
+        h, i = self.hidden, self.intermediate
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         if self.family == "llama":
             p = f"model.layers.{layer}"
-            return [(f"{p}.self_attn.q_proj", h, h, False), (f"{p}.self_attn.k_proj", kv, h, False),
-                    (f"{p}.self_attn.v_proj", kv, h, False), (f"{p}.self_attn.o_proj", h, h, False),
+            return [(f"{p}.self_attn.q_proj", q, h, False), (f"{p}.self_attn.k_proj", kv, h, False),
+                    (f"{p}.self_attn.v_proj", kv, h, False), (f"{p}.self_attn.o_proj", h, q, False),
                     (f"{p}.mlp.gate_proj", i, h, False), (f"{p}.mlp.up_proj", i, h, False),
                     (f"{p}.mlp.down_proj", h, i, False)]
         p = f"transformer.h.{layer}"
@@ -100,9 +102,11 @@ def shape_from_hf(config: PretrainedConfig, name: str) -> ModelShape:
     kind = config.model_type
     if kind in ("llama", "mistral"):
         heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return ModelShape(name, "llama", config.hidden_size, config.num_hidden_layers, heads,
                           getattr(config, "num_key_value_heads", None) or heads, config.intermediate_size,
-                          config.vocab_size, config.max_position_embeddings, bool(config.tie_word_embeddings))
+                          config.vocab_size, config.max_position_embeddings, bool(config.tie_word_embeddings),
+                          0 if head_dim == config.hidden_size // heads else head_dim)
     if kind == "gpt2":
         return ModelShape(name, "gpt2", config.n_embd, config.n_layer, config.n_head, config.n_head,
                           config.n_inner or 4 * config.n_embd, config.vocab_size, config.n_positions,
@@ -138,8 +142,9 @@ def hf_config(shape: ModelShape, dtype: str = "bfloat16") -> PretrainedConfig:
     if shape.family == "llama":
         return LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                            num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                           num_key_value_heads=shape.kv_heads, max_position_embeddings=shape.max_positions,
-                           tie_word_embeddings=shape.tied_embeddings, dtype=dtype)
+                           num_key_value_heads=shape.kv_heads, head_dim=shape.head_dim,
+                           max_position_embeddings=shape.max_positions, tie_word_embeddings=shape.tied_embeddings,
+                           dtype=dtype)
     return GPT2Config(vocab_size=shape.vocab, n_embd=shape.hidden, n_layer=shape.layers, n_head=shape.heads,
                       n_inner=shape.intermediate, n_positions=shape.max_positions,
                       tie_word_embeddings=shape.tied_embeddings, dtype=dtype)

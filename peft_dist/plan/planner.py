@@ -6,8 +6,8 @@ from typing import Any
 
 from peft_dist.config.schema import RunConfig
 from peft_dist.plan.dryrun import build_meta_model, meta_inventory
-from peft_dist.plan.estimate import (GIB, OFFLOADS, Choice, Hardware, Workload, activation_bytes, base_name, choose,
-                                     steps_for)
+from peft_dist.plan.estimate import (GIB, OFFLOADS, Choice, Hardware, LoadCost, Workload, activation_bytes, base_name,
+                                     choose, load_cost, steps_for)
 from peft_dist.plan.inventory import RankBytes, analytic_inventory, per_rank
 from peft_dist.plan.models import ModelShape
 
@@ -22,6 +22,7 @@ class Plan:
     held: RankBytes
     choice: Choice
     candidates: list[Choice]
+    load: LoadCost
     steps: int
     persistence_threshold: int
     counted_by: str  # "analytic model" or "meta-device model"
@@ -57,8 +58,8 @@ def make_plan(shape: ModelShape, cfg: RunConfig, hardware: Hardware, work: Workl
         held = held or meta
     work = replace(work, base=quant)
     choice, candidates = choose(shape, held, hardware, work)
-    plan = Plan(shape, hardware, work, held, choice, candidates, steps_for(work), persistence_threshold,
-                counted_by, argv, meta)
+    plan = Plan(shape, hardware, work, held, choice, candidates, load_cost(shape, held, hardware), steps_for(work),
+                persistence_threshold, counted_by, argv, meta)
     if not plan.fits:
         plan.notes.append(why_not(plan))
     if "param" in choice.offload:
@@ -138,6 +139,21 @@ def step_lines(plan: Plan) -> list[str]:
                     f"  step time (overlap)   {c.step_s:10.2f} s"]
 
 
+def load_lines(plan: Plan) -> list[str]:
+    """What each job start (and so each requeue) reads and moves before its first step (``LoadCost``)."""
+    load, hw, w = plan.load, plan.hardware, plan.work
+    lines = ["", "job start (again at every requeue)",
+             f"  checkpoint read       {load.checkpoint_bytes / 1e9:10.2f} GB by rank 0 alone (bf16 safetensors), "
+             f"none by the others -> {load.read_s:8.2f} s at {hw.disk_gbs:g} GB/s"]
+    if hw.world > 1:
+        lines.append(f"  broadcast             {load.broadcast_bytes / 1e9:10.2f} GB received by each other rank (the "
+                     f"{base_name(w.base, w.itemsize)} base, whole; it keeps 1/{hw.world}) -> {load.broadcast_s:8.2f} s")
+    return lines + [f"  resume (estimate)     {load.resume_bytes / 1e9:10.2f} GB read by each rank at a requeue (its "
+                    "optimizer partition and the adapter)",
+                    f"  load time             {load.seconds:10.2f} s, plus rank 0 quantizing each tensor once "
+                    "(not modelled)"]
+
+
 def format_plan(plan: Plan) -> str:
     s, hw, w, c, held = plan.shape, plan.hardware, plan.work, plan.choice, plan.held
     lines = [
@@ -165,7 +181,7 @@ def format_plan(plan: Plan) -> str:
     off, on = (activation_bytes(s, c.micro_batch, w.seq_len, w.itemsize, ckpt) for ckpt in (False, True))
     lines += ["", f"activations (micro-batch {c.micro_batch}): checkpointing off {_gib(off).strip()} | "
               f"on {_gib(on).strip()}", ""]
-    lines += offload_lines(plan) + step_lines(plan)
+    lines += offload_lines(plan) + step_lines(plan) + load_lines(plan)
     lines += [
         "",
         f"total       {plan.steps * c.step_s / 3600:,.1f} h wall clock, {plan.gpu_hours:,.0f} GPU-hours",

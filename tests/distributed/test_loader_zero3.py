@@ -15,6 +15,10 @@ from transformers import AutoModelForCausalLM
 
 from peft_dist.config.schema import ModelConfig, QuantizationConfig
 from peft_dist.model import tiny_llama_config
+from peft_dist.plan.dryrun import build_meta_model, meta_inventory
+from peft_dist.plan.estimate import Hardware, load_cost
+from peft_dist.plan.inventory import per_rank
+from peft_dist.plan.models import shape_from_hf
 from peft_dist.quant.loader import load_quantized_base
 from tests.multiproc import REPO, run_distributed
 
@@ -103,3 +107,15 @@ def test_only_rank_0_reads_the_checkpoint(zero3_run):
     directory, ranks, _, _ = zero3_run
     assert ranks[0]["report"]["bytes_read"] == stored_bytes(directory)
     assert ranks[1]["report"]["bytes_read"] == 0
+
+
+@pytest.mark.slow
+def test_the_planners_load_cost_is_what_the_loader_read_and_holds(zero3_run):
+    """The plan's job-start lines: rank 0 reads the checkpoint's bytes, and the base as stored, whole (what
+    zero.Init broadcasts to every other rank), is what the loader reports for the model it built."""
+    directory, ranks, _, quant = zero3_run
+    shape = shape_from_hf(AutoModelForCausalLM.from_pretrained(directory).config, "loader-test")
+    held = per_rank(meta_inventory(build_meta_model(shape, [], "all-linear", "float32", quant)), 2, 0)
+    cost = load_cost(shape, held, Hardware(1, 2, gpu_mem_gib=80, peak_tflops=1), checkpoint_itemsize=4)
+    assert cost.checkpoint_bytes == ranks[0]["report"]["bytes_read"] == stored_bytes(directory)
+    assert cost.broadcast_bytes == ranks[1]["report"]["full_param_bytes"]

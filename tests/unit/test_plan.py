@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from peft_dist.adapters.registry import build_adapter_config, methods
 from peft_dist.train.config import load_config
@@ -12,7 +13,7 @@ from peft_dist.plan.__main__ import main
 from peft_dist.plan.dryrun import build_meta_model, meta_inventory
 from peft_dist.plan.estimate import GIB, Hardware, Workload, activation_bytes, backward_gather_bytes, choose
 from peft_dist.plan.inventory import TensorInfo, analytic_inventory, per_rank
-from peft_dist.plan.models import PRESETS, PlanError, hf_config, load_shape, with_layers
+from peft_dist.plan.models import PRESETS, PlanError, hf_config, load_shape, shape_from_hf, with_layers
 
 
 def lora(**kw):
@@ -60,6 +61,22 @@ def test_llama_analytic_matches_meta_model(preset, targets, quant):
         sorted((t.numel, t.itemsize, t.trainable) for t in meta_inventory(model))
     for world in (1, 7, 64):
         assert per_rank(analytic, world, 100_000) == per_rank(meta_inventory(model), world, 100_000)
+
+
+
+def test_an_explicit_head_dim_is_counted():
+    """A config whose head_dim is not hidden / heads (Gemma, Qwen3, Mistral-NeMo do this) has narrower or wider
+    attention projections: the shape read from it counts them as the model built from it holds them."""
+    config = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1408, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=16)
+    shape = shape_from_hf(config, "narrow-heads")
+    assert shape.head_dim == 16 and hf_config(shape).head_dim == 16
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(config)
+    assert shape.total_params() == sum(p.numel() for p in built.parameters())
+    adapters = [lora(r=8, target_modules="all-linear")]
+    analytic = analytic_inventory(shape, adapters, "all-linear", itemsize=2)
+    assert per_rank(analytic, 4, 0) == per_rank(meta_inventory(build_meta_model(shape, adapters, "all-linear")), 4, 0)
 
 
 def test_per_rank_follows_zero3_padding_and_persistence():
@@ -189,8 +206,6 @@ def test_scaling_doc_shows_what_the_planner_prints(capsys):
 def test_activation_estimate_matches_what_autograd_saves(family):
     """A real (small) adapted int8 model: bytes that autograd saves inside a decoder layer, measured
     with saved-tensor hooks, vs the planner's per-layer estimate (dropout off, SDPA attention)."""
-    from transformers import AutoModelForCausalLM
-
     from peft_dist.adapters.inject import inject_adapters
     from peft_dist.plan.models import ModelShape
     from peft_dist.quant.model import quantize_model
