@@ -3,6 +3,7 @@
     python bench/quality.py --write docs/RESULTS.md   # the table (about 35 minutes on 2 cores; +4 to pretrain)
     python bench/quality.py --quick                   # 2 seeds, 0.1%, 5 methods, short runs (a few minutes)
     python bench/quality.py --sweep                   # the learning-rate sweep behind LEARNING_RATES (~30 min)
+    python bench/quality.py --bases --write docs/RESULTS.md  # LoRA on fp32, bf16, int8 and NF4 bases (~30 min)
 
 Verdicts (bench/stats.py, fixed before the numbers): each claim "x beats y" is a paired comparison by seed (the
 two runs of a seed share data order and seed), judged by a paired t test with a 95% CI; the p-values of all
@@ -37,6 +38,17 @@ target_r`` rounded up (the AdaLoRA paper's ratio), and for the reparameterized p
 vectors as the prefix-tuning papers count it (its training MLP is discarded). Plain prefix tuning trains
 its vectors directly. BitFit on a Llama (no biases) trains the norm weights: a fixed 0.06%. MAM splits its
 budget between its prefix and its scaled FFN adapter, neither part more than twice the other.
+
+Bases (``--bases``, QLoRA's claim that NF4 + LoRA matches LoRA on a 16-bit base): the LoRA rows of the table
+(same configurations, learning rates, seeds and data order) adapt copies of the same pretrained base whose
+decoder linears are kept as fp32, rounded to bfloat16, or quantized by peft_dist's own ``quantize_model`` as
+the trainer does it (int8 row-wise; NF4 with blocksize 64, with and without double quantization). Embeddings,
+norms and lm_head stay fp32 in every base, and every base computes in fp32, so the bases differ only in how
+the decoder linears' weights are stored (bf16 compute is emulated on CPUs without native bf16, and would add
+its own rounding of activations to the comparison). Each base is compared with the bf16 one by
+``stats.equivalence``: the paired differences by seed must lie within +-MIN_EFFECT (TOST, Holm-adjusted over
+the section's claims) to "match". The section is written between BASES_BEGIN and BASES_END, below
+HAND_WRITTEN, so that ``--write`` keeps it and ``--bases --write`` replaces only it.
 """
 from __future__ import annotations
 
@@ -46,6 +58,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -72,6 +85,8 @@ SEEDS = (1, 2, 3, 4, 5)  # reported; the learning rates are chosen on SWEEP_SEED
 SWEEP_SEED = 0
 BUDGET_TOLERANCE = 0.02  # compared pairs' kept parameters may differ by at most 2%
 HAND_WRITTEN = "<!-- written by hand from here on; bench/quality.py --write keeps it -->"
+BASES_BEGIN = "<!-- written by bench/quality.py --bases from here to the end mark -->"
+BASES_END = "<!-- end of bench/quality.py --bases -->"
 PREFIX_MLP = 64  # hidden width of the reparameterized prefix's training MLP
 QV = ["q_proj", "v_proj"]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -109,6 +124,14 @@ LEARNING_RATES: dict[tuple[str, float | None], float] = {
     ('mam', 0.001): 0.03,  # 0.003: 4.041, 0.01: 3.993, 0.03: 3.974, 0.1: 3.977, 0.3: 3.987
     ('mam', 0.01): 0.03,  # 0.003: 3.978, 0.01: 3.949, 0.03: 3.930, 0.1: 3.950, 0.3: 4.063
 }
+
+# --bases: how each base keeps its decoder linears; the quantized ones as QuantizationConfig fields.
+BASES = {"fp32": "fp32, as pretrained", "bf16": "rounded to bfloat16 (a 16-bit base)",
+         "int8": "int8, one absmax per row", "nf4": "NF4, one absmax per 64 weights",
+         "nf4 + double quant": "NF4, blocksize 64, absmax in 8 bits"}
+QUANTIZED = {"int8": {"bits": 8}, "nf4": {"bits": 4, "quant_type": "nf4", "blocksize": 64},
+             "nf4 + double quant": {"bits": 4, "quant_type": "nf4", "blocksize": 64, "double_quant": True}}
+REFERENCE = "bf16"  # the 16-bit base of QLoRA's claim
 
 
 @dataclass
@@ -158,6 +181,30 @@ def new_model() -> torch.nn.Module:
     config = hf_config(SHAPE, "float32")
     config.attn_implementation = "sdpa"
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+@torch.no_grad()
+def base_model(state: dict, base: str = "fp32") -> torch.nn.Module:
+    """The pretrained base with its decoder linears kept as ``base`` (a key of BASES) says: the linears the
+    trainer's ``all-linear`` quantization targets, quantized through ``quantize_model`` as the trainer calls it,
+    or rounded to bfloat16 (what a 16-bit base holds). Embeddings, norms and lm_head stay fp32, as the trainer
+    leaves them in an fp32 run."""
+    from peft_dist.config.schema import QuantizationConfig
+    from peft_dist.quant.model import quantize_model
+    from peft_dist.targets import find_modules
+
+    model = new_model()
+    model.load_state_dict(state)
+    if base in QUANTIZED:
+        quant = QuantizationConfig(**QUANTIZED[base])
+        quantize_model(model, quant.target_modules, torch.float32, quant)
+    elif base == "bf16":
+        for _, linear in find_modules(model, QuantizationConfig().target_modules,
+                                      lambda m: isinstance(m, torch.nn.Linear), "linear layer", "bases"):
+            linear.weight.copy_(linear.weight.bfloat16())
+    elif base != "fp32":
+        raise ValueError(f"unknown base {base!r}; one of {', '.join(BASES)}")
+    return model
 
 
 def batches(blocks: torch.Tensor, steps: int, seed: int):
@@ -362,14 +409,14 @@ def describe(adapters: list[dict]) -> str:
 # ---- runs -----------------------------------------------------------------------------------------
 
 def adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: float, seed: int, steps: int,
-          validate: bool = False) -> dict:
-    """Adapt a fresh copy of the base to B; B's test loss (and validation loss) and the median step time."""
+          validate: bool = False, base: str = "fp32") -> dict:
+    """Adapt a fresh copy of the base (its decoder linears kept as ``base`` says) to B; B's test loss (and
+    validation loss) and the median step time."""
     from peft_dist.adapters.inject import inject_adapters
     from peft_dist.adapters.registry import build_adapter_config
     from peft_dist.distributed.hooks import make_hooks
 
-    model = new_model()
-    model.load_state_dict(state)
+    model = base_model(state, base)
     torch.manual_seed(seed)
     hooks = []
     if method == "full":
@@ -484,10 +531,104 @@ def claims(results: dict, budgets: tuple[float, ...]) -> list[str]:
     return lines
 
 
+# ---- bases (--bases) ------------------------------------------------------------------------------
+
+def bases_study(rows: list, state: dict, corpora: Corpora, seeds: tuple[int, ...], steps: int) -> list[str]:
+    """The --bases table, printed row by row, then its claims: every base's held-out loss before adaptation and
+    after each LoRA row of ``rows`` (the table's configurations and learning rates), every seed."""
+    before = {base: block_losses(base_model(state, base), corpora.b_test) for base in BASES}
+    lines = [f"| base | decoder linears | before adaptation | before, minus {REFERENCE} (test-block 95% CI) | "
+             + " | ".join(f"after LoRA {b:.1%} ({describe(a)}, lr {LEARNING_RATES[m, b]:g})" for m, b, a, *_ in rows)
+             + " |", "|---" * (4 + len(rows)) + "|"]
+    print("\n".join(lines), flush=True)
+    results = {}
+    for base in BASES:
+        cells = []
+        for method, budget, adapters, *_ in rows:
+            runs = [adapt(method, adapters, state, corpora, LEARNING_RATES[method, budget], seed, steps, base=base)
+                    for seed in seeds]
+            losses = [r["test"] for r in runs]
+            results[base, budget] = {"seeds": losses, "blocks": [r["blocks"] for r in runs]}
+            cells.append(f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}")
+        low, high = stats.paired_bootstrap(before[base], before[REFERENCE])
+        shift = (f"{statistics.fmean(before[base]) - statistics.fmean(before[REFERENCE]):+.4f} "
+                 f"({low:+.4f} to {high:+.4f})" if base != REFERENCE else "-")
+        lines.append(f"| {base} | {BASES[base]} | {statistics.fmean(before[base]):.4f} | {shift} | "
+                     f"{' | '.join(cells)} |")
+        print(lines[-1], flush=True)
+    verdicts = base_claims(results, tuple(b for _, b, *_ in rows))
+    lines += ["", f"Claims (lower loss is better; paired by seed over {len(seeds)} seeds; \"matches\" when the "
+              f"difference is shown to lie within ±{stats.MIN_EFFECT} nats: the TOST p, Holm-adjusted over these "
+              f"claims, < {stats.ALPHA}; \"worse\" / \"better\" when the Holm-adjusted t-test p < {stats.ALPHA}, "
+              f"the 95% CI excludes 0 and the difference is at least {stats.MIN_EFFECT} nats; see bench/stats.py):",
+              "", *(f"- {v}" for v in verdicts)]
+    print("\n".join(lines[-len(verdicts) - 2:]), flush=True)
+    return lines
+
+
+def base_claims(results: dict, budgets: tuple[float, ...]) -> list[str]:
+    """Each base against REFERENCE at each budget, judged by ``stats.equivalence``; the t-test and the TOST
+    p-values are each Holm-adjusted over these claims.
+
+    ``results[base, budget]`` holds ``seeds`` (test loss per seed, in seed order: the runs of a seed share data
+    order and LoRA initialization on every base, so they are paired by seed) and ``blocks`` (per-test-block
+    loss per seed)."""
+    keys = [(base, b) for b in budgets for base in BASES if base != REFERENCE]
+    tests = {(base, b): stats.paired_t(results[base, b]["seeds"], results[REFERENCE, b]["seeds"]) for base, b in keys}
+    adjusted = dict(zip(keys, stats.holm([tests[k].p for k in keys])))
+    equivalent = dict(zip(keys, stats.holm([stats.equivalence_p(tests[k]) for k in keys])))
+    lines = []
+    for base, b in keys:
+        x, y, test = results[base, b], results[REFERENCE, b], tests[base, b]
+        low, high = stats.paired_bootstrap(seed_averaged(x["blocks"]), seed_averaged(y["blocks"]))
+        lines.append(f"{base} vs {REFERENCE} at {b:.1%}: {statistics.fmean(x['seeds']):.4f} vs "
+                     f"{statistics.fmean(y['seeds']):.4f}; paired difference {test.mean:+.4f} (95% CI "
+                     f"{test.low:+.4f} to {test.high:+.4f}, p {test.p:.3g}, Holm {adjusted[base, b]:.3g}; within "
+                     f"±{stats.MIN_EFFECT}: TOST p {stats.equivalence_p(test):.3g}, Holm {equivalent[base, b]:.3g}; "
+                     f"test-block bootstrap {low:+.4f} to {high:+.4f}): "
+                     f"{stats.equivalence(test, adjusted[base, b], equivalent[base, b])}")
+    return lines
+
+
+def bases_header(argv: str, minutes: float, path: Path, seeds: tuple[int, ...], steps: int) -> list[str]:
+    """The section's title, how to reproduce it, the versions and CPU flags it ran with, and its design."""
+    import bitsandbytes
+
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    return [
+        "## LoRA on quantized bases: NF4 vs int8 vs bf16 (bench/quality.py --bases)", "",
+        f"Reproduce: `python bench/quality.py {argv}` (generated by that command down to its end mark; "
+        f"{time.strftime('%Y-%m-%d')}, {minutes:.0f} minutes wall time on a {os.cpu_count()}-core CPU, torch threads: "
+        f"{torch.get_num_threads()}, torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}). CPU flags "
+        "(`grep -m1 flags /proc/cpuinfo`):", "", "```", flags, "```", "",
+        f"LoRA as the methods table sets it (`plan`'s configuration, `LEARNING_RATES`, the same data order), seeds "
+        f"{', '.join(map(str, seeds))}, {steps} steps, each from the same pretrained base ({path.name}) whose decoder "
+        "linears (q, k, v, o, gate, up and down of every layer: what the trainer's `all-linear` quantizes) are kept "
+        "as the \"decoder linears\" column says, quantized by peft_dist's `quantize_model` as the trainer calls it. "
+        "Embeddings, norms and lm_head stay fp32 and every base computes in fp32, so the bases differ only in how "
+        "those weights are stored; \"bf16\" is the fp32 weights rounded to bfloat16, the weights a 16-bit base "
+        "holds. \"before adaptation\" is the base's held-out loss on B: the storage's own cost, with a bootstrap "
+        "over test blocks of its difference to bf16.", ""]
+
+
+def with_bases_section(previous: str, lines: list[str]) -> str:
+    """``previous`` with its part from BASES_BEGIN to BASES_END replaced by ``lines``; without one, ``lines`` go
+    at the end, below HAND_WRITTEN, where the table's ``--write`` keeps them."""
+    section = "\n".join([BASES_BEGIN, *lines, BASES_END])
+    if BASES_BEGIN in previous:
+        head, rest = previous.split(BASES_BEGIN, 1)
+        return head + section + rest.split(BASES_END, 1)[1]
+    if HAND_WRITTEN not in previous:
+        previous += ("\n" if previous else "") + HAND_WRITTEN
+    return previous.rstrip("\n") + "\n\n" + section + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="2 seeds, 0.1%% budget, 5 methods, short pretraining")
     parser.add_argument("--sweep", action="store_true", help="learning-rate sweep on B's validation split")
+    parser.add_argument("--bases", action="store_true",
+                        help="LoRA on fp32, bf16, int8 and NF4 bases instead of the methods table")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "peft-dist-bench",
                         help="where the pretrained base is kept")
     parser.add_argument("--threads", type=int, default=2)
@@ -508,6 +649,15 @@ def main() -> None:
     rows = plan(methods, budgets)
     if args.sweep:
         sweep(rows, state, corpora)
+        return
+    if args.bases:
+        lines = bases_study([r for r in rows if r[0] == "lora"], state, corpora, seeds, steps)
+        minutes = (time.perf_counter() - began) / 60
+        print(f"\ntotal {minutes:.0f} min")
+        if args.write:
+            previous = args.write.read_text() if args.write.is_file() else ""
+            header = bases_header(" ".join(sys.argv[1:]), minutes, path, seeds, steps)
+            args.write.write_text(with_bases_section(previous, header + lines))
         return
     lines = [f"Base: {SHAPE.layers}-layer Llama, hidden {SHAPE.hidden}, FFN {SHAPE.intermediate}, vocab {SHAPE.vocab}, "
              f"{SHAPE.total_params():,} parameters, pretrained {PRETRAIN['steps']} steps on A ({path}). "

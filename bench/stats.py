@@ -13,6 +13,12 @@ claim in the table). A claim
 
 A paired bootstrap over test blocks (the same blocks evaluated for both methods) is reported beside it: it
 shows how much of the difference would survive another draw of test text, which the seeds do not vary.
+
+An equivalence claim "x matches y" (QLoRA's NF4 base against a 16-bit one) is judged on the same differences
+by two one-sided t tests (TOST) against the margin +-MIN_EFFECT, whose p-values are Holm-Bonferroni adjusted
+over the equivalence claims. It "matches" when that adjusted p < ALPHA (for one claim alone: the 90% CI lies
+inside +-MIN_EFFECT); it is "worse" or "better" when ``outcome`` finds x's loss higher ("reversed") or lower
+("holds"); "not shown" otherwise.
 """
 from __future__ import annotations
 
@@ -75,13 +81,15 @@ def t_quantile(p: float, df: int) -> float:
 
 @dataclass(frozen=True)
 class Paired:
-    """A paired comparison: mean of the differences x - y, its 95% CI and the two-sided p-value (t test)."""
+    """A paired comparison: mean of the differences x - y, its 95% CI, the two-sided p-value (t test), the
+    number of pairs and the standard error of the mean (what the equivalence test needs)."""
 
     mean: float
     low: float
     high: float
     p: float
     n: int
+    se: float
 
 
 def paired_t(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> Paired:
@@ -96,7 +104,7 @@ def paired_t(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> Pai
         p = 1.0 if mean == 0 else 0.0
     else:
         p = 2.0 * t_cdf(-abs(mean) / se, n - 1)
-    return Paired(mean, mean - half, mean + half, p, n)
+    return Paired(mean, mean - half, mean + half, p, n, se)
 
 
 def paired_bootstrap(x: Sequence[float], y: Sequence[float], resamples: int = 2000, seed: int = 0,
@@ -129,3 +137,22 @@ def outcome(test: Paired, adjusted_p: float) -> str:
     if adjusted_p < ALPHA and test.low > 0 and test.mean >= MIN_EFFECT:
         return "reversed"
     return "not shown"
+
+
+def equivalence_p(test: Paired, margin: float = MIN_EFFECT) -> float:
+    """TOST p-value of "the mean difference lies inside +-margin": the larger of the one-sided t tests against
+    -margin and +margin (n - 1 degrees of freedom). Below ALPHA exactly when the (1 - 2 ALPHA) CI is inside."""
+    if test.se == 0:  # identical differences: inside or not, with certainty
+        return 0.0 if abs(test.mean) < margin else 1.0
+    df = test.n - 1
+    above_low = t_cdf(-(test.mean + margin) / test.se, df)  # H0: difference <= -margin
+    below_high = t_cdf((test.mean - margin) / test.se, df)  # H0: difference >= +margin
+    return max(above_low, below_high)
+
+
+def equivalence(test: Paired, adjusted_p: float, adjusted_equivalence_p: float) -> str:
+    """The verdict on "x matches y" (``test`` of x - y, lower is better): matches, worse, better or not shown,
+    from the Holm-adjusted t-test and TOST p-values (see the module doc)."""
+    if adjusted_equivalence_p < ALPHA:
+        return "matches"
+    return {"holds": "better", "reversed": "worse"}.get(outcome(test, adjusted_p), "not shown")

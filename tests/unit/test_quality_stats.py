@@ -83,3 +83,37 @@ def test_verdict_rule(test, adjusted, outcome):
 def test_too_few_pairs_is_an_error():
     with pytest.raises(ValueError, match="at least 2"):
         stats.paired_t([1.0], [2.0])
+
+
+def test_equivalence_p_is_the_tost_dual_of_the_confidence_interval():
+    # the hand example's d = 0.001..0.005: mean 0.003, se 0.0007071 on 4 df. Against a margin at the 95% CI's
+    # far bound only that side's one-sided test counts, at 0.025; at mean + 2.132 se (t 0.95, 4 df), 0.05
+    test = stats.paired_t([0.001 * k for k in range(1, 6)], [0.0] * 5)
+    assert test.se == pytest.approx(0.00070711, abs=1e-8)
+    assert stats.equivalence_p(test, test.high) == pytest.approx(0.025, abs=1e-6)
+    assert stats.equivalence_p(test, 0.003 + 2.132 * test.se) == pytest.approx(0.05, abs=1e-4)
+    mirrored = stats.paired_t([0.0] * 5, [0.001 * k for k in range(1, 6)])  # mean -0.003: the other side counts
+    assert stats.equivalence_p(mirrored, test.high) == pytest.approx(0.025, abs=1e-6)
+    assert stats.equivalence_p(test, 0.002) > 0.5  # the mean itself lies outside +-0.002
+
+
+def test_equivalence_p_without_spread():
+    assert stats.equivalence_p(stats.paired_t([4.005] * 3, [4.0] * 3)) == 0.0  # +0.005 surely inside +-0.01
+    assert stats.equivalence_p(stats.paired_t([4.02] * 3, [4.0] * 3)) == 1.0
+
+
+@pytest.mark.parametrize("test, adjusted, adjusted_equivalence, verdict", [
+    (paired(+0.002, 0.0005), 0.001, 0.001, "matches"),  # detectably different, but surely within 0.01
+    (paired(+0.002, 0.0005), 0.5, 0.2, "not shown"),  # the same, in a family whose correction leaves it at 0.2
+    (paired(+0.05, 0.002), 0.001, 1.0, "worse"),
+    (paired(-0.05, 0.002), 0.001, 1.0, "better"),
+    (paired(+0.008, 0.002), 0.001, 0.3, "not shown"),  # below 0.01 on average, but not surely within it
+    (paired(+0.0, 0.05), 1.0, 1.0, "not shown"),  # too noisy to tell
+])
+def test_equivalence_verdict_rule(test, adjusted, adjusted_equivalence, verdict):
+    assert stats.equivalence(test, adjusted, adjusted_equivalence) == verdict
+
+
+def test_equivalence_p_of_the_verdict_cases():
+    assert stats.equivalence_p(paired(+0.002, 0.0005)) < 0.001  # the "matches" case above
+    assert stats.equivalence_p(paired(+0.008, 0.002)) > stats.ALPHA  # the "not surely within" case
