@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from peft_dist.config.schema import QuantizationConfig
-from peft_dist.plan.inventory import FP32, RankBytes, TensorInfo, weight_tensors
+from peft_dist.plan.inventory import FP32, MASTER_AND_ADAM_BYTES, RankBytes, TensorInfo, weight_tensors
 from peft_dist.plan.models import ModelShape, PlanError
 
 GIB = 2**30
@@ -300,11 +300,13 @@ class LoadCost:
         return self.read_s + self.broadcast_s
 
 
-def load_cost(shape: ModelShape, held: RankBytes, hw: Hardware, checkpoint_itemsize: int = 2) -> LoadCost:
-    """``LoadCost`` for a checkpoint of ``checkpoint_itemsize``-byte floats (bf16 safetensors: 2)."""
+def load_cost(shape: ModelShape, held: RankBytes, hw: Hardware, checkpoint_itemsize: int = 2,
+              adapter_itemsize: int = 2) -> LoadCost:
+    """``LoadCost`` for a checkpoint of ``checkpoint_itemsize``-byte floats (bf16 safetensors: 2) and adapters
+    saved in ``adapter_itemsize``-byte elements."""
     checkpoint = shape.total_params() * checkpoint_itemsize
     broadcast = held.frozen_stored if hw.world > 1 else 0
-    resume = held.trainable_owned * 3 * FP32 + held.trainable_numel * 2
+    resume = held.trainable_owned * MASTER_AND_ADAM_BYTES + held.trainable_numel * adapter_itemsize
     return LoadCost(checkpoint, broadcast, resume, checkpoint / (hw.disk_gbs * 1e9), broadcast / (hw.link_gbs * 1e9))
 
 

@@ -58,8 +58,9 @@ def make_plan(shape: ModelShape, cfg: RunConfig, hardware: Hardware, work: Workl
         held = held or meta
     work = replace(work, base=quant)
     choice, candidates = choose(shape, held, hardware, work)
-    plan = Plan(shape, hardware, work, held, choice, candidates, load_cost(shape, held, hardware), steps_for(work),
-                persistence_threshold, counted_by, argv, meta)
+    load = load_cost(shape, held, hardware, adapter_itemsize=work.itemsize)
+    plan = Plan(shape, hardware, work, held, choice, candidates, load, steps_for(work), persistence_threshold,
+                counted_by, argv, meta)
     if not plan.fits:
         plan.notes.append(why_not(plan))
     if "param" in choice.offload:
