@@ -116,16 +116,17 @@ class SlurmCluster:
         self.wait_for_node()
         return self
 
-    def wait_for_node(self, timeout: float = 60) -> None:
+    def wait_for_node(self, timeout: float = 60, states: tuple[str, ...] = ("idle", "mixed", "allocated")) -> None:
+        """Until the node is in one of ``states`` (by default: up, whatever it runs)."""
         deadline = time.monotonic() + timeout
         state = ""
         while time.monotonic() < deadline:
             proc = self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False)
             state = proc.stdout.strip()
-            if state in ("idle", "mixed", "allocated"):
+            if state in states:
                 return
-            time.sleep(1)
-        raise RuntimeError(f"node never became idle (state {state!r}){self.logs()}")
+            time.sleep(0.5)
+        raise RuntimeError(f"node never became {' or '.join(states)} (state {state!r}){self.logs()}")
 
     def run(self, cmd: list[str], check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -157,13 +158,8 @@ class SlurmCluster:
         """Start a requeued job without Slurm's requeue delay (BeginTime), but only once the node has released
         its previous run and a second has passed: slurmd revokes the old run's credential at that time (one
         second granularity), and a relaunch created in the same second is killed as "Job credential revoked",
-        the race the delay exists to prevent."""
-        self.wait_for_state(job_id, {"PENDING"}, timeout=120)
-        deadline = time.monotonic() + 120
-        while self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.strip() != "idle":
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"node never idle after job {job_id} was requeued{self.logs()}")
-            time.sleep(0.5)
+        the race the delay exists to prevent. The caller has seen the job PENDING again."""
+        self.wait_for_node(timeout=120, states=("idle",))
         time.sleep(2)
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
