@@ -22,14 +22,17 @@ from peft_dist.config.schema import require
 
 @dataclass
 class MamConfig(AdapterConfig):
-    """prefix_length: ``l`` of the attention prefix; reparameterize, hidden: its training MLP (see prefix).
-    r, scale: width and multiplier ``s`` of the FFN parallel adapter. target_modules must stay ``auto``:
-    each part uses its own automatic targets (configure prefix / parallel_adapter separately otherwise)."""
+    """prefix_length: ``l`` of the attention prefix; reparameterize, hidden: its training MLP; gate: start the
+    prefix as an exact no-op through a zero-initialised gate (see prefix; the FFN adapter already starts at
+    zero, so the whole preset then does). r, scale: width and multiplier ``s`` of the FFN parallel adapter.
+    target_modules must stay ``auto``: each part uses its own automatic targets (configure prefix /
+    parallel_adapter separately otherwise)."""
 
     target_modules: Any = "auto"
     prefix_length: int = 30
     reparameterize: bool = True
     hidden: int = 800
+    gate: bool = False
     r: int = 512
     scale: float = 4.0
 
@@ -44,7 +47,7 @@ class MamConfig(AdapterConfig):
 
     def parts(self) -> tuple[PrefixConfig, ParallelAdapterConfig]:
         return (PrefixConfig(name=f"{self.name}_prefix", length=self.prefix_length,
-                             reparameterize=self.reparameterize, hidden=self.hidden),
+                             reparameterize=self.reparameterize, hidden=self.hidden, gate=self.gate),
                 ParallelAdapterConfig(name=f"{self.name}_ffn", r=self.r, scale=self.scale, sublayer="ffn"))
 
 

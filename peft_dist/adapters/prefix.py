@@ -26,13 +26,22 @@ function. Nothing depends on what a release calls the cache argument. Why this a
 
 A model whose attention does not pass the argument on is refused at its first forward (the wrapper checks
 that the prefix was applied), never trained silently without it.
+
+With ``gate`` the prefix starts as an exact no-op (LLaMA-Adapter's zero-init attention, Zhang et al., 2023,
+arXiv:2303.16199): the prefix is attended separately and added through a per-query-head gate ``g``
+initialised to zero, ``Attn(q, K, V) + tanh(g) * Attn(q, P_k, P_v)``. It is He et al.'s decomposition of
+prefix tuning, ``(1 - lambda) Attn(q, K, V) + lambda Attn(q, P_k, P_v)``, with the data-dependent ``lambda``
+replaced by a learned gate and the real tokens' weight kept at 1. Zero value vectors alone would not be a
+no-op: the prefix keys would still take softmax mass from the real tokens. At ``g = 0`` the real tokens'
+attention is the base's own call, and ``g`` has a nonzero gradient (``Attn(q, P_k, P_v)`` is not zero), so
+training moves it from the first step.
 """
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import transformers
@@ -58,12 +67,15 @@ PREFIX_ARGUMENT = "peft_dist_prefix"  # the keyword that carries a layer's prefi
 @dataclass
 class PrefixConfig(AdapterConfig):
     """length: ``l``, prefix vectors per layer and head. reparameterize: train them through an MLP of
-    width ``hidden`` (folded away when saving). target_modules ``auto``: the self-attention modules."""
+    width ``hidden`` (folded away when saving). gate: attend the prefix separately through a zero-initialised
+    per-head gate, so that training starts exactly at the base (module docstring). target_modules ``auto``:
+    the self-attention modules."""
 
     target_modules: Any = "auto"
     length: int = 30
     reparameterize: bool = True
     hidden: int = 800
+    gate: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,13 +85,28 @@ class PrefixConfig(AdapterConfig):
             self.target_modules = list(ATTENTION_NAMES)
 
 
+class PrefixVectors(NamedTuple):
+    """One adapter's prefix in one layer: ``P_k`` and ``P_v``, each ``(kv_heads, l, head_dim)``, and the gate
+    ``(heads,)`` of a gated prefix (None: ungated)."""
+
+    key: torch.Tensor
+    value: torch.Tensor
+    gate: torch.Tensor | None
+
+
 class PrefixKV(AdapterModule):
-    """One layer's prefix: ``forward()`` returns ``(P_k, P_v)``, each ``(kv_heads, l, head_dim)``."""
+    """One layer's prefix: ``forward()`` returns its ``PrefixVectors``. The gate is returned by ``forward``
+    rather than read as an attribute because under ZeRO-3 a parameter is whole only when its module's
+    forward hands it out (DeepSpeed keeps returned parameters gathered for the caller).
+
+    gate_heads: the number of query heads of a gated prefix (one gate each, zero-initialised); None: ungated.
+    """
 
     def __init__(self, kv_heads: int, head_dim: int, length: int, d_model: int, reparameterize: bool,
-                 hidden: int) -> None:
+                 hidden: int, gate_heads: int | None = None) -> None:
         super().__init__()
         self.shape = (kv_heads, length, head_dim)
+        self.gate = None if gate_heads is None else nn.Parameter(torch.zeros(gate_heads))
         if reparameterize:
             self.embedding = nn.Parameter(torch.randn(length, d_model))
             self.mlp = nn.Sequential(nn.Linear(d_model, hidden), nn.Tanh(),
@@ -95,21 +122,22 @@ class PrefixKV(AdapterModule):
         key, value = flat.view(length, 2, kv_heads, head_dim).permute(1, 2, 0, 3).unbind(0)
         return key, value
 
-    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self) -> PrefixVectors:
         if self.mlp is None:
-            return self.key, self.value
-        return self._split(self.mlp(self.embedding))
+            return PrefixVectors(self.key, self.value, self.gate)
+        return PrefixVectors(*self._split(self.mlp(self.embedding)), self.gate)
 
     @torch.no_grad()
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The prefix vectors only: the MLP's output, written out from its weights (the training forward's
-        arithmetic, without running the modules)."""
+        """The prefix vectors (and gate) only: the MLP's output, written out from its weights (the training
+        forward's arithmetic, without running the modules)."""
+        gate = {} if self.gate is None else {"gate": self.gate.detach()}
         if self.mlp is None:
-            return {"key": self.key.detach(), "value": self.value.detach()}
+            return {"key": self.key.detach(), "value": self.value.detach(), **gate}
         first, _, last = self.mlp
         key, value = self._split(F.linear(torch.tanh(F.linear(self.embedding, first.weight, first.bias)),
                                           last.weight, last.bias))
-        return {"key": key.contiguous(), "value": value.contiguous()}
+        return {"key": key.contiguous(), "value": value.contiguous(), **gate}
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load exported vectors; a reparameterized module drops its MLP and keeps the vectors."""
@@ -123,10 +151,13 @@ class PrefixKV(AdapterModule):
 
 @dataclass
 class PrefixStates:
-    """One layer's prefix on its way to the attention function; ``applied`` is set when it was used."""
+    """One layer's prefixes on their way to the attention function: the ungated ones concatenated (joined to
+    the real keys; None when every prefix is gated), the gated ones each attended on its own. ``applied`` is
+    set when they were used."""
 
-    key: torch.Tensor  # (kv_heads, l, head_dim)
-    value: torch.Tensor
+    key: torch.Tensor | None  # (kv_heads, l, head_dim)
+    value: torch.Tensor | None
+    gated: list[PrefixVectors]
     applied: bool = False
 
 
@@ -154,21 +185,47 @@ def _model_eager_attention(module: nn.Module) -> Callable:
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
+def gated_attention(inner: Callable, module: nn.Module, query: torch.Tensor, prefix: PrefixVectors,
+                    additive_dtype: torch.dtype | None, **kwargs: Any) -> torch.Tensor:
+    """``tanh(g) * Attn(q, P_k, P_v)``, ``(batch, q_len, heads, head_dim)`` like the attention functions return.
+
+    The softmax runs over the prefix alone, through the model's own function ``inner`` (its scaling, softcap,
+    grouped-query repeat and dropout). The mask admits every prefix vector for every query; it is explicit
+    because sdpa would read ``None`` as ``is_causal``.
+    """
+    batch, q_len, length = query.shape[0], query.shape[2], prefix.key.shape[1]
+    if additive_dtype is None:
+        mask = torch.ones(1, 1, q_len, length, dtype=torch.bool, device=query.device)
+    else:
+        mask = torch.zeros(1, 1, q_len, length, dtype=additive_dtype, device=query.device)
+    key = prefix.key.to(query.dtype).expand(batch, -1, -1, -1)
+    value = prefix.value.to(query.dtype).expand(batch, -1, -1, -1)
+    output, _ = inner(module, query, key, value, mask, **kwargs)
+    return torch.tanh(prefix.gate).to(output.dtype)[:, None] * output  # the gate broadcasts over head_dim
+
+
 def _prefixed(implementation: str) -> Callable:
-    """An attention function that prepends the layer's prefix, then runs ``implementation``."""
+    """An attention function that prepends the layer's ungated prefixes and runs ``implementation``, then adds
+    the gated prefixes' attention terms. Returns the attention weights of the first call (real keys)."""
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any) -> Any:
         prefix: PrefixStates | None = kwargs.pop(PREFIX_ARGUMENT, None)
-        if prefix is not None:
+        inner = ALL_ATTENTION_FUNCTIONS["sdpa"] if implementation == "sdpa" else _model_eager_attention(module)
+        if prefix is None:
+            return inner(module, query, key, value, attention_mask, **kwargs)
+        additive_dtype = None if implementation == "sdpa" else query.dtype
+        if prefix.key is not None:
             batch, length = key.shape[0], prefix.key.shape[1]
-            attention_mask = extend_mask(attention_mask, length, query.shape[2], key.shape[2],
-                                         None if implementation == "sdpa" else query.dtype, query.device)
+            attention_mask = extend_mask(attention_mask, length, query.shape[2], key.shape[2], additive_dtype,
+                                         query.device)
             key = torch.cat([prefix.key.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
             value = torch.cat([prefix.value.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
-            prefix.applied = True
-        inner = ALL_ATTENTION_FUNCTIONS["sdpa"] if implementation == "sdpa" else _model_eager_attention(module)
-        return inner(module, query, key, value, attention_mask, **kwargs)
+        output, weights = inner(module, query, key, value, attention_mask, **kwargs)
+        for gated in prefix.gated:
+            output = output + gated_attention(inner, module, query, gated, additive_dtype, **kwargs)
+        prefix.applied = True
+        return output, weights
 
     return attention
 
@@ -193,7 +250,8 @@ def use_prefixed_attention(model: nn.Module, key: str) -> None:
 
 
 class PrefixAttention(nn.Module):
-    """A frozen self-attention module plus named prefixes (concatenated in order)."""
+    """A frozen self-attention module plus named prefixes: the ungated ones concatenated in order, each gated
+    one attended separately (so both kinds can share a layer)."""
 
     def __init__(self, attention: nn.Module) -> None:
         super().__init__()
@@ -201,8 +259,11 @@ class PrefixAttention(nn.Module):
         self.prefixes = nn.ModuleDict()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        keys, values = zip(*(prefix() for prefix in self.prefixes.values()))
-        prefix = PrefixStates(torch.cat(keys, dim=1), torch.cat(values, dim=1))
+        vectors = [prefix() for prefix in self.prefixes.values()]
+        joined = [v for v in vectors if v.gate is None]
+        prefix = PrefixStates(torch.cat([v.key for v in joined], dim=1) if joined else None,
+                              torch.cat([v.value for v in joined], dim=1) if joined else None,
+                              [v for v in vectors if v.gate is not None])
         output = self.module(*args, **kwargs, **{PREFIX_ARGUMENT: prefix})
         if not prefix.applied:
             raise RuntimeError(
@@ -247,8 +308,9 @@ def inject_prefix(model: nn.Module, config: PrefixConfig) -> list[str]:
             raise ValueError(f"adapter {config.name!r} is already attached; give each adapter its own name")
         attention = module.module
         dtype = next(p.dtype for p in attention.parameters() if p.is_floating_point())
+        gate_heads = model.config.num_attention_heads if config.gate else None
         module.prefixes[config.name] = PrefixKV(kv_heads, _head_dim(attention), config.length,
                                                 model.config.hidden_size, config.reparameterize,
-                                                config.hidden).to(dtype)
+                                                config.hidden, gate_heads).to(dtype)
         names.append(name)
     return names

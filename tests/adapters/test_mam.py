@@ -1,4 +1,5 @@
-"""MAM: the preset equals its two parts configured by hand, keeps their names apart in the checkpoint."""
+"""MAM: the preset equals its two parts configured by hand, keeps their names apart in the checkpoint, and
+starts exactly at the base with a gated prefix."""
 from __future__ import annotations
 
 import pytest
@@ -41,6 +42,17 @@ def test_preset_equals_prefix_plus_scaled_parallel_adapter(model_fn) -> None:
     assert keys.keys() == adapter_state_dict(by_hand).keys()
     assert {k.split(".")[-2] for k in keys if "prefixes" in k} == {"mam_prefix"}
     assert any(".parallel.mam_ffn." in k for k in keys)
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
+def test_gated_preset_starts_exactly_at_the_base(model_fn) -> None:
+    """gate: true reaches the prefix part; with the FFN adapter's zero start the whole preset is a no-op."""
+    model = model_fn()
+    before = model(input_ids=IDS).logits
+    inject_adapters(model, [cfg("mam", prefix_length=4, r=8, scale=2.0, hidden=16, gate=True)])
+    wrappers = [m for m in model.modules() if isinstance(m, PrefixAttention)]
+    assert wrappers and all(w.prefixes["mam_prefix"].gate is not None for w in wrappers)
+    assert torch.equal(model(input_ids=IDS).logits, before)
 
 
 def test_gradients_reach_both_parts() -> None:

@@ -1,5 +1,6 @@
-"""Prefix tuning against a float64 reference of ``Attn(q, [P_k; K], [P_v; V])`` with the mask, against peft's
-prefix tuning on the same weights, and through generation with a cache."""
+"""Prefix tuning against a float64 reference of ``Attn(q, [P_k; K], [P_v; V])`` with the mask (and of the gated
+``Attn(q, K, V) + tanh(g) Attn(q, P_k, P_v)``), against peft's prefix tuning on the same weights, and through
+generation with a cache."""
 from __future__ import annotations
 
 import copy
@@ -24,9 +25,10 @@ def prefix(**fields):
 
 
 def attention_ref(model, layer: int, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  padding: torch.Tensor) -> torch.Tensor:
-    """One self-attention written out: softmax(q [P_k; K]^T / sqrt(hd) + mask) [P_v; V], then the output
-    projection. The prefix is admitted for every query; real keys are causal and padding-masked."""
+                  padding: torch.Tensor, gated: tuple = ()) -> torch.Tensor:
+    """One self-attention written out: softmax(q [P_k; K]^T / sqrt(hd) + mask) [P_v; V], plus for each gated
+    prefix ``(G_k, G_v, g)`` the term tanh(g) softmax(q G_k^T / sqrt(hd)) G_v per query head, then the output
+    projection. Prefixes are admitted for every query; real keys are causal and padding-masked."""
     batch, length, d = x.shape
     heads = model.config.num_attention_heads
     if hasattr(model, "model"):
@@ -50,11 +52,15 @@ def attention_ref(model, layer: int, x: torch.Tensor, key: torch.Tensor, value: 
     real = torch.tril(torch.ones(length, length, dtype=torch.bool))[None, None] & padding.bool()[:, None, None, :]
     allowed = torch.cat([torch.ones(batch, 1, length, key.shape[1], dtype=torch.bool), real], dim=-1)
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    return out_proj((probs @ V).transpose(1, 2).reshape(batch, length, d))
+    out = probs @ V  # (batch, heads, length, hd)
+    for g_key, g_value, gate in gated:
+        G_k, G_v = (t.expand(batch, -1, -1, -1).repeat_interleave(groups, dim=1) for t in (g_key, g_value))
+        out = out + torch.tanh(gate)[:, None, None] * ((q @ G_k.transpose(-1, -2) / hd ** 0.5).softmax(-1) @ G_v)
+    return out_proj(out.transpose(1, 2).reshape(batch, length, d))
 
 
 def decoder_layer_ref(model, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      padding: torch.Tensor) -> torch.Tensor:
+                      padding: torch.Tensor, gated: tuple = ()) -> torch.Tensor:
     """The first decoder layer written out around ``attention_ref``: pre-norm attention and MLP, each with
     its residual (Llama: input/post-attention RMSNorm; GPT-2: ln_1/ln_2)."""
     if hasattr(model, "model"):
@@ -63,7 +69,7 @@ def decoder_layer_ref(model, x: torch.Tensor, key: torch.Tensor, value: torch.Te
     else:
         layer = model.transformer.h[0]
         first, second = layer.ln_1, layer.ln_2
-    h = x + attention_ref(model, 0, first(x), key, value, padding)
+    h = x + attention_ref(model, 0, first(x), key, value, padding, gated)
     return h + layer.mlp(second(h))
 
 
@@ -86,7 +92,7 @@ def test_decoder_layer_matches_float64_reference(model_fn, attn: str, reparamete
     wrapper = model.model.layers[0].self_attn if hasattr(model, "model") else model.transformer.h[0].attn
     assert isinstance(wrapper, PrefixAttention)
     kv = wrapper.prefixes["prefix"]
-    key, value = kv()
+    key, value, _ = kv()
     ref = decoder_layer_ref(model, layer_in, key, value, padding)
     rows = padding.bool()  # padded queries' outputs are never used; compare the real ones
     tol = 1e-6 if attn == "eager" else 1e-10  # transformers' eager softmax runs in float32 even for float64
@@ -107,7 +113,7 @@ def test_reparameterization_formula_and_folding() -> None:
     first, _, last = kv.mlp
     flat = torch.tanh(kv.embedding @ first.weight.t() + first.bias) @ last.weight.t() + last.bias
     per_token = flat.view(4, 2, 2, 3)  # (l, key/value, head, head_dim)
-    key, value = kv()
+    key, value, _ = kv()
     torch.testing.assert_close(key, per_token[:, 0].transpose(0, 1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(value, per_token[:, 1].transpose(0, 1), rtol=1e-12, atol=1e-12)
     state = kv.adapter_state_dict()
@@ -133,7 +139,7 @@ def test_same_function_and_gradients_as_peft_prefix_tuning(model_fn) -> None:
     wrappers = [m for m in ours.modules() if isinstance(m, PrefixAttention)]
     assert len(wrappers) == n_layers
     with torch.no_grad():
-        table.copy_(torch.stack([t for w in wrappers for t in w.prefixes["prefix"]()])  # (layers*2, h, l, hd)
+        table.copy_(torch.stack([t for w in wrappers for t in w.prefixes["prefix"]()[:2]])  # (layers*2, h, l, hd)
                     .permute(2, 0, 1, 3).reshape(l, -1))
     ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     padding = torch.ones_like(ids)
@@ -149,10 +155,12 @@ def test_same_function_and_gradients_as_peft_prefix_tuning(model_fn) -> None:
     torch.testing.assert_close(ours_grad.permute(2, 0, 1, 3).reshape(l, -1), table.grad, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
-def test_generation_with_a_cache_equals_without(model_fn) -> None:
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_llama_gqa, tiny_gpt2])
+@pytest.mark.parametrize("gate", [False, True])
+def test_generation_with_a_cache_equals_without(model_fn, gate: bool) -> None:
+    """Decoding steps (one query against the cache) apply the same prefix as the uncached full forward."""
     model = model_fn()
-    inject_adapters(model, [prefix(length=4)])
+    inject_adapters(model, [prefix(length=4, gate=gate)])
     randomize_adapters(model)
     ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(1))
     kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0,
@@ -176,6 +184,121 @@ def test_trains_from_input_ids_and_labels_alone_and_round_trips_folded() -> None
     inject_adapters(fresh, [prefix(length=4, hidden=32)])
     load_adapter_state_dict(fresh, state)
     torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def layer0_wrapper(model) -> PrefixAttention:
+    wrapper = model.model.layers[0].self_attn if hasattr(model, "model") else model.transformer.h[0].attn
+    assert isinstance(wrapper, PrefixAttention)
+    return wrapper
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_llama_gqa, tiny_gpt2])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("reparameterize", [False, True])
+def test_gated_prefix_starts_exactly_at_the_base(model_fn, attn: str, reparameterize: bool) -> None:
+    """gate: true at step 0: logits and loss bitwise equal to the base's (the real keys' attention is the
+    base's own call, the prefix term is multiplied by tanh(0) = 0), with and without padding; the gates get a
+    nonzero gradient, so training starts, while the prefix vectors get none until the gates move."""
+    base = model_fn(attn=attn)
+    model = copy.deepcopy(base)
+    inject_adapters(model, [prefix(length=3, reparameterize=reparameterize, hidden=16, gate=True)])
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    for padding in (torch.ones_like(ids), torch.tensor([[0, 0, 0] + [1] * 6, [1] * 9])):
+        labels = ids.masked_fill(padding == 0, -100)
+        want = base(input_ids=ids, attention_mask=padding, labels=labels)
+        got = model(input_ids=ids, attention_mask=padding, labels=labels)
+        assert torch.equal(got.logits, want.logits) and torch.equal(got.loss, want.loss)
+    got.loss.backward()
+    kvs = [w.prefixes["prefix"] for w in model.modules() if isinstance(w, PrefixAttention)]
+    assert len(kvs) == model.config.num_hidden_layers
+    for kv in kvs:
+        assert kv.gate.shape == (model.config.num_attention_heads,) and (kv.gate.grad != 0).all()
+        assert all(p.grad is None or not p.grad.any() for n, p in kv.named_parameters() if n != "gate")
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_gpt2])
+def test_gated_prefix_trains_from_the_base(model_fn) -> None:
+    """A few AdamW steps on one batch: the gates move off zero and the loss falls below the base's."""
+    model = model_fn()
+    model.train()
+    inject_adapters(model, [prefix(length=4, hidden=16, gate=True)])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    ids = torch.randint(1, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    gates = [w.prefixes["prefix"].gate for w in model.modules() if isinstance(w, PrefixAttention)]
+    assert gates and all((g != 0).all() for g in gates)
+
+
+@pytest.mark.parametrize("model_fn", [tiny_llama, tiny_llama_gqa, tiny_gpt2])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_gated_prefix_matches_float64_reference(model_fn, attn: str, mixed: bool, padded: bool) -> None:
+    """Through the whole model: ``Attn(q, [P_k; K], [P_v; V]) + tanh(g) Attn(q, G_k, G_v)`` per query head, with
+    ``P`` empty unless an ungated prefix shares the layer (``mixed``); outputs and gradients of the input and
+    of every prefix parameter, the gates included, equal the reference (grouped-query attention included)."""
+    model = model_fn(attn=attn).double()
+    adapters = [prefix(name="gated", length=3, reparameterize=False, gate=True)]
+    if mixed:
+        adapters.append(prefix(name="plain", length=2, reparameterize=False))
+    inject_adapters(model, adapters)
+    wrapper = layer0_wrapper(model)
+    with torch.no_grad():
+        wrapper.prefixes["gated"].gate.copy_(torch.randn(model.config.num_attention_heads))
+    batch, length, d = 2, 6, model.config.hidden_size
+    padding = torch.ones(batch, length, dtype=torch.long)
+    if padded:
+        padding[0, -2:] = 0  # right padding: every query still sees a real key without the joined prefix
+    x = torch.randn(batch, length, d, dtype=torch.float64, requires_grad=True)
+    hidden = model(inputs_embeds=x, attention_mask=padding, output_hidden_states=True).hidden_states
+    layer_in, out = hidden[0], hidden[1]
+    gated = [wrapper.prefixes["gated"]()]
+    key, value, _ = wrapper.prefixes["plain"]() if mixed else (gated[0].key[:, :0], gated[0].value[:, :0], None)
+    ref = decoder_layer_ref(model, layer_in, key, value, padding, gated)
+    rows = padding.bool()
+    tol = 1e-6 if attn == "eager" else 1e-10  # transformers' eager softmax runs in float32 even for float64
+    torch.testing.assert_close(out[rows], ref[rows], rtol=tol, atol=tol)
+    ungated = decoder_layer_ref(model, layer_in, key, value, padding)
+    assert (out[rows] - ungated[rows]).abs().max() > 1e-3  # the gated term really changed the layer
+    params = [p for kv in wrapper.prefixes.values() for p in kv.parameters()]
+    assert len(params) == (5 if mixed else 3)  # G_k, G_v, g (+ P_k, P_v)
+    upstream = torch.randn_like(out) * rows[..., None]
+    got = torch.autograd.grad((out * upstream).sum(), [x, *params], retain_graph=True)
+    want = torch.autograd.grad((ref * upstream).sum(), [x, *params])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=tol * 10, atol=tol)
+
+
+def test_gated_prefix_round_trips_folded_with_its_gate() -> None:
+    """The saved adapter holds each layer's vectors and gate (the MLP folded away); loading it onto a fresh
+    gated model gives the same logits and a plain-vector prefix that keeps its gate."""
+    model = tiny_llama()
+    inject_adapters(model, [prefix(length=4, hidden=16, gate=True)])
+    randomize_adapters(model)
+    model.train()
+    state = {k: v.clone() for k, v in adapter_state_dict(model).items()}
+    assert sorted({k.rsplit(".", 1)[1] for k in state}) == ["gate", "key", "value"]
+    assert len(state) == 3 * model.config.num_hidden_layers
+    fresh = tiny_llama()
+    inject_adapters(fresh, [prefix(length=4, hidden=16, gate=True)])
+    load_adapter_state_dict(fresh, state)
+    kv = layer0_wrapper(fresh).prefixes["prefix"]
+    assert kv.mlp is None and sorted(n for n, _ in kv.named_parameters()) == ["gate", "key", "value"]
+    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    ungated = tiny_llama()
+    inject_adapters(ungated, [prefix(length=4, hidden=16)])
+    with pytest.raises(RuntimeError, match="gate"):  # a gated checkpoint does not load onto an ungated prefix
+        load_adapter_state_dict(ungated, state)
 
 
 def test_bad_configs() -> None:
