@@ -1,43 +1,70 @@
 """Adaptation quality at CPU size: every method at matched parameter budgets (0.1% and 1%), 5 seeds each.
 
-    python bench/quality.py --write docs/RESULTS.md   # the table (about 35 minutes on 2 cores; +4 to pretrain)
-    python bench/quality.py --quick                   # 2 seeds, 0.1%, 5 methods, short runs (a few minutes)
-    python bench/quality.py --sweep                   # the learning-rate sweep behind LEARNING_RATES (~30 min)
+    python bench/quality.py --write docs/RESULTS.md   # the table (150 runs, about 50 minutes on 2 cores)
+    python bench/quality.py --quick                   # 2 seeds, 0.1%, 6 methods, short runs (a few minutes)
+    python bench/quality.py --sweep                   # LEARNING_RATES, ADALORA_SCHEDULES (~170 runs, ~1 hour)
     python bench/quality.py --bases --write docs/RESULTS.md  # LoRA on fp32, bf16, int8 and NF4 bases (~30 min)
+    python bench/quality.py --make-base               # pretrain the shipped base anew, print its sha256 (~10 min)
 
 Verdicts (bench/stats.py, fixed before the numbers): each claim "x beats y" is a paired comparison by seed (the
 two runs of a seed share data order and seed), judged by a paired t test with a 95% CI; the p-values of all
 compared claims are Holm-Bonferroni adjusted. A claim holds when the adjusted p < 0.05, the CI excludes 0 on the
 claimed side and x is at least 0.01 nats better; "reversed" is the same the other way; anything else is "not
-shown". A paired bootstrap over test blocks is reported beside it. A pair whose kept parameters differ by more
-than 2% is not judged: the claims say "not compared" with both counts.
+shown". A paired bootstrap over test documents is reported beside it (``stats.document_bootstrap``: each test
+token's loss belongs to the document it comes from, a block of the stream can hold parts of several; the
+documents are resampled and the statistic is the token-weighted mean difference, the same mean the reported
+losses take). A pair whose kept parameters differ by more than 2% is not judged: the claims say "not compared"
+with both counts.
 
 Corpora (offline, from this Python's standard library, split by module so that A and B share no file): A is
 the source code of the even-numbered modules (sorted by path), B the docstrings of the odd-numbered ones
-(module, class and function docstrings, one document per module): English prose about code instead of
-code. B's documents are split 80/10/10 into train, validation (for the learning-rate sweep) and test
-(the reported loss).
+(module, class and function docstrings, one document per module; the builtin corpus
+``builtin:python-docstrings``, peft_dist/data/sources.py): English prose about code instead of code. B's
+documents are split 80/10/10 into train, validation (for the learning-rate sweep) and test (the reported loss).
 
-1. Pretraining, cached under ``--cache``: a 4-layer Llama (hidden 256, FFN 768, vocab 512 of the shipped
-   tokenizer; 3.67M parameters) trained from scratch on A, 1,200 steps of 8 x 128 tokens (~4 minutes).
+1. Pretraining, once, by ``--make-base``: a 4-layer Llama (hidden 256, FFN 768, vocab 512 of the shipped
+   tokenizer; 3.67M parameters) trained from scratch on A, 1,200 steps of 8 x 128 tokens on one thread (~10
+   minutes; one thread gives the same bytes on every run with the same Python, torch and CPU). It ships as
+   ``builtin:stdlib-llama`` (peft_dist/assets/stdlib_llama: what the default training job adapts), and every
+   other mode reads that file, its sha256 checked against the one recorded in peft_dist/model.py.
 2. Adaptation to B: each method from the same base, fp32, plain PyTorch in this process (the quality of a
    method does not depend on ZeRO sharding, and full fine-tuning needs a trainable base), 96 steps of
    8 x 128 tokens, AdamW with the trainer's warm-up/cosine schedule, gradient clipping 1.0. Each method's
    learning rate is the best of a sweep on B's validation split with SWEEP_SEED (0), which is not one of the
    reported SEEDS (1-5), so the reported losses are not those the rate was picked on; the sweep's grid grows past
    whichever end holds the best value until the best is strictly inside (``best_learning_rate``; recorded in
-   LEARNING_RATES). AdaLoRA's hook is driven as the trainer drives it (``engine=None``).
+   LEARNING_RATES; ``--write`` refuses rows without one). The validation and test losses are taken on every
+   block of their split (a tenth of B's documents each; evaluating one costs about 10 training steps).
+   AdaLoRA's hook is driven as the trainer drives it (``engine=None``). Two AdaLoRA rows: "adalora_paper" keeps
+   the paper's schedule (ADALORA_PAPER: init_r = 1.5 x target_r, the final budget for the last third of the
+   steps); "adalora" has its schedule chosen on validation like a learning rate, by coordinate steps that keep
+   the sweep small: the paper row's learning rate first, then the best schedule of ADALORA_GRID (init_r of 1.5,
+   2 or 4 x target_r; tfinal of 12 or 32 steps) at that rate, then the row's own learning rate at that schedule
+   (recorded in ADALORA_SCHEDULES). ``--quick`` only checks that the script runs: 16 steps at the middle of
+   each method's starting grid, nothing recorded needed.
 
-Budgets: each method's size knob (rank, bottleneck width, prefix length, Kronecker factor shape, target
-modules) is picked by ``match_budgets``, counted on the real injected model: the methods a claim compares share
-an anchor count within a factor 2 of 0.1% or 1% of the base, chosen so that as many compared pairs as possible
-have kept parameters (what the adapter checkpoint stores) within 2% of each other, then as near the target as
-possible; the table's "% of base" column shows where each landed.
-Kept equals trained except for AdaLoRA, matched on its final budget (``target_r``) with ``init_r = 1.5 x
-target_r`` rounded up (the AdaLoRA paper's ratio), and for the reparameterized prefix, matched on its
-vectors as the prefix-tuning papers count it (its training MLP is discarded). Plain prefix tuning trains
-its vectors directly. BitFit on a Llama (no biases) trains the norm weights: a fixed 0.06%. MAM splits its
-budget between its prefix and its scaled FFN adapter, neither part more than twice the other.
+Budgets: each method's size knob (rank, bottleneck width, prefix length, Kronecker factor shape) is picked by
+``match_budgets``, counted on the real injected model: the methods a claim compares share an anchor count
+within a factor 2 of 0.1% or 1% of the base, chosen so that as many compared pairs as possible have kept
+parameters (what the adapter checkpoint stores) within 2% of each other, then as near the target as possible;
+the table's "% of base" column shows where each landed.
+Kept equals trained except for AdaLoRA, matched on its final budget (``target_r``; the schedule changes only
+what it trains), and for the reparameterized prefix, matched on its vectors as the prefix-tuning papers count
+it (its training MLP is discarded). Plain prefix tuning trains its vectors directly; the gated prefix
+("prefix_gated", ``gate: true``) adds one zero-initialised gate per head and layer, so that it starts as an
+exact no-op: does prefix tuning's start explain its weakness? BitFit on a Llama (no biases) trains the norm
+weights: a fixed 0.06%. MAM splits its budget between its prefix and its scaled FFN adapter, neither part more
+than twice the other.
+
+Placement: LoRA, AdaLoRA and KronA sit on q,v (their papers' setting), the parallel adapter, KronA^B and MAM's
+adapter at the FFN. The controls "lora_ffn", "lora_all", "krona_ffn" and "krona_all" put LoRA and KronA on the
+FFN linears (gate, up, down) and on all linears, and the claims compare one method at two placements (LoRA on
+q,v vs FFN vs all; KronA likewise) and two methods at one placement (KronA^B vs KronA on the FFN, the parallel
+adapter vs LoRA on the FFN, KronA vs LoRA on the FFN and on all linears), so that the placement effect and the
+method effect are told apart. The controls exist at 1% only: at 0.1% their smallest configuration is 2.9 to
+5.6 times the budget (``reachable``). Some compared pairs cannot be matched within 2%, alone or together with
+the rest (KronA's Kronecker shapes give few counts; at 1% LoRA on q,v meets KronA at r = 8 or 16, both its
+placement controls at r = 15): they are reported "not compared" with both counts.
 
 Bases (``--bases``, QLoRA's claim that NF4 + LoRA matches LoRA on a 16-bit base): the LoRA rows of the table
 (same configurations, learning rates, seeds and data order) adapt copies of the same pretrained base whose
@@ -53,17 +80,16 @@ HAND_WRITTEN, so that ``--write`` keeps it and ``--bases --write`` replaces only
 from __future__ import annotations
 
 import argparse
-import ast
 import functools
-import hashlib
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -84,29 +110,39 @@ BUDGETS = (0.001, 0.01)
 SEEDS = (1, 2, 3, 4, 5)  # reported; the learning rates are chosen on SWEEP_SEED, which is not among them
 SWEEP_SEED = 0
 BUDGET_TOLERANCE = 0.02  # compared pairs' kept parameters may differ by at most 2%
+BUDGET_WINDOW = 2.0  # a row's budget is met within this factor (the anchors ``match_budgets`` tries)
 HAND_WRITTEN = "<!-- written by hand from here on; bench/quality.py --write keeps it -->"
 BASES_BEGIN = "<!-- written by bench/quality.py --bases from here to the end mark -->"
 BASES_END = "<!-- end of bench/quality.py --bases -->"
 PREFIX_MLP = 64  # hidden width of the reparameterized prefix's training MLP
 QV = ["q_proj", "v_proj"]
+FFN = ["gate_proj", "up_proj", "down_proj"]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-METHODS = ("full", "bitfit", "lora", "adalora", "krona", "krona_block", "krona_block_res", "parallel",
-           "scaled_parallel", "prefix", "prefix_reparam", "mam")
-NAMES = {"full": "full fine-tuning", "bitfit": "BitFit (norms)", "lora": "LoRA", "adalora": "AdaLoRA",
-         "krona": "KronA", "krona_block": "KronA^B", "krona_block_res": "KronA^B_res", "parallel": "parallel adapter",
+# Where each linear-delta method sits: fixed, so that a row's placement is part of its name (placement controls).
+PLACEMENT = {"lora": QV, "lora_ffn": FFN, "lora_all": ALL, "krona": QV, "krona_ffn": FFN, "krona_all": ALL,
+             "adalora": QV, "adalora_paper": QV}
+METHODS = ("full", "bitfit", "lora", "lora_ffn", "lora_all", "adalora", "adalora_paper", "krona", "krona_ffn",
+           "krona_all", "krona_block", "krona_block_res", "parallel", "scaled_parallel", "prefix", "prefix_gated",
+           "prefix_reparam", "mam")
+NAMES = {"full": "full fine-tuning", "bitfit": "BitFit (norms)", "lora": "LoRA on q,v",
+         "lora_ffn": "LoRA on FFN linears", "lora_all": "LoRA on all linears", "adalora": "AdaLoRA on q,v (schedule tuned)",
+         "adalora_paper": "AdaLoRA on q,v (paper's schedule)", "krona": "KronA on q,v",
+         "krona_ffn": "KronA on FFN linears", "krona_all": "KronA on all linears", "krona_block": "KronA^B",
+         "krona_block_res": "KronA^B_res", "parallel": "parallel adapter",
          "scaled_parallel": "scaled parallel adapter (s=4)", "prefix": "prefix tuning",
-         "prefix_reparam": f"prefix tuning, reparameterized (MLP {PREFIX_MLP})", "mam": "MAM"}
-# The best validation loss of the grid in ``sweep`` (python bench/quality.py --sweep, SWEEP_SEED 0). Recorded before
-# budgets were matched pairwise and before the grid widened itself: several configurations changed since (e.g.
-# LoRA at 1% is now r=8) and some optima sit on the grid's edge (prefix 0.1%, parallel 0.1%); rerun --sweep
-# before the next --write.
+         "prefix_gated": "prefix tuning, gated", "prefix_reparam": f"prefix tuning, reparameterized (MLP {PREFIX_MLP})",
+         "mam": "MAM"}
+# The best validation loss of the grid in ``sweep`` (python bench/quality.py --sweep, SWEEP_SEED 0), pasted from its
+# output. Every entry below must be rerun before the next --write: they were recorded on 96 validation blocks (now
+# all of them), before budgets were matched pairwise and before the grid widened itself, so several
+# configurations changed since (e.g. LoRA at 1% is now r=8) and some optima sit on the grid's edge (prefix 0.1%,
+# parallel 0.1%). Rows added since (placement controls, both AdaLoRA rows, the gated prefix) have no entry yet:
+# --write names every missing one and stops.
 LEARNING_RATES: dict[tuple[str, float | None], float] = {
     ('full', None): 0.003,  # 0.0003: 3.871, 0.001: 3.811, 0.003: 3.782, 0.01: 3.961
     ('bitfit', None): 0.03,  # 0.003: 4.052, 0.01: 4.010, 0.03: 3.980, 0.1: 3.981, 0.3: 3.998
     ('lora', 0.001): 0.03,  # 0.003: 4.056, 0.01: 4.043, 0.03: 4.030, 0.1: 5.365, 0.3: 6.337
     ('lora', 0.01): 0.01,  # 0.003: 4.016, 0.01: 3.999, 0.03: 4.055, 0.1: 5.726, 0.3: 5.965
-    ('adalora', 0.001): 0.1,  # 0.003: 4.121, 0.01: 4.112, 0.03: 4.048, 0.1: 4.035, 0.3: 4.049
-    ('adalora', 0.01): 0.03,  # 0.003: 4.116, 0.01: 4.052, 0.03: 4.007, 0.1: 4.017, 0.3: 4.915
     ('krona', 0.001): 0.03,  # 0.003: 4.074, 0.01: 4.035, 0.03: 4.007, 0.1: 4.028, 0.3: 5.328
     ('krona', 0.01): 0.03,  # 0.003: 4.060, 0.01: 4.019, 0.03: 3.992, 0.1: 4.018, 0.3: 5.377
     ('krona_block', 0.001): 0.1,  # 0.003: 4.104, 0.01: 4.040, 0.03: 3.972, 0.1: 3.953, 0.3: 3.955
@@ -124,6 +160,14 @@ LEARNING_RATES: dict[tuple[str, float | None], float] = {
     ('mam', 0.001): 0.03,  # 0.003: 4.041, 0.01: 3.993, 0.03: 3.974, 0.1: 3.977, 0.3: 3.987
     ('mam', 0.01): 0.03,  # 0.003: 3.978, 0.01: 3.949, 0.03: 3.930, 0.1: 3.950, 0.3: 4.063
 }
+# AdaLoRA's schedules. ADALORA_PAPER is the paper's own setting (init_r = 1.5 x target_r, the final budget for the
+# last third of training), the "adalora_paper" row. The "adalora" row's schedule is the best of ADALORA_GRID on
+# validation (``sweep``) at the learning rate chosen for the paper row, recorded per budget in ADALORA_SCHEDULES
+# (pasted from --sweep's output; none recorded yet).
+ADALORA_PAPER = {"init_ratio": 1.5, "tfinal": ADAPT_STEPS // 3}
+ADALORA_GRID = tuple({"init_ratio": ratio, "tfinal": tfinal}
+                     for ratio in (1.5, 2.0, 4.0) for tfinal in (ADAPT_STEPS // 8, ADAPT_STEPS // 3))
+ADALORA_SCHEDULES: dict[float, dict] = {}
 
 # --bases: how each base keeps its decoder linears; the quantized ones as QuantizationConfig fields.
 BASES = {"fp32": "fp32, as pretrained", "bf16": "rounded to bfloat16 (a 16-bit base)",
@@ -142,35 +186,32 @@ class Corpora:
     b_train: torch.Tensor
     b_val: torch.Tensor
     b_test: torch.Tensor
+    test_documents: torch.Tensor  # b_test's shape: the test document each token comes from (0, 1, ...)
 
 
-def docstrings(source: str) -> str:
-    """Module, class and function docstrings of a Python source, in order, one paragraph each."""
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return ""
-    nodes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
-    return "\n\n".join(d for d in (ast.get_docstring(n) for n in nodes) if d)
+def pack_blocks(texts: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The documents' tokens (EOS after each) concatenated and cut into SEQ-token blocks (only the ids: this
+    bench's blocks are plain windows of the stream), and the index in ``texts`` of the document each token comes
+    from: a block can hold parts of several documents, and the bootstrap resamples documents. ``pack_documents``
+    cuts the stream in order and drops the tail, so the ids are the documents' lengths laid end to end."""
+    from peft_dist.data.packing import pack_documents, tokenize_documents
+
+    rows = tokenize_documents({"text": texts}, tokenizer)
+    blocks = torch.from_numpy(pack_documents(rows, SEQ)["input_ids"]).long()
+    lengths = torch.tensor([len(ids) for ids in rows["input_ids"]])
+    return blocks, torch.arange(len(texts)).repeat_interleave(lengths)[: blocks.numel()].view_as(blocks)
 
 
 def build_corpora(tokenizer) -> Corpora:
-    from peft_dist.data import stdlib_documents
-    from peft_dist.data.packing import pack_documents, tokenize_documents
+    from peft_dist.data import docstring_documents, stdlib_documents
 
-    def pack(texts: list[str]) -> torch.Tensor:
-        """The documents' tokens (EOS after each) concatenated and cut into SEQ-token blocks (only the ids:
-        this bench's blocks are plain windows of the stream)."""
-        return torch.from_numpy(pack_documents(tokenize_documents({"text": texts}, tokenizer), SEQ)["input_ids"]).long()
-
-    modules = stdlib_documents()
-    a = modules[0::2][: PRETRAIN["modules"]]
-    b = [d for d in (docstrings(t) for t in modules[1::2]) if d]
+    a = stdlib_documents()[0::2][: PRETRAIN["modules"]]
+    b = docstring_documents()
     order = torch.randperm(len(b), generator=torch.Generator().manual_seed(0)).tolist()
     tenth = len(b) // 10
     split = {"test": order[:tenth], "val": order[tenth: 2 * tenth], "train": order[2 * tenth:]}
-    blocks = {k: pack([b[i] for i in idx]) for k, idx in split.items()}
-    return Corpora(pack(a), blocks["train"], blocks["val"][:EVAL_BLOCKS], blocks["test"][:EVAL_BLOCKS])
+    blocks = {k: pack_blocks([b[i] for i in idx], tokenizer) for k, idx in split.items()}
+    return Corpora(pack_blocks(a, tokenizer)[0], blocks["train"][0], blocks["val"][0], *blocks["test"])
 
 
 def new_model() -> torch.nn.Module:
@@ -219,21 +260,32 @@ def batches(blocks: torch.Tensor, steps: int, seed: int):
 
 
 @torch.no_grad()
-def block_losses(model: torch.nn.Module, blocks: torch.Tensor) -> list[float]:
-    """Each block's mean next-token loss: the units the paired bootstrap resamples."""
+def token_losses(model: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
+    """The next-token loss of every token of ``blocks`` after each block's first: ``(blocks, SEQ - 1)``."""
     model.eval()
     losses = []
     for x in blocks.split(BATCH):
         logits = model(input_ids=x).logits[:, :-1]
-        token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none")
-        losses += token.mean(dim=1).tolist()
+        losses.append(torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none"))
     model.train()
-    return losses
+    return torch.cat(losses)
 
 
 def mean_loss(model: torch.nn.Module, blocks: torch.Tensor) -> float:
-    """Mean next-token loss over ``blocks`` (equal-length blocks, so the mean of block means)."""
-    return statistics.fmean(block_losses(model, blocks))
+    """Mean next-token loss over ``blocks``."""
+    return token_losses(model, blocks).mean().item()
+
+
+def document_losses(model: torch.nn.Module, blocks: torch.Tensor, documents: torch.Tensor) -> list[float]:
+    """Each document's next-token losses summed (``documents``: the document of every token of ``blocks``; a loss
+    counts for the document of the token predicted): what the test-document bootstrap resamples."""
+    losses = token_losses(model, blocks).double().flatten()
+    return torch.bincount(documents[:, 1:].flatten(), weights=losses).tolist()
+
+
+def document_tokens(documents: torch.Tensor) -> list[int]:
+    """How many tokens of each document ``document_losses`` sums: every token after a block's first."""
+    return torch.bincount(documents[:, 1:].flatten()).tolist()
 
 
 def train(model: torch.nn.Module, blocks: torch.Tensor, steps: int, lr: float, seed: int, hooks: list) -> list[float]:
@@ -265,50 +317,82 @@ def train(model: torch.nn.Module, blocks: torch.Tensor, steps: int, lr: float, s
     return times
 
 
-def pretrained_base(cache: Path, corpora: Corpora) -> tuple[dict, float, Path]:
-    """The base's state dict, its loss on B's test split, and where it is cached (trained on a miss)."""
-    from safetensors.torch import load_file, save_file
+def make_base(corpora: Corpora) -> None:
+    """Pretrain the base on A from PRETRAIN's seed and write it where the package ships it (builtin:stdlib-llama):
+    config, fp32 weights and the tokenizer it was trained on (a copy, so that rebuilding the tiny tokenizer never
+    changes what this base reads); print the weights' sha256 to record as peft_dist/model.py's STDLIB_LLAMA_SHA256."""
+    from safetensors.torch import save_file
 
-    key = hashlib.sha256(json.dumps([asdict(SHAPE), PRETRAIN, SEQ, BATCH], sort_keys=True).encode()).hexdigest()[:12]
-    path = cache / f"quality-base-{key}.safetensors"
-    if not path.is_file():
-        torch.manual_seed(PRETRAIN["seed"])
-        model = new_model()
-        began = time.perf_counter()
-        train(model, corpora.a, PRETRAIN["steps"], PRETRAIN["lr"], PRETRAIN["seed"], [])
-        print(f"pretrained on A: {PRETRAIN['steps']} steps in {time.perf_counter() - began:.0f} s, "
-              f"loss on A's last blocks {mean_loss(model, corpora.a[-EVAL_BLOCKS:]):.3f}", flush=True)
-        cache.mkdir(parents=True, exist_ok=True)
-        save_file(model.state_dict(), str(path))
+    from peft_dist.model import STDLIB_LLAMA, STDLIB_LLAMA_SHA256, TINY_TOKENIZER, file_sha256
+
+    torch.set_num_threads(1)  # whatever --threads says: one thread sums in a fixed order, the same bytes every time
+    torch.manual_seed(PRETRAIN["seed"])
+    model = new_model()
+    began = time.perf_counter()
+    train(model, corpora.a, PRETRAIN["steps"], PRETRAIN["lr"], PRETRAIN["seed"], [])
+    print(f"pretrained on A: {PRETRAIN['steps']} steps in {time.perf_counter() - began:.0f} s, "
+          f"loss on A's last blocks {mean_loss(model, corpora.a[-EVAL_BLOCKS:]):.3f}, "
+          f"on B's test blocks {mean_loss(model, corpora.b_test):.3f}", flush=True)
+    shutil.copytree(TINY_TOKENIZER, STDLIB_LLAMA, dirs_exist_ok=True)
+    weights = STDLIB_LLAMA / "model.safetensors"
+    save_file(model.state_dict(), str(weights))
+    config = model.config
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0  # the tokenizer's <|endoftext|>
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(STDLIB_LLAMA)
+    digest = file_sha256(weights)
+    print(f"{weights.relative_to(REPO)}: sha256 {digest}")
+    print("the same as STDLIB_LLAMA_SHA256 in peft_dist/model.py" if digest == STDLIB_LLAMA_SHA256 else
+          f"differs from the recorded one; set in peft_dist/model.py: STDLIB_LLAMA_SHA256 = \"{digest}\"")
+
+
+def pretrained_base(corpora: Corpora) -> tuple[dict, float, Path]:
+    """The shipped base's state dict (its sha256 checked), its loss on B's test split, and its file (relative to
+    the repository: what RESULTS.md names)."""
+    from safetensors.torch import load_file
+
+    from peft_dist.model import BUILTIN_STDLIB_LLAMA, local_path
+
+    path = Path(local_path(BUILTIN_STDLIB_LLAMA)) / "model.safetensors"
     state = load_file(str(path))
     model = new_model()
     model.load_state_dict(state)
-    return state, mean_loss(model, corpora.b_test), path
+    return state, mean_loss(model, corpora.b_test), path.relative_to(REPO)
 
 
 # ---- methods and budgets --------------------------------------------------------------------------
 
+def adalora_adapters(method: str, target_r: int, schedule: dict) -> list[dict]:
+    """AdaLoRA with final rank ``target_r`` and a ``schedule`` (ADALORA_PAPER's keys): ``init_r = init_ratio x
+    target_r`` rounded up, ADAPT_STEPS // 8 steps at init_r before pruning (tinit), then the budget decays until
+    the last ``tfinal`` steps, which train at the final budget with the pattern fixed."""
+    init_r = math.ceil(schedule["init_ratio"] * target_r)
+    return [{"method": "adalora", "init_r": init_r, "target_r": target_r, "alpha": 2 * init_r,
+             "target_modules": PLACEMENT[method], "tinit": ADAPT_STEPS // 8, "tfinal": schedule["tfinal"],
+             "delta_t": 2}]
+
+
 def candidates(method: str) -> list[list[dict]]:
-    """Every configuration ``match_budgets`` may pick for a method: each is an ``adapters`` list."""
+    """Every configuration ``match_budgets`` may pick for a method: each is an ``adapters`` list. AdaLoRA's are
+    listed with the paper's schedule: its kept count does not depend on the schedule (``plan`` sets the tuned one)."""
     # Kronecker factors: a1, a2 divide 256 and 768, with a1/a2 in {1/2, 1, 2} so that A and B stay near square
     # and kron(A, B) can reach (at least half of) full rank; 1 x n factors would make it a rank-1 update.
     factors = [(2**i, 2**j) for i in range(9) for j in range(9) if abs(i - j) <= 1]
-    adalora_schedule = {"tinit": ADAPT_STEPS // 8, "tfinal": ADAPT_STEPS // 4, "delta_t": 2}
-    if method == "lora":
-        return [[{"method": "lora", "r": r, "alpha": 2 * r, "target_modules": t}] for t in (QV, ALL) for r in range(1, 33)]
-    if method == "adalora":
-        return [[{"method": "adalora", "init_r": math.ceil(1.5 * r), "target_r": r, "alpha": 2 * math.ceil(1.5 * r),
-                  "target_modules": t, **adalora_schedule}] for t in (QV, ALL) for r in range(1, 33)]
-    if method == "krona":
-        return [[{"method": "krona", "a1": a1, "a2": a2, "target_modules": t}] for t in (QV, ALL) for a1, a2 in factors]
+    if method in ("lora", "lora_ffn", "lora_all"):
+        return [[{"method": "lora", "r": r, "alpha": 2 * r, "target_modules": PLACEMENT[method]}] for r in range(1, 33)]
+    if method in ("adalora", "adalora_paper"):
+        return [adalora_adapters(method, r, ADALORA_PAPER) for r in range(1, 33)]
+    if method in ("krona", "krona_ffn", "krona_all"):
+        return [[{"method": "krona", "a1": a1, "a2": a2, "target_modules": PLACEMENT[method]}] for a1, a2 in factors]
     if method in ("krona_block", "krona_block_res"):
         return [[{"method": "krona_block", "a1": a1, "a2": a2, "residual": method == "krona_block_res"}]
                 for a1, a2 in factors]
     if method in ("parallel", "scaled_parallel"):
         scale = 4.0 if method == "scaled_parallel" else 1.0
         return [[{"method": "parallel_adapter", "sublayer": "ffn", "r": r, "scale": scale}] for r in range(1, 65)]
-    if method == "prefix":
-        return [[{"method": "prefix", "length": n, "reparameterize": False}] for n in range(1, 33)]
+    if method in ("prefix", "prefix_gated"):
+        gate = {"gate": True} if method == "prefix_gated" else {}
+        return [[{"method": "prefix", "length": n, "reparameterize": False, **gate}] for n in range(1, 33)]
     if method == "prefix_reparam":
         return [[{"method": "prefix", "length": n, "hidden": PREFIX_MLP}] for n in range(1, 33)]
     if method == "bitfit":
@@ -358,6 +442,14 @@ def counted(method: str, count: Counter) -> list[Option]:
             if 0.5 <= pk / ak <= 2.0]
 
 
+def reachable(method: str, budget: float, count: Counter = parameter_counts) -> bool:
+    """Whether some configuration of ``method`` lies within a factor BUDGET_WINDOW of ``budget`` times the base.
+    The placement controls cannot reach 0.1% on this base (one rank of LoRA on the FFN linears of 4 layers is
+    already 0.33%, KronA there at least 0.29%): they are rows at 1% only, and the table says so."""
+    target = budget * SHAPE.total_params()
+    return any(1 / BUDGET_WINDOW <= kept / target <= BUDGET_WINDOW for _, kept, _ in counted(method, count))
+
+
 def mismatch(x: int, y: int) -> float:
     """How far apart two budgets are: larger / smaller - 1."""
     return max(x, y) / min(x, y) - 1.0
@@ -391,7 +483,8 @@ def match_budgets(methods: tuple[str, ...], budget: float, pairs: list[tuple[str
             return (sum(mismatch(picked[x][1], picked[y][1]) > BUDGET_TOLERANCE for x, y in links),
                     abs(math.log(anchor / target)))
 
-        anchors = {o[1] for m in group for o in options[m] if 0.5 <= o[1] / target <= 2.0} or {target}
+        anchors = {o[1] for m in group for o in options[m]
+                   if 1 / BUDGET_WINDOW <= o[1] / target <= BUDGET_WINDOW} or {target}
         chosen.update(pick(min(anchors, key=score)))
     return chosen
 
@@ -401,8 +494,10 @@ def describe(adapters: list[dict]) -> str:
     a = dict(adapters[0])
     targets = a.pop("target_modules", None)
     keep = {k: v for k, v in a.items()
-            if k in ("r", "target_r", "init_r", "a1", "a2", "length", "hidden", "prefix_length", "scale", "norm")}
-    where = {None: "", str(QV): " on q,v", str(ALL): " on all linears"}[None if targets is None else str(targets)]
+            if k in ("r", "target_r", "init_r", "tfinal", "a1", "a2", "length", "hidden", "prefix_length", "scale",
+                     "norm")}
+    where = {None: "", str(QV): " on q,v", str(FFN): " on FFN linears", str(ALL): " on all linears"}[
+        None if targets is None else str(targets)]
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in keep.items()) + where
 
 
@@ -410,8 +505,9 @@ def describe(adapters: list[dict]) -> str:
 
 def adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: float, seed: int, steps: int,
           validate: bool = False, base: str = "fp32") -> dict:
-    """Adapt a fresh copy of the base (its decoder linears kept as ``base`` says) to B; B's test loss (and
-    validation loss) and the median step time."""
+    """Adapt a fresh copy of the base (its decoder linears kept as ``base`` says) to B; B's test loss (the mean
+    over every test token), each test document's summed loss, the validation loss with ``validate`` and the
+    median step time."""
     from peft_dist.adapters.inject import inject_adapters
     from peft_dist.adapters.registry import build_adapter_config
     from peft_dist.distributed.hooks import make_hooks
@@ -426,8 +522,9 @@ def adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: 
         inject_adapters(model, configs)
         hooks = make_hooks(model, configs, steps)
     times = train(model, corpora.b_train, steps, lr, seed, hooks)
-    blocks = block_losses(model, corpora.b_test)
-    result = {"test": statistics.fmean(blocks), "blocks": blocks, "step_s": statistics.median(times[1:])}
+    documents = document_losses(model, corpora.b_test, corpora.test_documents)
+    result = {"test": math.fsum(documents) / corpora.b_test[:, 1:].numel(), "documents": documents,
+              "step_s": statistics.median(times[1:])}
     if validate:
         result["val"] = mean_loss(model, corpora.b_val)
     return result
@@ -436,10 +533,12 @@ def adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: 
 def plan(methods: tuple[str, ...], budgets: tuple[float, ...],
          count: Counter = parameter_counts) -> list[tuple[str, float | None, list[dict], int, int]]:
     """(method, budget, adapters, kept, trained) of every row: full fine-tuning and BitFit have one size; the
-    others are matched per budget by ``match_budgets`` over the pairs the claims compare."""
+    others are matched per budget by ``match_budgets`` over the pairs the claims compare, at the budgets they
+    can reach (``reachable``)."""
     sized = tuple(m for m in methods if m not in ("full", "bitfit"))
     pairs = compared_pairs(budgets)
-    matched = {b: match_budgets(sized, b, [(x, y) for x, y, c in pairs if c == b and {x, y} <= set(sized)], count)
+    at = {b: tuple(m for m in sized if reachable(m, b, count)) for b in budgets}
+    matched = {b: match_budgets(at[b], b, [(x, y) for x, y, c in pairs if c == b and {x, y} <= set(at[b])], count)
                for b in budgets}
     rows = []
     for method in methods:
@@ -449,8 +548,27 @@ def plan(methods: tuple[str, ...], budgets: tuple[float, ...],
             (adapters,) = candidates("bitfit")
             rows.append((method, None, adapters, *count(adapters)))
         else:
-            rows += [(method, b, *matched[b][method]) for b in budgets]
+            for b in (b for b in budgets if method in matched[b]):
+                adapters, kept, trained = matched[b][method]
+                if method == "adalora" and b in ADALORA_SCHEDULES:  # the schedule --sweep chose (kept is the same)
+                    adapters = adalora_adapters(method, adapters[0]["target_r"], ADALORA_SCHEDULES[b])
+                    kept, trained = count(adapters)
+                rows.append((method, b, adapters, kept, trained))
     return rows
+
+
+def learning_rates(rows: list, quick: bool) -> dict[tuple[str, float | None], float]:
+    """Each row's learning rate from LEARNING_RATES; with ``quick`` (a check that the script runs, not a
+    measurement) the middle of the sweep's starting grid, so that --quick needs nothing recorded. Stops, naming
+    each, when --sweep has not recorded a row's rate or the "adalora" row's schedule."""
+    if quick:
+        return {(m, b): initial_grid(m)[len(initial_grid(m)) // 2] for m, b, *_ in rows}
+    missing = [f"LEARNING_RATES[{m!r}, {b}]" for m, b, *_ in rows if (m, b) not in LEARNING_RATES]
+    missing += [f"ADALORA_SCHEDULES[{b}]" for m, b, *_ in rows if m == "adalora" and b not in ADALORA_SCHEDULES]
+    if missing:
+        raise SystemExit(f"nothing recorded for {', '.join(missing)}: run python bench/quality.py --sweep and paste "
+                         "the entries it prints into LEARNING_RATES and ADALORA_SCHEDULES (bench/quality.py)")
+    return {(m, b): LEARNING_RATES[m, b] for m, b, *_ in rows}
 
 
 def best_learning_rate(score: Callable[[float], float], grid: tuple[float, ...],
@@ -474,45 +592,87 @@ def best_learning_rate(score: Callable[[float], float], grid: tuple[float, ...],
         scores[grown] = finite(grown)
 
 
+def initial_grid(method: str) -> tuple[float, ...]:
+    """The learning rates ``sweep`` starts from (``best_learning_rate`` widens them); plain prefix vectors, gated
+    or not, need far larger steps."""
+    if method == "full":
+        return 3e-4, 1e-3, 3e-3, 1e-2
+    if method in ("prefix", "prefix_gated"):
+        return 3e-2, 1e-1, 3e-1, 1.0, 3.0
+    return 3e-3, 1e-2, 3e-2, 1e-1, 3e-1
+
+
 def sweep(rows: list, state: dict, corpora: Corpora) -> None:
-    """Each row's validation loss over a widening learning-rate grid (seed SWEEP_SEED, never a reported seed);
-    prints the LEARNING_RATES entries."""
+    """Each row's validation loss over a widening learning-rate grid (seed SWEEP_SEED, never a reported seed).
+    The "adalora" row first gets its schedule: the best of ADALORA_GRID at the learning rate chosen for the paper's
+    schedule ("adalora_paper"), then its own learning rate at that schedule. Prints the LEARNING_RATES and
+    ADALORA_SCHEDULES entries as they come, then each table's entries together, to paste."""
+    seen: dict[tuple[str, float], float] = {}
+
+    def validation(method: str, adapters: list[dict], lr: float) -> float:
+        """Memoized by configuration and rate: the AdaLoRA rows meet the paper schedule's runs again."""
+        key = (json.dumps(adapters, sort_keys=True), lr)
+        if key not in seen:
+            seen[key] = adapt(method, adapters, state, corpora, lr, SWEEP_SEED, ADAPT_STEPS, validate=True)["val"]
+        return seen[key]
+
+    def tuned(method: str, adapters: list[dict]) -> tuple[float, dict[float, float]]:
+        return best_learning_rate(lambda lr: validation(method, adapters, lr), initial_grid(method))
+
+    rates, schedules = [], []
     for method, budget, adapters, *_ in rows:
-        grid = {"full": (3e-4, 1e-3, 3e-3, 1e-2), "prefix": (3e-2, 1e-1, 3e-1, 1.0, 3.0)}.get(
-            method, (3e-3, 1e-2, 3e-2, 1e-1, 3e-1))  # plain prefix vectors need far larger steps
-        best, scores = best_learning_rate(
-            lambda lr: adapt(method, adapters, state, corpora, lr, SWEEP_SEED, ADAPT_STEPS, validate=True)["val"], grid)
-        print(f"    ({method!r}, {budget}): {best:g},  # "
-              + ", ".join(f"{lr:g}: {scores[lr]:.3f}" for lr in sorted(scores)), flush=True)
+        if method == "adalora":
+            target_r = adapters[0]["target_r"]
+            paper_lr, _ = tuned("adalora_paper", adalora_adapters("adalora_paper", target_r, ADALORA_PAPER))
+            losses = [validation(method, adalora_adapters(method, target_r, s), paper_lr) for s in ADALORA_GRID]
+            schedule = ADALORA_GRID[losses.index(min(losses))]
+            adapters = adalora_adapters(method, target_r, schedule)
+            schedules.append(f"    {budget}: {schedule},  # at lr {paper_lr:g}: " + ", ".join(
+                f"init_r {s['init_ratio']:g} x, tfinal {s['tfinal']}: {v:.3f}" for s, v in zip(ADALORA_GRID, losses)))
+            print(schedules[-1], flush=True)
+        best, scores = tuned(method, adapters)
+        rates.append(f"    ({method!r}, {budget}): {best:g},  # "
+                     + ", ".join(f"{lr:g}: {scores[lr]:.3f}" for lr in sorted(scores)))
+        print(rates[-1], flush=True)
+    print("\nLEARNING_RATES entries:", *rates, "ADALORA_SCHEDULES entries:", *schedules, sep="\n")
 
 
 def compared_pairs(budgets: tuple[float, ...]) -> list[tuple[str, str, float]]:
-    """The papers' claims as (x, y, budget): "x reaches a lower held-out loss than y at budget"."""
+    """The claims as (x, y, budget): "x reaches a lower held-out loss than y at budget": the papers', the gated
+    prefix's (does prefix tuning's initialization explain its weakness?) and the placement controls'."""
     pairs = [("krona", "lora", b) for b in budgets] + [("krona_block", "krona", b) for b in budgets]
-    pairs += [("krona_block_res", "krona_block", b) for b in budgets] + [("adalora", "lora", min(budgets))]
+    pairs += [("krona_block_res", "krona_block", b) for b in budgets]
+    pairs += [(adalora, "lora", b) for adalora in ("adalora", "adalora_paper") for b in budgets]
     pairs += [("scaled_parallel", "parallel", b) for b in budgets]
     pairs += [("mam", part, b) for b in budgets for part in ("prefix", "scaled_parallel")]
-    pairs += [("prefix_reparam", "parallel", min(budgets))]
+    pairs += [("prefix_reparam", "parallel", min(budgets))] + [("prefix_gated", "prefix", b) for b in budgets]
+    # Placement controls: one method at two placements (q,v vs FFN vs all linears), then two methods at one
+    # placement (KronA^B and the parallel adapter sit at the FFN), so that placement and method are told apart.
+    pairs += [(x, y, b) for b in budgets for x, y in (
+        ("lora_ffn", "lora"), ("lora_all", "lora"), ("krona_ffn", "krona"), ("krona_all", "krona"),
+        ("krona_block", "krona_ffn"), ("parallel", "lora_ffn"), ("krona_ffn", "lora_ffn"), ("krona_all", "lora_all"))]
     return pairs
 
 
-def seed_averaged(blocks: list[list[float]]) -> list[float]:
-    """Each test block's loss averaged over the seeds (``blocks[seed][block]``): one paired unit per block."""
-    return [statistics.fmean(losses) for losses in zip(*blocks)]
+def seed_averaged(documents: list[list[float]]) -> list[float]:
+    """Each test document's summed loss averaged over the seeds (``documents[seed][document]``): one paired unit
+    per document."""
+    return [statistics.fmean(losses) for losses in zip(*documents)]
 
 
-def claims(results: dict, budgets: tuple[float, ...]) -> list[str]:
+def claims(results: dict, budgets: tuple[float, ...], tokens: list[int]) -> list[str]:
     """Each claim judged by bench/stats.py's rule, Holm-adjusted over the claims whose budgets match.
 
     ``results[method, budget]`` holds ``kept`` (parameters), ``seeds`` (test loss per seed, in SEEDS order: runs
-    of one seed share data order, so they are paired by seed) and ``blocks`` (per-test-block loss per seed)."""
+    of one seed share data order, so they are paired by seed) and ``documents`` (each test document's summed loss,
+    per seed); ``tokens``: each test document's tokens (``document_tokens``)."""
     pairs = [(x, y, b) for x, y, b in compared_pairs(budgets) if (x, b) in results and (y, b) in results]
     tests = {}
     for x, y, b in pairs:
         rx, ry = results[x, b], results[y, b]
         if mismatch(rx["kept"], ry["kept"]) <= BUDGET_TOLERANCE and len(rx["seeds"]) > 1:
-            tests[x, y, b] = (stats.paired_t(rx["seeds"], ry["seeds"]),
-                              stats.paired_bootstrap(seed_averaged(rx["blocks"]), seed_averaged(ry["blocks"])))
+            tests[x, y, b] = (stats.paired_t(rx["seeds"], ry["seeds"]), stats.document_bootstrap(
+                seed_averaged(rx["documents"]), seed_averaged(ry["documents"]), tokens))
     adjusted = dict(zip(tests, stats.holm([t.p for t, _ in tests.values()])))
     lines = []
     for x, y, b in pairs:
@@ -526,37 +686,38 @@ def claims(results: dict, budgets: tuple[float, ...]) -> list[str]:
             continue
         (test, (low, high)), p = tests[x, y, b], adjusted[x, y, b]
         lines.append(f"{head}; paired difference {test.mean:+.3f} (95% CI {test.low:+.3f} to {test.high:+.3f}, "
-                     f"p {test.p:.3g}, Holm {p:.3g}; test-block bootstrap {low:+.3f} to {high:+.3f}): "
+                     f"p {test.p:.3g}, Holm {p:.3g}; test-document bootstrap {low:+.3f} to {high:+.3f}): "
                      f"{stats.outcome(test, p)}")
     return lines
 
 
 # ---- bases (--bases) ------------------------------------------------------------------------------
 
-def bases_study(rows: list, state: dict, corpora: Corpora, seeds: tuple[int, ...], steps: int) -> list[str]:
+def bases_study(rows: list, rates: dict, state: dict, corpora: Corpora, seeds: tuple[int, ...],
+                steps: int) -> list[str]:
     """The --bases table, printed row by row, then its claims: every base's held-out loss before adaptation and
-    after each LoRA row of ``rows`` (the table's configurations and learning rates), every seed."""
-    before = {base: block_losses(base_model(state, base), corpora.b_test) for base in BASES}
-    lines = [f"| base | decoder linears | before adaptation | before, minus {REFERENCE} (test-block 95% CI) | "
-             + " | ".join(f"after LoRA {b:.1%} ({describe(a)}, lr {LEARNING_RATES[m, b]:g})" for m, b, a, *_ in rows)
+    after each LoRA row of ``rows`` (the table's configurations and learning rates, ``rates``), every seed."""
+    tokens = document_tokens(corpora.test_documents)
+    before = {base: document_losses(base_model(state, base), corpora.b_test, corpora.test_documents) for base in BASES}
+    mean = {base: math.fsum(before[base]) / sum(tokens) for base in BASES}
+    lines = [f"| base | decoder linears | before adaptation | before, minus {REFERENCE} (test-document 95% CI) | "
+             + " | ".join(f"after LoRA {b:.1%} ({describe(a)}, lr {rates[m, b]:g})" for m, b, a, *_ in rows)
              + " |", "|---" * (4 + len(rows)) + "|"]
     print("\n".join(lines), flush=True)
     results = {}
     for base in BASES:
         cells = []
         for method, budget, adapters, *_ in rows:
-            runs = [adapt(method, adapters, state, corpora, LEARNING_RATES[method, budget], seed, steps, base=base)
+            runs = [adapt(method, adapters, state, corpora, rates[method, budget], seed, steps, base=base)
                     for seed in seeds]
             losses = [r["test"] for r in runs]
-            results[base, budget] = {"seeds": losses, "blocks": [r["blocks"] for r in runs]}
+            results[base, budget] = {"seeds": losses, "documents": [r["documents"] for r in runs]}
             cells.append(f"{statistics.mean(losses):.4f} ± {statistics.stdev(losses):.4f}")
-        low, high = stats.paired_bootstrap(before[base], before[REFERENCE])
-        shift = (f"{statistics.fmean(before[base]) - statistics.fmean(before[REFERENCE]):+.4f} "
-                 f"({low:+.4f} to {high:+.4f})" if base != REFERENCE else "-")
-        lines.append(f"| {base} | {BASES[base]} | {statistics.fmean(before[base]):.4f} | {shift} | "
-                     f"{' | '.join(cells)} |")
+        low, high = stats.document_bootstrap(before[base], before[REFERENCE], tokens)
+        shift = f"{mean[base] - mean[REFERENCE]:+.4f} ({low:+.4f} to {high:+.4f})" if base != REFERENCE else "-"
+        lines.append(f"| {base} | {BASES[base]} | {mean[base]:.4f} | {shift} | {' | '.join(cells)} |")
         print(lines[-1], flush=True)
-    verdicts = base_claims(results, tuple(b for _, b, *_ in rows))
+    verdicts = base_claims(results, tuple(b for _, b, *_ in rows), tokens)
     lines += ["", f"Claims (lower loss is better; paired by seed over {len(seeds)} seeds; \"matches\" when the "
               f"difference is shown to lie within ±{stats.MIN_EFFECT} nats: the TOST p, Holm-adjusted over these "
               f"claims, < {stats.ALPHA}; \"worse\" / \"better\" when the Holm-adjusted t-test p < {stats.ALPHA}, "
@@ -566,13 +727,13 @@ def bases_study(rows: list, state: dict, corpora: Corpora, seeds: tuple[int, ...
     return lines
 
 
-def base_claims(results: dict, budgets: tuple[float, ...]) -> list[str]:
+def base_claims(results: dict, budgets: tuple[float, ...], tokens: list[int]) -> list[str]:
     """Each base against REFERENCE at each budget, judged by ``stats.equivalence``; the t-test and the TOST
     p-values are each Holm-adjusted over these claims.
 
     ``results[base, budget]`` holds ``seeds`` (test loss per seed, in seed order: the runs of a seed share data
-    order and LoRA initialization on every base, so they are paired by seed) and ``blocks`` (per-test-block
-    loss per seed)."""
+    order and LoRA initialization on every base, so they are paired by seed) and ``documents`` (each test
+    document's summed loss, per seed); ``tokens``: each test document's tokens."""
     keys = [(base, b) for b in budgets for base in BASES if base != REFERENCE]
     tests = {(base, b): stats.paired_t(results[base, b]["seeds"], results[REFERENCE, b]["seeds"]) for base, b in keys}
     adjusted = dict(zip(keys, stats.holm([tests[k].p for k in keys])))
@@ -580,12 +741,12 @@ def base_claims(results: dict, budgets: tuple[float, ...]) -> list[str]:
     lines = []
     for base, b in keys:
         x, y, test = results[base, b], results[REFERENCE, b], tests[base, b]
-        low, high = stats.paired_bootstrap(seed_averaged(x["blocks"]), seed_averaged(y["blocks"]))
+        low, high = stats.document_bootstrap(seed_averaged(x["documents"]), seed_averaged(y["documents"]), tokens)
         lines.append(f"{base} vs {REFERENCE} at {b:.1%}: {statistics.fmean(x['seeds']):.4f} vs "
                      f"{statistics.fmean(y['seeds']):.4f}; paired difference {test.mean:+.4f} (95% CI "
                      f"{test.low:+.4f} to {test.high:+.4f}, p {test.p:.3g}, Holm {adjusted[base, b]:.3g}; within "
                      f"±{stats.MIN_EFFECT}: TOST p {stats.equivalence_p(test):.3g}, Holm {equivalent[base, b]:.3g}; "
-                     f"test-block bootstrap {low:+.4f} to {high:+.4f}): "
+                     f"test-document bootstrap {low:+.4f} to {high:+.4f}): "
                      f"{stats.equivalence(test, adjusted[base, b], equivalent[base, b])}")
     return lines
 
@@ -602,13 +763,13 @@ def bases_header(argv: str, minutes: float, path: Path, seeds: tuple[int, ...], 
         f"{torch.get_num_threads()}, torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}). CPU flags "
         "(`grep -m1 flags /proc/cpuinfo`):", "", "```", flags, "```", "",
         f"LoRA as the methods table sets it (`plan`'s configuration, `LEARNING_RATES`, the same data order), seeds "
-        f"{', '.join(map(str, seeds))}, {steps} steps, each from the same pretrained base ({path.name}) whose decoder "
+        f"{', '.join(map(str, seeds))}, {steps} steps, each from the same pretrained base ({path}) whose decoder "
         "linears (q, k, v, o, gate, up and down of every layer: what the trainer's `all-linear` quantizes) are kept "
         "as the \"decoder linears\" column says, quantized by peft_dist's `quantize_model` as the trainer calls it. "
         "Embeddings, norms and lm_head stay fp32 and every base computes in fp32, so the bases differ only in how "
         "those weights are stored; \"bf16\" is the fp32 weights rounded to bfloat16, the weights a 16-bit base "
         "holds. \"before adaptation\" is the base's held-out loss on B: the storage's own cost, with a bootstrap "
-        "over test blocks of its difference to bf16.", ""]
+        "over test documents of its difference to bf16.", ""]
 
 
 def with_bases_section(previous: str, lines: list[str]) -> str:
@@ -625,33 +786,39 @@ def with_bases_section(previous: str, lines: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 seeds, 0.1%% budget, 5 methods, short pretraining")
-    parser.add_argument("--sweep", action="store_true", help="learning-rate sweep on B's validation split")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 seeds, 0.1%% budget, 6 methods, 16 steps, learning rates not from the sweep")
+    parser.add_argument("--sweep", action="store_true",
+                        help="learning rates (and AdaLoRA's schedule) on B's validation split, to paste")
     parser.add_argument("--bases", action="store_true",
                         help="LoRA on fp32, bf16, int8 and NF4 bases instead of the methods table")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "peft-dist-bench",
-                        help="where the pretrained base is kept")
+    parser.add_argument("--make-base", action="store_true",
+                        help="pretrain the base on A, write it as builtin:stdlib-llama and print its sha256")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", type=Path, help="write the results as Markdown to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     methods, budgets, seeds, steps = METHODS, BUDGETS, SEEDS, ADAPT_STEPS
     if args.quick:
-        methods, budgets, seeds = ("lora", "krona", "parallel", "scaled_parallel", "prefix"), (0.001,), (1, 2)
+        methods = ("lora", "krona", "parallel", "scaled_parallel", "prefix", "prefix_gated")
+        budgets, seeds = (0.001,), (1, 2)
         steps = 16
-        PRETRAIN["steps"] = 60
 
     from peft_dist.model import load_tokenizer
 
     began = time.perf_counter()
     corpora = build_corpora(load_tokenizer(str(REPO / "peft_dist" / "assets" / "tiny_tokenizer")))
-    state, base_loss, path = pretrained_base(args.cache, corpora)
+    if args.make_base:
+        make_base(corpora)
+        return
+    state, base_loss, path = pretrained_base(corpora)
     rows = plan(methods, budgets)
     if args.sweep:
         sweep(rows, state, corpora)
         return
     if args.bases:
-        lines = bases_study([r for r in rows if r[0] == "lora"], state, corpora, seeds, steps)
+        lora = [r for r in rows if r[0] == "lora"]
+        lines = bases_study(lora, learning_rates(lora, args.quick), state, corpora, seeds, steps)
         minutes = (time.perf_counter() - began) / 60
         print(f"\ntotal {minutes:.0f} min")
         if args.write:
@@ -659,11 +826,17 @@ def main() -> None:
             header = bases_header(" ".join(sys.argv[1:]), minutes, path, seeds, steps)
             args.write.write_text(with_bases_section(previous, header + lines))
         return
+    rates, tokens = learning_rates(rows, args.quick), document_tokens(corpora.test_documents)
+    planned = {(m, b) for m, b, *_ in rows}
+    unreachable = {b: [NAMES[m] for m in methods if m not in ("full", "bitfit") and (m, b) not in planned]
+                   for b in budgets}
+    skipped = "".join(f" Not run at {b:.1%} (no configuration within a factor {BUDGET_WINDOW:g} of it): "
+                      f"{', '.join(names)}." for b, names in unreachable.items() if names)
     lines = [f"Base: {SHAPE.layers}-layer Llama, hidden {SHAPE.hidden}, FFN {SHAPE.intermediate}, vocab {SHAPE.vocab}, "
              f"{SHAPE.total_params():,} parameters, pretrained {PRETRAIN['steps']} steps on A ({path}). "
              f"Adaptation: {steps} steps of {BATCH} x {SEQ} tokens of B, seeds {', '.join(map(str, seeds))}; "
-             f"{len(corpora.b_train)} training blocks of B, loss on {len(corpora.b_test)} test blocks. "
-             f"{torch.get_num_threads()} threads.", "",
+             f"{len(corpora.b_train)} training blocks of B, loss on all {len(corpora.b_test)} test blocks "
+             f"({len(tokens)} documents, {sum(tokens):,} tokens). {torch.get_num_threads()} threads.{skipped}", "",
              f"Held-out loss on B of the base before adaptation: {base_loss:.3f}", "",
              "| method | budget | configuration | kept params | % of base | trained params | lr "
              "| held-out loss on B (mean ± std) | step (ms) |",
@@ -671,18 +844,18 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     results = {}
     for method, budget, adapters, kept, trained in rows:
-        lr = LEARNING_RATES[method, budget]
+        lr = rates[method, budget]
         runs = [adapt(method, adapters, state, corpora, lr, seed, steps) for seed in seeds]
         losses = [r["test"] for r in runs]
         spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
-        results[method, budget] = {"kept": kept, "seeds": losses, "blocks": [r["blocks"] for r in runs]}
+        results[method, budget] = {"kept": kept, "seeds": losses, "documents": [r["documents"] for r in runs]}
         step_ms = 1e3 * statistics.mean(r["step_s"] for r in runs)
         line = (f"| {NAMES[method]} | {'-' if budget is None else f'{budget:.1%}'} | {describe(adapters) if adapters else 'all'} "
                 f"| {kept:,} | {100 * kept / SHAPE.total_params():.3f}% | {trained:,} | {lr:g} | "
                 f"{statistics.mean(losses):.3f} ± {spread:.3f} | {step_ms:.0f} |")
         lines.append(line)
         print(line, flush=True)
-    verdicts = claims(results, budgets)
+    verdicts = claims(results, budgets, tokens)
     lines += ["", f"Claims (lower loss is better; paired by seed over {len(seeds)} seeds, Holm-adjusted over the "
               f"compared claims; holds when Holm p < {stats.ALPHA}, the 95% CI excludes 0 and the difference is at "
               f"least {stats.MIN_EFFECT} nats, see bench/stats.py):", ""]

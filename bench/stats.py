@@ -11,8 +11,13 @@ claim in the table). A claim
 - is "reversed" when the same holds in the other direction;
 - is "not shown" otherwise.
 
-A paired bootstrap over test blocks (the same blocks evaluated for both methods) is reported beside it: it
-shows how much of the difference would survive another draw of test text, which the seeds do not vary.
+A paired bootstrap over test documents is reported beside it: it shows how much of the difference would
+survive another draw of test text, which the seeds do not vary. The unit resampled is the document, not the
+128-token block: blocks are windows of one stream, so neighbouring blocks share documents and are not
+independent draws. Its statistic is the token-weighted mean loss difference (each resample's summed
+differences over its summed tokens), the same average the reported losses take, so the full sample gives
+exactly the difference of the two reported means; a document-mean statistic would weight a 20-token
+docstring like a 6,000-token one.
 
 An equivalence claim "x matches y" (QLoRA's NF4 base against a 16-bit one) is judged on the same differences
 by two one-sided t tests (TOST) against the margin +-MIN_EFFECT, whose p-values are Holm-Bonferroni adjusted
@@ -107,14 +112,21 @@ def paired_t(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> Pai
     return Paired(mean, mean - half, mean + half, p, n, se)
 
 
-def paired_bootstrap(x: Sequence[float], y: Sequence[float], resamples: int = 2000, seed: int = 0,
-                     level: float = 0.95) -> tuple[float, float]:
-    """Percentile CI of mean(x - y) when the paired units (test blocks) are resampled with replacement."""
-    if len(x) != len(y) or not x:
-        raise ValueError(f"need two equal-length, non-empty samples, got {len(x)} and {len(y)}")
-    d = [a - b for a, b in zip(x, y)]
+def document_bootstrap(x: Sequence[float], y: Sequence[float], tokens: Sequence[int], resamples: int = 2000,
+                       seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile CI of the token-weighted mean difference sum(x - y) / sum(tokens) when the documents are
+    resampled with replacement. ``x[i]``, ``y[i]``: the two methods' losses summed over document ``i``'s
+    ``tokens[i]`` tokens (the same tokens for both: the pairing)."""
+    if not len(x) == len(y) == len(tokens) or not x or min(tokens) < 1:
+        raise ValueError(f"need equal-length, non-empty samples and at least one token per document, got {len(x)}, "
+                         f"{len(y)} and {len(tokens)} documents, fewest tokens {min(tokens, default=None)}")
+    units = [(a - b, n) for a, b, n in zip(x, y, tokens)]
     rng = random.Random(seed)
-    means = sorted(statistics.fmean(rng.choices(d, k=len(d))) for _ in range(resamples))
+    means = []
+    for _ in range(resamples):
+        drawn = rng.choices(units, k=len(units))
+        means.append(sum(d for d, _ in drawn) / sum(n for _, n in drawn))
+    means.sort()
     tail = (1.0 - level) / 2
     return means[int(tail * resamples)], means[min(resamples - 1, int((1.0 - tail) * resamples))]
 

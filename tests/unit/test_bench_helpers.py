@@ -1,9 +1,12 @@
 """Pure helpers of the bench scripts: budget matching, claims and the learning-rate sweep (bench/quality.py) and the
 scaling fit (bench/scaling.py)."""
+import ast
 import math
 import sys
+import types
 
 import pytest
+import torch
 
 from tests.multiproc import REPO
 
@@ -31,8 +34,8 @@ def kept_by_formula(adapter: dict) -> int:
         return layers * (a1 * a2 + (d // a1) * (d // a2) + adapter["residual"])
     if method == "parallel_adapter":  # down (r, d) + bias r, up (d, r) + bias d, per layer
         return layers * (2 * d * adapter["r"] + adapter["r"] + d)
-    if method == "prefix":  # P_k and P_v: l vectors of width d per layer, the MLP folded away
-        return layers * 2 * adapter["length"] * d
+    if method == "prefix":  # P_k and P_v: l vectors of width d per layer, the MLP folded away; a gate per head
+        return layers * (2 * adapter["length"] * d + adapter.get("gate", False) * quality.SHAPE.heads)
     if method == "bitfit":  # two RMSNorm weights per layer and the final one
         return (2 * layers + 1) * d
     raise ValueError(method)
@@ -47,8 +50,12 @@ def by_formula(adapters: list[dict]) -> tuple[int, int]:
 
 @pytest.mark.parametrize("adapters", [
     [{"method": "lora", "r": 3, "alpha": 6, "target_modules": quality.ALL}],
+    [{"method": "lora", "r": 2, "alpha": 4, "target_modules": quality.FFN}],
     [{"method": "krona", "a1": 4, "a2": 8, "target_modules": quality.ALL}],
+    [{"method": "krona", "a1": 64, "a2": 64, "target_modules": quality.FFN}],
+    quality.adalora_adapters("adalora", 5, {"init_ratio": 4.0, "tfinal": 12}),
     [{"method": "parallel_adapter", "sublayer": "ffn", "r": 5, "scale": 4.0}],
+    [{"method": "prefix", "length": 3, "reparameterize": False, "gate": True}],
     [{"method": "bitfit", "norm": True}],
 ])
 def test_formulas_agree_with_the_injected_model(adapters):
@@ -71,22 +78,75 @@ def test_mam_is_counted_as_its_two_parts():
     assert quality.parameter_counts([mam]) == (kept, trained) == (prefix[0] + adapter[0], prefix[1] + adapter[1])
 
 
-# Pairs no configuration can match: MAM's count is prefixes (2,048 each) plus an adapter (2,052 r + 1,024), half a
-# prefix off; KronA^B has 2,048 / 2,560 / 4,352 near 0.1%, KronA 4,096 / 5,120.
-UNMATCHABLE = {("krona_block", "krona", 0.001), ("mam", "prefix", 0.001), ("prefix_reparam", "parallel", 0.001)}
+# Pairs no two configurations can match: MAM's count is prefixes (2,048 each) plus an adapter (2,052 r + 1,024),
+# half a prefix off; KronA^B has 2,048 / 2,560 / 4,352 near 0.1%, KronA 4,096 / 5,120. Near 1% KronA on q,v has
+# 32,896 / 65,600, on the FFN 19,968 / 25,728 / 37,632 / 49,728, on all linears 20,480 / 20,992 / 30,208 /
+# 32,000 / 55,040 / 59,008, and KronA^B 32,800 / 65,552.
+UNMATCHABLE = {("krona_block", "krona", 0.001), ("mam", "prefix", 0.001), ("prefix_reparam", "parallel", 0.001),
+               ("krona_ffn", "krona", 0.01), ("krona_all", "krona", 0.01), ("krona_block", "krona_ffn", 0.01)}
+# Pairs each matchable alone, not together with the rest: LoRA on q,v is 4,096 r, so it meets KronA (r = 8 or 16),
+# LoRA on the FFN (12,288 r: r a multiple of 3) and on all linears (20,480 r: a multiple of 5) at no common r.
+# At r = 15 it meets both placement controls, whose 61,440 neither KronA on the FFN nor on all linears can meet.
+CONFLICTING = {("krona", "lora", 0.01), ("krona_ffn", "lora_ffn", 0.01), ("krona_all", "lora_all", 0.01)}
+PLACEMENT_CONTROLS = ("lora_ffn", "lora_all", "krona_ffn", "krona_all")
+
+
+def fewest_unmatched(budget: float) -> int:
+    """The fewest compared pairs any choice of configurations (within the factor-2 window) leaves unmatched at
+    ``budget``: a depth-first search over the methods, cut off when it cannot beat the best found."""
+    target = budget * quality.SHAPE.total_params()
+    counts = {m: sorted({k for _, k, _ in quality.counted(m, by_formula) if 0.5 <= k / target <= 2.0})
+              for m in quality.METHODS if m not in ("full", "bitfit")}
+    counts = {m: c for m, c in counts.items() if c}
+    pairs = [(x, y) for x, y, b in quality.compared_pairs(quality.BUDGETS) if b == budget and {x, y} <= set(counts)]
+    order = sorted(counts, key=lambda m: (-sum(m in pair for pair in pairs), len(counts[m])))
+    best = len(pairs)
+
+    def search(i: int, chosen: dict[str, int], unmatched: int) -> None:
+        nonlocal best
+        if unmatched >= best:
+            return
+        if i == len(order):
+            best = unmatched
+            return
+        for count in counts[order[i]]:
+            chosen[order[i]] = count
+            search(i + 1, chosen, unmatched + sum(quality.mismatch(chosen[x], chosen[y]) > quality.BUDGET_TOLERANCE
+                                                  for x, y in pairs if order[i] in (x, y) and {x, y} <= set(chosen)))
+            del chosen[order[i]]
+
+    search(0, {}, 0)
+    return best
 
 
 def test_planned_pairs_are_matched_within_two_percent():
     rows = quality.plan(quality.METHODS, quality.BUDGETS, by_formula)
     kept = {(method, budget): k for method, budget, _, k, _ in rows}
-    for x, y, b in quality.compared_pairs(quality.BUDGETS):
+    assert not any((m, 0.001) in kept for m in PLACEMENT_CONTROLS)  # their smallest configuration is over 2x
+    assert all((m, 0.01) in kept for m in PLACEMENT_CONTROLS)
+    planned = [(x, y, b) for x, y, b in quality.compared_pairs(quality.BUDGETS) if (x, b) in kept and (y, b) in kept]
+    for x, y, b in planned:
         target = b * quality.SHAPE.total_params()
         assert 0.5 <= kept[x, b] / target <= 2.0 and 0.5 <= kept[y, b] / target <= 2.0
-        if (x, y, b) in UNMATCHABLE:  # the planner is not lazy: no two configurations in the window match
-            near = {m: [k for _, k, _ in quality.counted(m, by_formula) if 0.5 <= k / target <= 2.0] for m in (x, y)}
-            assert min(quality.mismatch(i, j) for i in near[x] for j in near[y]) > quality.BUDGET_TOLERANCE
-        else:
-            assert quality.mismatch(kept[x, b], kept[y, b]) <= quality.BUDGET_TOLERANCE, (x, y, b)
+    unmatched = {p for p in planned if quality.mismatch(kept[p[0], p[2]], kept[p[1], p[2]]) > quality.BUDGET_TOLERANCE}
+    assert unmatched == UNMATCHABLE | CONFLICTING
+    for x, y, b in UNMATCHABLE:  # no two configurations in the window match
+        target = b * quality.SHAPE.total_params()
+        near = {m: [k for _, k, _ in quality.counted(m, by_formula) if 0.5 <= k / target <= 2.0] for m in (x, y)}
+        assert min(quality.mismatch(i, j) for i in near[x] for j in near[y]) > quality.BUDGET_TOLERANCE
+    for b in quality.BUDGETS:  # the planner is not lazy: no choice of configurations leaves fewer unmatched
+        assert sum(p[2] == b for p in unmatched) == fewest_unmatched(b)
+
+
+def test_adalora_rows_take_the_recorded_schedule(monkeypatch):
+    paper = {m: o for m, b, *o in quality.plan(("adalora", "adalora_paper"), (0.01,), by_formula)}
+    assert paper["adalora"] == paper["adalora_paper"]  # before --sweep records a schedule: the paper's
+    monkeypatch.setitem(quality.ADALORA_SCHEDULES, 0.01, {"init_ratio": 4.0, "tfinal": 12})
+    rows = {m: o for m, b, *o in quality.plan(("adalora", "adalora_paper"), (0.01,), by_formula)}
+    (tuned,), kept, _ = rows["adalora"]
+    (fixed,), paper_kept, _ = rows["adalora_paper"]
+    assert (tuned["init_r"], tuned["tfinal"]) == (4 * tuned["target_r"], 12) and kept == paper_kept
+    assert (fixed["init_r"], fixed["tfinal"]) == (math.ceil(1.5 * fixed["target_r"]), quality.ADAPT_STEPS // 3)
 
 
 def test_adalora_is_counted_at_its_final_budget():
@@ -107,12 +167,6 @@ def test_fitted_exponent_recovers_a_power_law():
     assert scaling.fitted_exponent([1, 2, 4], [5.0, 5.0, 5.0]) == pytest.approx(0.0)
 
 
-def test_docstrings_keeps_only_docstrings():
-    source = '"""Module."""\nx = 1\n\nclass A:\n    """Class."""\n    def f(self):\n        """Function."""\n        return "not this"\n'
-    assert quality.docstrings(source) == "Module.\n\nClass.\n\nFunction."
-    assert quality.docstrings("def broken(:\n") == ""
-
-
 def test_writing_results_keeps_the_hand_written_reading():
     old = quality.results_markdown(["| old table |"], "--write docs/RESULTS.md", "")
     assert old.endswith(quality.HAND_WRITTEN + "\n")
@@ -122,9 +176,13 @@ def test_writing_results_keeps_the_hand_written_reading():
     assert new.endswith(quality.HAND_WRITTEN + "\n\n## Reading the table\n\nKronA holds at 0.1%.\n")
 
 
+TOKENS = [50, 100, 150, 200]  # 4 test documents
+
+
 def result(kept: int, seeds: list[float]) -> dict:
-    """A ``claims`` entry: each seed's loss, and 4 test blocks per seed around it."""
-    return {"kept": kept, "seeds": seeds, "blocks": [[s - 0.01, s + 0.01, s - 0.02, s + 0.02] for s in seeds]}
+    """A ``claims`` entry: each seed's loss, and the summed losses of 4 test documents per seed around it."""
+    return {"kept": kept, "seeds": seeds,
+            "documents": [[n * (s + e) for n, e in zip(TOKENS, (-0.01, 0.01, -0.02, 0.02))] for s in seeds]}
 
 
 LORA = [4.00, 4.03, 3.98, 4.01, 4.02]  # seed-to-seed spread larger than the effects below, shared by the pair
@@ -133,15 +191,16 @@ LORA = [4.00, 4.03, 3.98, 4.01, 4.02]  # seed-to-seed spread larger than the eff
 @pytest.mark.parametrize("shift, outcome", [(-0.05, "holds"), (+0.05, "reversed"), (-0.002, "not shown")])
 def test_claims_pair_by_seed(shift, outcome):
     krona = [v + shift + e for v, e in zip(LORA, [0.001, -0.001, 0.002, 0.0, -0.002])]
-    (line,) = quality.claims({("krona", 0.001): result(4096, krona), ("lora", 0.001): result(4096, LORA)}, (0.001,))
-    assert line.endswith(outcome) and "Holm" in line
+    (line,) = quality.claims({("krona", 0.001): result(4096, krona), ("lora", 0.001): result(4096, LORA)}, (0.001,),
+                             TOKENS)
+    assert line.endswith(outcome) and "Holm" in line and "test-document bootstrap" in line
 
 
 def test_claims_skip_unmatched_budgets_and_correct_for_the_family():
     krona = [v - 0.05 for v in LORA]
     results = {("krona", 0.001): result(4096, krona), ("lora", 0.001): result(4096, LORA),
                ("krona_block", 0.001): result(4352, [v - 0.1 for v in LORA])}
-    unmatched, matched = sorted(quality.claims(results, (0.001,)), key=lambda line: "not compared" not in line)
+    unmatched, matched = sorted(quality.claims(results, (0.001,), TOKENS), key=lambda line: "not compared" not in line)
     assert unmatched.endswith("not compared, budgets not matched within 2% (4,352 vs 4,096)")
     assert matched.endswith("holds")
 
@@ -156,3 +215,77 @@ def test_sweep_widens_the_grid_until_the_optimum_is_inside():
     assert best == pytest.approx(1e-2)  # a diverged run (nan) never counts as the best
     with pytest.raises(RuntimeError, match="still on the edge"):
         quality.best_learning_rate(lambda lr: -lr, (1e-3, 1e-2, 1e-1), widenings=2)
+
+
+def test_sweep_chooses_adalora_schedule_at_the_paper_rate(monkeypatch, capsys):
+    runs = []
+
+    def adapt(method, adapters, state, corpora, lr, seed, steps, validate=False):
+        """Validation loss lowest at lr 0.03 and at init_r = 2 x target_r with tfinal 12."""
+        (a,) = adapters
+        runs.append((a["init_r"], a["tfinal"], lr))
+        assert seed == quality.SWEEP_SEED and validate
+        best = (a["init_r"], a["tfinal"]) == (2 * a["target_r"], quality.ADAPT_STEPS // 8)
+        return {"val": math.log10(lr / 0.03) ** 2 + (0.0 if best else 0.1)}
+
+    monkeypatch.setattr(quality, "adapt", adapt)
+    rows = [(m, 0.01, quality.adalora_adapters(m, 9, quality.ADALORA_PAPER), 0, 0)
+            for m in ("adalora", "adalora_paper")]
+    quality.sweep(rows, {}, None)
+    rates, schedules = capsys.readouterr().out.split("LEARNING_RATES entries:")[1].split("ADALORA_SCHEDULES entries:")
+    assert ast.literal_eval("{" + rates + "}") == {("adalora", 0.01): 0.03, ("adalora_paper", 0.01): 0.03}
+    assert ast.literal_eval("{" + schedules + "}") == {0.01: {"init_ratio": 2.0, "tfinal": 12}}
+    # the paper schedule's 5 rates, the 5 other schedules at its best, 4 more rates at the chosen one: none twice
+    assert len(runs) == len(set(runs)) == 14
+
+
+def test_missing_records_stop_the_run_and_name_each(monkeypatch):
+    rows = [("lora", 0.001, [], 4096, 4096), ("lora_ffn", 0.01, [], 36864, 36864), ("adalora", 0.01, [], 1, 1)]
+    monkeypatch.setitem(quality.LEARNING_RATES, ("lora", 0.001), 0.05)
+    monkeypatch.setitem(quality.LEARNING_RATES, ("adalora", 0.01), 0.1)  # a rate, but no schedule
+    monkeypatch.delitem(quality.LEARNING_RATES, ("lora_ffn", 0.01), raising=False)
+    monkeypatch.delitem(quality.ADALORA_SCHEDULES, 0.01, raising=False)
+    with pytest.raises(SystemExit, match=r"LEARNING_RATES\['lora_ffn', 0.01\], ADALORA_SCHEDULES\[0.01\]: run "
+                                         r"python bench/quality.py --sweep"):
+        quality.learning_rates(rows, quick=False)
+    assert quality.learning_rates(rows[:1], quick=False) == {("lora", 0.001): 0.05}
+    # --quick needs nothing recorded: the middle of each method's starting grid
+    assert quality.learning_rates(rows + [("prefix_gated", 0.001, [], 0, 0)], quick=True) == {
+        ("lora", 0.001): 0.03, ("lora_ffn", 0.01): 0.03, ("adalora", 0.01): 0.03, ("prefix_gated", 0.001): 0.3}
+
+
+def test_blocks_know_the_document_of_every_token():
+    from peft_dist.data.packing import pack_documents, tokenize_documents
+    from peft_dist.model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(REPO / "peft_dist" / "assets" / "tiny_tokenizer"))
+    texts = ["A short one.", "A longer document, " * 60, "x", "The last one, cut by the tail. " * 40]
+    blocks, documents = quality.pack_blocks(texts, tokenizer)
+    packed = pack_documents(tokenize_documents({"text": texts}, tokenizer), quality.SEQ)
+    assert torch.equal(blocks, torch.from_numpy(packed["input_ids"]).long()) and len(blocks) >= 3
+    # a document starts exactly where pack_documents restarts the positions inside a block, and after an EOS
+    starts = documents[:, 1:] != documents[:, :-1]
+    assert torch.equal(starts, torch.from_numpy(packed["position_ids"])[:, 1:] == 0)
+    flat, ids = documents.flatten(), blocks.flatten()
+    assert flat[0] == 0 and flat.diff().ge(0).all() and flat[-1] == len(texts) - 1
+    assert (ids[:-1][flat.diff() == 1] == tokenizer.eos_token_id).all()
+
+
+class FixedLogits(torch.nn.Module):
+    """The same next-token logits at every position: the loss of predicting token t is -log_softmax(LOGITS)[t]."""
+
+    def forward(self, input_ids: torch.Tensor) -> types.SimpleNamespace:
+        return types.SimpleNamespace(logits=LOGITS.expand(*input_ids.shape, -1))
+
+
+LOGITS = torch.tensor([2.0, 0.0, -1.0])
+
+
+def test_document_losses_count_each_token_for_its_own_document():
+    blocks = torch.tensor([[0, 1, 2, 1], [2, 0, 0, 1], [1, 2, 2, 0]])
+    documents = torch.tensor([[0, 0, 1, 1], [1, 2, 2, 2], [2, 3, 3, 3]])  # 3 blocks of 4 tokens, 4 documents
+    loss = (-torch.log_softmax(LOGITS, 0)).tolist()
+    # the first token of a block has no prediction; each other token's loss counts for its own document
+    expected = [loss[1], loss[2] + loss[1], loss[0] + loss[0] + loss[1], loss[2] + loss[2] + loss[0]]
+    assert quality.document_tokens(documents) == [1, 2, 3, 3]
+    assert quality.document_losses(FixedLogits(), blocks, documents) == pytest.approx(expected)

@@ -64,6 +64,9 @@ def test_fp32_base_is_the_pretrained_base(state):
         quality.base_model(state, "fp8")
 
 
+TOKENS = [50, 100, 150, 200]  # 4 test documents
+
+
 def results(shifts: dict[str, float], spread: dict[str, float]) -> dict:
     """``base_claims`` input at 0.1%: bf16 with a seed-to-seed spread shared by every base, each base shifted."""
     bf16 = [4.00, 4.03, 3.98, 4.01, 4.02]
@@ -71,16 +74,17 @@ def results(shifts: dict[str, float], spread: dict[str, float]) -> dict:
     out = {}
     for base in quality.BASES:
         seeds = [v + shifts.get(base, 0.0) + spread.get(base, 0.0) * e for v, e in zip(bf16, noise)]
-        out[base, 0.001] = {"seeds": seeds, "blocks": [[s - 0.01, s + 0.01, s - 0.02, s + 0.02] for s in seeds]}
+        documents = [[n * (s + e) for n, e in zip(TOKENS, (-0.01, 0.01, -0.02, 0.02))] for s in seeds]
+        out[base, 0.001] = {"seeds": seeds, "documents": documents}
     return out
 
 
 def test_base_claims_judge_equivalence_against_bf16():
     lines = quality.base_claims(results({"int8": +0.05, "fp32": -0.05, "nf4": +0.001},
-                                        {"nf4": 1.0, "nf4 + double quant": 20.0}), (0.001,))
+                                        {"nf4": 1.0, "nf4 + double quant": 20.0}), (0.001,), TOKENS)
     verdicts = {line.split(" vs ")[0]: line.rsplit(": ", 1)[1] for line in lines}
     assert verdicts == {"fp32": "better", "int8": "worse", "nf4": "matches", "nf4 + double quant": "not shown"}
-    assert all("Holm" in line and "TOST p" in line for line in lines)
+    assert all("Holm" in line and "TOST p" in line and "test-document bootstrap" in line for line in lines)
 
 
 def test_bases_section_is_kept_by_the_tables_write_and_replaced_by_its_own():

@@ -54,13 +54,28 @@ def test_holm_on_the_textbook_example():
     assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
 
 
-def test_bootstrap_covers_the_true_mean_difference():
+def test_document_bootstrap_on_two_documents():
+    # document A: 1 token, loss difference 1.0; B: 3 tokens, summed difference 0. Drawing 2 documents with
+    # replacement gives AA (1/4): 1.0, AB or BA (1/2): 1/4 (token-weighted; a document mean would say 0.5),
+    # BB (1/4): 0. The 2.5% and 97.5% quantiles are 0 and 1; the 30% and 70% ones both 0.25.
+    x, y, tokens = [5.0, 12.0], [4.0, 12.0], [1, 3]
+    assert stats.document_bootstrap(x, y, tokens) == (0.0, 1.0)
+    assert stats.document_bootstrap(x, y, tokens, level=0.4) == (0.25, 0.25)
+
+
+def test_document_bootstrap_covers_the_true_difference():
     rng = random.Random(1)
-    y = [rng.gauss(4.0, 0.3) for _ in range(200)]
-    x = [v - 0.05 + rng.gauss(0.0, 0.02) for v in y]  # true difference -0.05
-    low, high = stats.paired_bootstrap(x, y, seed=0)
+    tokens = [rng.randint(20, 2000) for _ in range(60)]
+    y = [n * rng.gauss(4.0, 0.3) for n in tokens]  # summed losses: the documents differ in level and length
+    x = [v + n * (-0.05 + rng.gauss(0.0, 0.02)) for v, n in zip(y, tokens)]  # true per-token difference -0.05
+    low, high = stats.document_bootstrap(x, y, tokens, seed=0)
     assert low < -0.05 < high and high - low < 0.02
-    assert stats.paired_bootstrap(x, y, seed=0) == (low, high)  # a fixed seed gives a fixed interval
+    assert stats.document_bootstrap(x, y, tokens, seed=0) == (low, high)  # a fixed seed gives a fixed interval
+
+
+def test_document_bootstrap_refuses_documents_without_tokens():
+    with pytest.raises(ValueError, match="at least one token"):
+        stats.document_bootstrap([1.0, 2.0], [1.0, 2.0], [3, 0])
 
 
 def paired(mean: float, spread: float) -> stats.Paired:
