@@ -85,8 +85,9 @@ def run_overrides(model_dir: str, steps: int, stage: int) -> list[str]:
     layer = sum(o * i for _, o, i, _ in SHAPE.linears(0))
     zero = "deepspeed.overrides.zero_optimization"
     return [f"model.name_or_path={model_dir}", "model.dtype=bfloat16", "train.precision=bf16",
-            f"train.micro_batch_size={MICRO}", f"data.block_size={SEQ}", "data.max_documents=60",
-            f"train.max_steps={steps}", "train.warmup_steps=2", "train.lr=1e-3", "tracking.backend=none",
+            f"train.micro_batch_size={MICRO}", "data.path=builtin:python-stdlib", f"data.block_size={SEQ}",
+            "data.max_documents=60", f"train.max_steps={steps}", "train.warmup_steps=2", "train.lr=1e-3",
+            "tracking.backend=none",
             f"deepspeed.zero_stage={stage}", f"{zero}.stage3_param_persistence_threshold=0", f"{zero}.stage3_prefetch_bucket_size={layer}",
             f"{zero}.stage3_max_live_parameters={2 * layer}", f"{zero}.stage3_max_reuse_distance={layer}"]
 

@@ -43,7 +43,8 @@ def overrides(model_dir: str) -> list[str]:
     layer = sum(o * i for _, o, i, _ in SHAPE.linears(0))
     zero = "deepspeed.overrides.zero_optimization"
     return [f"model.name_or_path={model_dir}", "model.dtype=bfloat16", "train.precision=bf16",
-            f"train.micro_batch_size={MICRO}", f"data.block_size={SEQ}", "tracking.backend=none",
+            f"train.micro_batch_size={MICRO}", "data.path=builtin:python-stdlib", f"data.block_size={SEQ}",
+            "tracking.backend=none",
             f"adapters=[{{method: lora, r: 8, alpha: 16, target_modules: [{', '.join(TARGETS)}]}}]",
             f"{zero}.stage3_param_persistence_threshold=0", f"{zero}.stage3_prefetch_bucket_size={layer}",
             f"{zero}.stage3_max_live_parameters={2 * layer}", f"{zero}.stage3_max_reuse_distance={layer}"]

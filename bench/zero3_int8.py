@@ -59,7 +59,8 @@ def worker(variant: str, model_dir: str, out: str) -> None:
 
     overrides = ["deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0",
                  "train.precision=bf16", "model.dtype=bfloat16", f"model.name_or_path={model_dir}",
-                 "train.micro_batch_size=2", "data.block_size=64", "data.max_documents=60"]
+                 "train.micro_batch_size=2", "data.path=builtin:python-stdlib", "data.block_size=64",
+                 "data.max_documents=60"]
     if variant == "bf16":
         overrides.append("quantization.enabled=false")
     cfg = load_config(None, overrides)

@@ -1,9 +1,9 @@
 """Entry point: ``deepspeed launcher/train.py``, ``torchrun ... launcher/train.py``, ``srun python
 launcher/train.py`` or plain ``python launcher/train.py``, each with ``--config FILE --set a.b=value``.
 
-With no ``--config`` it runs the embedded default: LoRA on a tiny int8 Llama over this Python's
-standard library, on CPU, tracked in a local MLflow store. The config is validated before any
-process group starts.
+With no ``--config`` it runs the embedded default: LoRA on the small pretrained Llama shipped with the
+package (int8), adapted to this Python's standard-library docstrings, on CPU, tracked in a local MLflow
+store. The config is validated before any process group starts.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="peft-dist: adapters on a ZeRO-3 sharded 8-bit base")
-    parser.add_argument("--config", help="YAML run config (see configs/); default: the embedded tiny CPU run")
+    parser.add_argument("--config", help="YAML run config (see configs/); default: the embedded small CPU run")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=1e-3 (repeatable)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,

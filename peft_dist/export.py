@@ -32,7 +32,7 @@ from transformers.pytorch_utils import Conv1D
 from peft_dist.adapters.base import AdaptedLinear, AdapterModule, dense_weight
 from peft_dist.adapters.lora import LoraDelta
 from peft_dist.config.load import build_dataclass
-from peft_dist.config.schema import ModelConfig
+from peft_dist.config.schema import ConfigError, ModelConfig
 from peft_dist.inference import load_for_inference
 from peft_dist.model import DTYPES
 from peft_dist.targets import QuantizedLinear
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         print(export(args.adapter_dir, args.out, args.format, int(args.max_shard_size * 2**30), args.force))
-    except (ExportError, CheckpointError) as err:
+    except (ExportError, CheckpointError, ConfigError) as err:  # ConfigError: e.g. a damaged shipped base
         print(f"peft-dist export: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -14,9 +14,10 @@ from peft_dist.quant.loader import load_quantized_base
 from peft_dist.train.checkpoint import check_base, load_adapter_weights, read_metadata
 
 
-def load_for_inference(directory: str | Path, force: bool = False):
+def load_for_inference(directory: str | Path, force: bool = False, adapted: bool = True):
     """Rebuild base + quantization + adapters from a checkpoint; returns ``(model, tokenizer)`` in eval mode.
-    ``force``: load onto a base whose weights differ from the recorded ones (same config)."""
+    ``force``: load onto a base whose weights differ from the recorded ones (same config). ``adapted=False``: the
+    base alone, quantized as it was trained on, to compare with the adapted model."""
     directory = Path(directory)
     metadata = read_metadata(directory)
     model_cfg = build_dataclass(ModelConfig, metadata["model"], "model")
@@ -25,7 +26,8 @@ def load_for_inference(directory: str | Path, force: bool = False):
     model, _ = load_quantized_base(model_cfg, quant)
     check_base(metadata, base_identity(model_cfg, model.config), directory, force)
     tokenizer = load_tokenizer(model_cfg.name_or_path)
-    adapters = [build_adapter_config(a, f"adapters.{i}") for i, a in enumerate(metadata["adapters"])]
-    inject_adapters(model, adapters)
-    load_adapter_weights(model, directory)
+    if adapted:
+        adapters = [build_adapter_config(a, f"adapters.{i}") for i, a in enumerate(metadata["adapters"])]
+        inject_adapters(model, adapters)
+        load_adapter_weights(model, directory)
     return model.eval(), tokenizer

@@ -14,6 +14,12 @@ from peft_dist.config.schema import ConfigError, ModelConfig
 
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
 TINY_TOKENIZER = Path(__file__).parent / "assets" / "tiny_tokenizer"
+BUILTIN_STDLIB_LLAMA = "builtin:stdlib-llama"
+STDLIB_LLAMA = Path(__file__).parent / "assets" / "stdlib_llama"
+# sha256 of STDLIB_LLAMA / "model.safetensors" as MAKE_BASE writes it (and prints it): checked before every use, so
+# a damaged or swapped file is refused instead of training on whatever it holds.
+STDLIB_LLAMA_SHA256 = "b347d46431c0fc22f20c8124d60eca2a3b4949ecca694f845c10c914e74fe5e6"
+MAKE_BASE = "python bench/quality.py --make-base"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Architectures whose model builds its attention mask without the position ids, so transformers' packed-sequence
 # detection never sees them (checked for every family by tests/unit/test_packing.py).
@@ -27,8 +33,32 @@ def tiny_llama_config(vocab_size: int = 512) -> LlamaConfig:
                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
 
 
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read 1 MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def local_path(name_or_path: str) -> str:
+    """Where ``name_or_path`` lives on disk: the shipped directory of ``builtin:stdlib-llama`` (a Hugging Face
+    model directory: config, safetensors, tokenizer), once its weights match the recorded sha256; any other name
+    as it is."""
+    if name_or_path != BUILTIN_STDLIB_LLAMA:
+        return name_or_path
+    weights = STDLIB_LLAMA / "model.safetensors"
+    actual = file_sha256(weights) if weights.is_file() else "(no such file)"
+    if actual != STDLIB_LLAMA_SHA256:
+        raise ConfigError(f"model.name_or_path: {BUILTIN_STDLIB_LLAMA}'s weights {weights}: sha256 {actual}, "
+                          f"expected {STDLIB_LLAMA_SHA256} (peft_dist/model.py's STDLIB_LLAMA_SHA256). Reinstall "
+                          f"peft-dist, or regenerate the base with `{MAKE_BASE}` and record the sha256 it prints")
+    return str(STDLIB_LLAMA)
+
+
 def load_tokenizer(name_or_path: str):
-    path = TINY_TOKENIZER if name_or_path == BUILTIN_TINY_LLAMA else name_or_path
+    path = TINY_TOKENIZER if name_or_path == BUILTIN_TINY_LLAMA else local_path(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
@@ -40,12 +70,13 @@ def load_model_config(name_or_path: str) -> PretrainedConfig:
     """The base model's transformers config; refuses paths that do not hold a causal LM."""
     if name_or_path == BUILTIN_TINY_LLAMA:
         return tiny_llama_config()
+    path = local_path(name_or_path)
     try:
-        config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.name_or_path: cannot load a model config from {name_or_path!r} ({err}). "
-                          "Pass a local Hugging Face model directory, an already cached hub id, or "
-                          f"{BUILTIN_TINY_LLAMA}") from None
+                          "Pass a local Hugging Face model directory, an already cached hub id, "
+                          f"{BUILTIN_STDLIB_LLAMA} or {BUILTIN_TINY_LLAMA}") from None
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(f"model.name_or_path: {name_or_path!r} is a {config.model_type!r} model, "
                           "not a causal language model; peft-dist adapts causal LMs only")
@@ -58,11 +89,11 @@ SAMPLE_BYTES = 1 << 16
 def weights_fingerprint(name_or_path: str) -> str:
     """A sha256 over each safetensors file's name, size, header and three 64 KiB samples of its data (start,
     middle, end): it tells two fine-tunes of one architecture apart (same header, different values) while
-    reading a few hundred KiB whatever the model's size. The builtin model's values are fixed by its seed."""
+    reading a few hundred KiB whatever the model's size. builtin:tiny-llama's values are fixed by its seed."""
     if name_or_path == BUILTIN_TINY_LLAMA:
         return BUILTIN_TINY_LLAMA
     digest = hashlib.sha256()
-    for path in sorted(Path(name_or_path).glob("*.safetensors")):
+    for path in sorted(Path(local_path(name_or_path)).glob("*.safetensors")):
         size = path.stat().st_size
         digest.update(f"{path.name}:{size}".encode())
         with open(path, "rb") as handle:

@@ -6,6 +6,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# Overrides for the random tiny job (the embedded default before it adapted the shipped pretrained base): what the
+# multi-process tests train, a model built in a moment whose loss falls from ln(512) within a few steps (LoRA on
+# lm_head too: the random base's head is otherwise too weak to learn).
+TINY_JOB = ("model.name_or_path=builtin:tiny-llama", "data.path=builtin:python-stdlib", "train.lr=1e-2",
+            "adapters.0.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]")
 
 
 def run_distributed(args: list[str], nprocs: int, env: dict | None = None, timeout: int = 600,

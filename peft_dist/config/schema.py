@@ -1,6 +1,6 @@
 """Typed run configuration: one dataclass per section, checked in ``__post_init__``.
 
-Every field has a default so that an empty YAML file is the embedded tiny CPU run. Checks raise
+Every field has a default so that an empty YAML file is the embedded small CPU run. Checks raise
 ``ConfigError`` naming the offending key and the fix; the loader adds the section path.
 """
 from __future__ import annotations
@@ -28,14 +28,15 @@ class ModelConfig:
     """Which base model to adapt.
 
     name_or_path: a local Hugging Face model directory, a hub id (only if already cached: nothing is
-        downloaded at run time) or ``builtin:tiny-llama`` (a 4-layer Llama built from a config with the
-        tokenizer shipped in ``peft_dist/assets``).
+        downloaded at run time), ``builtin:stdlib-llama`` (the default: a 4-layer, 3.7M-parameter Llama
+        pretrained on standard-library source, shipped in ``peft_dist/assets/stdlib_llama``, its sha256 checked)
+        or ``builtin:tiny-llama`` (a random 4-layer, 0.3M-parameter Llama built from a config, for fast tests).
     dtype: dtype of the weights that stay in floating point (embeddings, norms, lm_head, adapters are
         trained in the engine's precision).
     gradient_checkpointing: recompute each decoder layer in backward to save activation memory.
     """
 
-    name_or_path: str = "builtin:tiny-llama"
+    name_or_path: str = "builtin:stdlib-llama"
     dtype: str = "float32"
     gradient_checkpointing: bool = False
 
@@ -87,10 +88,12 @@ class QuantizationConfig:
 class DataConfig:
     """Training text.
 
-    path: ``builtin:python-stdlib`` (this Python's own standard library source, no network; what an empty path
-        reads unless ``sources`` is set), a local file / directory / glob of .txt, .jsonl / .json (lines or one
-        array) or .parquet files, a ``Dataset.save_to_disk`` directory, or a Hugging Face dataset id ``user/name``
-        already in the local datasets cache (read offline: nothing is downloaded at run time).
+    path: ``builtin:python-docstrings`` (the docstrings of half of this Python's standard-library modules, files
+        the default base never saw; what an empty path reads unless ``sources`` is set), ``builtin:python-stdlib``
+        (the standard library's source; both without network), a local file / directory / glob of .txt, .jsonl /
+        .json (lines or one array) or .parquet files, a ``Dataset.save_to_disk`` directory, or a Hugging Face
+        dataset id ``user/name`` already in the local datasets cache (read offline: nothing is downloaded at run
+        time).
     sources: a mixture instead of ``path``: a list of ``{path, weight, name, format, text_field, prompt_field,
         response_field, columns, split, eval_path}`` (``path`` required; ``weight`` 1 and ``name`` the file stem
         unless set; the other keys default to this section's). Source s supplies weight_s / sum of the weights of
@@ -149,7 +152,7 @@ class DataConfig:
                 "set either data.path or data.sources, not both; move the path into data.sources as "
                 "{path: ..., weight: ...}")
         if not self.path and not self.sources:
-            self.path = "builtin:python-stdlib"
+            self.path = "builtin:python-docstrings"
         require(self.num_proc >= 0, "num_proc", "must be >= 0 (0 picks it)")
         require(self.format in self.formats, "format", f"got {self.format!r}; use {', '.join(self.formats)}")
         require(self.packing in ("auto", "cut", "whole"), "packing", f"got {self.packing!r}; use auto, cut or whole")

@@ -33,7 +33,7 @@ import torch
 from peft_dist.config.schema import DataConfig
 from peft_dist.data import formats, packing, sources
 from peft_dist.data.packing import fit_documents, pack_documents, pack_whole_documents, tokenize_documents
-from peft_dist.data.sources import (BUILTIN_STDLIB, DataError, Source, chat_template, check_block_size,
+from peft_dist.data.sources import (BUILTIN_CORPORA, DataError, Source, chat_template, check_block_size,
                                     data_sources, holds_conversations, read_documents)
 
 COLUMNS = ("input_ids", "labels", "position_ids")
@@ -98,8 +98,8 @@ def corpus_identity(source: Source) -> object:
 def cache_key(cfg: DataConfig, found: list[Source], tokenizer, template: str | None) -> str:
     """``found``: the located sources of ``data.path`` and ``data.eval_path`` (``data_sources``)."""
     corpora = [corpus_identity(source) for source in found]
-    if BUILTIN_STDLIB in (cfg.path, cfg.eval_path):
-        corpora.append([BUILTIN_STDLIB, sysconfig.get_paths()["stdlib"], sys.version])
+    corpora += [[path, sysconfig.get_paths()["stdlib"], sys.version] for path in (cfg.path, cfg.eval_path)
+                if path in BUILTIN_CORPORA]
     code = [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (formats, packing, sources)]
     # sources: one source's settings are the whole key, so a mixture's source shares the cache of that data.path
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "num_proc", "sources")}

@@ -20,7 +20,7 @@ from peft_dist.plan.planner import format_plan, make_plan
 from peft_dist.plan.writers import write_all
 
 # Without --config: LoRA r=16 on every decoder linear, and training settings for a large model (the
-# embedded default config is the tiny CPU run).
+# embedded default config is the small CPU run).
 DEFAULT_OVERRIDES = ["adapters=[{method: lora, name: lora, r: 16, alpha: 32, target_modules: all-linear}]",
                      "train.lr=2e-4", "train.warmup_steps=50", "train.log_interval=10", "data.max_documents=0"]
 

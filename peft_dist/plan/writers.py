@@ -15,7 +15,7 @@ import yaml
 
 from peft_dist.config.load import config_to_dict
 from peft_dist.config.schema import RunConfig
-from peft_dist.data import BUILTIN_STDLIB
+from peft_dist.data import BUILTIN_CORPORA
 from peft_dist.distributed.zero3 import REPO_ROOT, resolve_ds_config_path
 from peft_dist.plan.estimate import largest_layer
 from peft_dist.plan.planner import Plan
@@ -59,7 +59,7 @@ def run_config(plan: Plan, base: RunConfig, ds_path: str) -> dict:
     cfg.model.dtype = "bfloat16"
     cfg.model.gradient_checkpointing = choice.checkpointing
     cfg.data.block_size = plan.work.seq_len
-    if cfg.data.path == BUILTIN_STDLIB:  # the demo corpus is never what a planned run trains on
+    if cfg.data.path in BUILTIN_CORPORA:  # a demo corpus is never what a planned run trains on
         cfg.data.path = DATA_PLACEHOLDER
     cfg.train.precision = "bf16"
     cfg.train.micro_batch_size = choice.micro_batch

@@ -28,7 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from peft_dist.config.schema import ConfigError, ModelConfig, QuantizationConfig
 from peft_dist.distributed.memory import resident_bytes
 from peft_dist.distributed.zero3 import full_numel
-from peft_dist.model import BUILTIN_TINY_LLAMA, DTYPES, load_model_config, load_tokenizer
+from peft_dist.model import BUILTIN_TINY_LLAMA, DTYPES, load_model_config, load_tokenizer, local_path
 from peft_dist.quant.model import QUANTIZED_TYPES, QuantReport, quantization_error, quantize_model
 
 
@@ -242,6 +242,7 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     """Build the quantized base from ``model_cfg`` without ever materialising the float model on any rank.
 
     ``builtin:tiny-llama`` is initialised from seed 0 as transformers would (step-0 loss near ln(vocab));
+    ``builtin:stdlib-llama`` reads the shipped pretrained checkpoint (``model.local_path``, its sha256 checked);
     any other ``name_or_path`` must be a local safetensors checkpoint. Under a ZeRO-3 ``ds_config`` (with
     an initialized process group) every parameter ends ZeRO-3 partitioned, and the float tensors (int8
     scales included; 4-bit block statistics stay float32) take the config's precision as with ``zero.Init``;
@@ -252,7 +253,8 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     dtype = _zero3_dtype(ds_config) if zero3 else DTYPES[model_cfg.dtype]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    reader = None if model_cfg.name_or_path == BUILTIN_TINY_LLAMA else CheckpointReader(model_cfg.name_or_path, model)
+    reader = (None if model_cfg.name_or_path == BUILTIN_TINY_LLAMA
+              else CheckpointReader(local_path(model_cfg.name_or_path), model))
     transposed = {name for name, m in model.named_modules() if isinstance(m, Conv1D)}
     if quant_cfg.enabled:
         quantize_model(model, quant_cfg.target_modules, dtype, quant_cfg)

@@ -23,8 +23,9 @@ from peft_dist.adapters.inject import adapter_state_dict, load_adapter_state_dic
 from peft_dist.config.load import config_to_dict
 from peft_dist.config.schema import CheckpointConfig, ConfigError, ModelConfig, QuantizationConfig
 from peft_dist.distributed.zero3 import gathered
+from peft_dist.model import file_sha256
 from peft_dist.train import faults
-from peft_dist.train.files import fsync_dir, fsync_tree, sha256, write_atomically
+from peft_dist.train.files import fsync_dir, fsync_tree, write_atomically
 
 log = logging.getLogger("peft_dist")
 
@@ -50,7 +51,7 @@ def save_adapter(model: nn.Module, directory: str | Path, metadata: dict, is_mai
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / WEIGHTS))
-        recorded = {**metadata, "weights_sha256": sha256(tmp / WEIGHTS)}  # checked by load_adapter_weights
+        recorded = {**metadata, "weights_sha256": file_sha256(tmp / WEIGHTS)}  # checked by load_adapter_weights
         (tmp / CONFIG).write_text(json.dumps(recorded, indent=2, sort_keys=True, default=str))
 
     write_atomically(Path(directory), write)
@@ -90,7 +91,7 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     against the checksum the checkpoint recorded."""
     path = Path(directory) / WEIGHTS
     recorded = read_metadata(directory).get("weights_sha256")
-    if recorded is not None and sha256(path) != recorded:
+    if recorded is not None and file_sha256(path) != recorded:
         raise CheckpointError(f"{path}: damaged (its sha256 differs from the one recorded in {CONFIG}); use "
                               "another checkpoint, e.g. one of the run's checkpoints/step-N/adapter")
     try:
@@ -151,7 +152,7 @@ def save_training_checkpoint(engine, run_dir: Path, step: int, hooks: list, trac
         manifest = {"step": step, "world_size": torch.distributed.get_world_size() if
                     torch.distributed.is_initialized() else 1,
                     "base_model": metadata["base_model"], "adapters": metadata["adapters"],
-                    "files": {str(p.relative_to(tmp)): sha256(p) for p in files}}
+                    "files": {str(p.relative_to(tmp)): file_sha256(p) for p in files}}
         manifest["manifest_sha256"] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
         fsync_tree(tmp)  # every file on disk before the manifest's directory takes its final name
@@ -181,7 +182,7 @@ def damaged_file(checkpoint: Path) -> str | None:
     if manifest_digest(manifest) != manifest.get("manifest_sha256", manifest_digest(manifest)):
         return MANIFEST
     for name, digest in manifest["files"].items():
-        if not (checkpoint / name).is_file() or sha256(checkpoint / name) != digest:
+        if not (checkpoint / name).is_file() or file_sha256(checkpoint / name) != digest:
             return name
     return None
 

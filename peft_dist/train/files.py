@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import hashlib
 import logging
 import os
 import shutil
@@ -18,14 +17,6 @@ from peft_dist.config.schema import ConfigError
 log = logging.getLogger("peft_dist")
 LOCK = ".peft-dist.lock"
 _held: list[IO[str]] = []  # lock files held open (and so locked) for the life of this process
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fsync_tree(directory: Path) -> None:

@@ -41,10 +41,14 @@ SETTINGS = {
     "mam": {"prefix_length": 8, "r": 16, "scale": 2.0, "reparameterize": False},  # prefix above covers the MLP
     "bitfit": {"norm": True},
 }
+TINY = "builtin:tiny-llama"
 BASES = {
-    "int8": {"model": {"dtype": "float32"}, "quantization": {"enabled": True}, "precision": "fp32"},
-    "bf16": {"model": {"dtype": "bfloat16"}, "quantization": {"enabled": False}, "precision": "bf16"},
-    "nf4": {"model": {"dtype": "float32"}, "quantization": {"enabled": True, "bits": 4}, "precision": "fp32"},
+    "int8": {"model": {"name_or_path": TINY, "dtype": "float32"}, "quantization": {"enabled": True},
+             "precision": "fp32"},
+    "bf16": {"model": {"name_or_path": TINY, "dtype": "bfloat16"}, "quantization": {"enabled": False},
+             "precision": "bf16"},
+    "nf4": {"model": {"name_or_path": TINY, "dtype": "float32"}, "quantization": {"enabled": True, "bits": 4},
+            "precision": "fp32"},
 }
 # (base, ZeRO stage) columns. NF4 runs on ZeRO-3 only, where its packed bytes and absmax are partitioned and
 # gathered; ZeRO-2 keeps every tensor whole, which the int8 and bf16 columns already cover.

@@ -1,6 +1,6 @@
 """Model-state memory and gradient flow of a ZeRO-3 engine (CPU, gloo); run by test_memory_zero3.py.
 
-Every rank builds the default run's model (tiny 4-layer int8 Llama, LoRA on every linear and lm_head)
+Every rank builds the tiny job's model (``TINY_JOB``: 4-layer int8 Llama, LoRA on every linear and lm_head)
 exactly as the trainer does and wraps it with the trainer's own ``build_engine`` under ZeRO-3 with
 persistence threshold 0, in fp32 and bf16, each also with the optimizer offloaded, and once with the
 config file's own threshold. Each variant runs one forward/backward/step on a batch that is the same
@@ -26,6 +26,7 @@ from peft_dist.distributed.zero3 import build_ds_config
 from peft_dist.quant.loader import build_model
 from peft_dist.quant.model import quantize_model
 from peft_dist.train.trainer import build_engine
+from tests.multiproc import TINY_JOB
 
 VARIANTS = {  # name -> (precision, DeepSpeed config, stage3_param_persistence_threshold)
     "fp32": ("fp32", "ds_configs/zero3.json", 0),
@@ -40,7 +41,7 @@ FIRST_LAYER = "model.layers.0."
 
 def build(precision: str, ds_file: str, threshold: int | None = 0):
     """The trainer's model and config; ``threshold`` None keeps the DeepSpeed file's persistence threshold."""
-    overrides = [f"train.precision={precision}", f"deepspeed.config={ds_file}", "train.micro_batch_size=2",
+    overrides = [*TINY_JOB, f"train.precision={precision}", f"deepspeed.config={ds_file}", "train.micro_batch_size=2",
                  "train.warmup_steps=0", "tracking.backend=none"]
     if threshold is not None:
         overrides.append(f"deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold={threshold}")

@@ -17,6 +17,7 @@ from peft_dist.model import load_tokenizer, max_positions
 from peft_dist.train.config import load_config
 from peft_dist.train.step import train_step
 from peft_dist.train.trainer import adapted_model, build_engine
+from tests.multiproc import TINY_JOB
 
 
 def same(a: dict, b: dict) -> bool:
@@ -26,7 +27,7 @@ def same(a: dict, b: dict) -> bool:
 
 
 def main(out: Path) -> None:
-    cfg = load_config(None, ["tracking.backend=none", "data.max_documents=20", "train.warmup_steps=0",
+    cfg = load_config(None, [*TINY_JOB, "tracking.backend=none", "data.max_documents=20", "train.warmup_steps=0",
                              "deepspeed.overrides.zero_optimization.stage3_param_persistence_threshold=0"])
     dist = resolve_env()
     ds_config = build_ds_config(cfg, dist.world_size)

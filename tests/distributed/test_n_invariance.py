@@ -1,8 +1,8 @@
 """Same answer on any N: ZeRO-3 runs of launcher/train.py on 1, 2 and 4 CPU ranks, same global batch.
 
 The global batch (4 sequences) is reached by gradient accumulation: 1 rank x 4 micro-batches, 2 x 2,
-4 x 1. The model is the default 4-layer int8 Llama (also its 4-bit NF4 base, at 1 and 2 ranks) with LoRA on
-every linear and lm_head, with ``stage3_param_persistence_threshold`` 0 so every parameter (quantized
+4 x 1. The model is the tiny job's 4-layer int8 Llama (``TINY_JOB``; also its 4-bit NF4 base, at 1 and 2 ranks)
+with LoRA on every linear and lm_head, with ``stage3_param_persistence_threshold`` 0 so every parameter (quantized
 shards included) is partitioned and all-gathered. Only the order of floating-point reductions differs
 between the runs.
 """

@@ -30,7 +30,7 @@ STEPS = 4
 
 
 def job(method: str, precision: str, out: Path, corpus: Path, **checkpoint) -> dict:
-    return {"model": {"dtype": "float32" if precision == "fp32" else "bfloat16"},
+    return {"model": {"name_or_path": "builtin:tiny-llama", "dtype": "float32" if precision == "fp32" else "bfloat16"},
             "adapters": [{"method": method, **SETTINGS.get(method, {})}],
             "data": {"path": str(corpus), "block_size": 64},
             "train": {"max_steps": STEPS, "micro_batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "eval_batches": 2,

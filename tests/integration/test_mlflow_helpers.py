@@ -64,7 +64,7 @@ def test_slurm_job_entry_marks_requeues_and_sbatch_script_needs_slurm(tmp_path):
 def test_flops_per_token_matches_torch_flop_counter():
     """6N + 12 L d s against the FLOPs torch counts in a real forward and backward (eager attention,
     all parameters trainable, as the 6N convention assumes)."""
-    model, _ = build_model(load_config(None).model)
+    model, _ = build_model(load_config(None, ["model.name_or_path=builtin:tiny-llama"]).model)
     model.requires_grad_(True)  # the loader returns a frozen base
     model.config._attn_implementation = "eager"
     seq, batch = 128, 2

@@ -27,16 +27,17 @@ from peft_dist.generate import generate
 from peft_dist.tracking.mlflow import RUN_FILE, MlflowTracker
 from peft_dist.tracking.records import BACKLOG
 from peft_dist.tracking.offline import EXPORT_TAGS, record_export, send_backlog
-from tests.multiproc import REPO, run_distributed
+from tests.multiproc import REPO, TINY_JOB, run_distributed
 
 pytestmark = pytest.mark.slow
 
 ADALORA_CONFIG = """\
+model: {name_or_path: builtin:tiny-llama}
 adapters:
   - {method: adalora, name: ada, init_r: 6, target_r: 3, tinit: 1, tfinal: 1, delta_t: 1, total_step: 6,
      target_modules: [q_proj, v_proj]}
 train: {lr: 1.0e-2, warmup_steps: 1, micro_batch_size: 2, max_steps: 3, log_interval: 2, eval_interval: 3, eval_batches: 2}
-data: {max_documents: 60}
+data: {path: builtin:python-stdlib, max_documents: 60}
 checkpoint: {save_interval: 2}
 tracking: {experiment: tiny-adalora, peak_tflops: 0.05, sample_prompts: ["def main(", "the cat"],
            sample_max_new_tokens: 8}
@@ -296,6 +297,7 @@ def test_no_server_default_is_sqlite_in_the_run_directory(tmp_path):
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     proc = subprocess.run([sys.executable, str(REPO / "launcher" / "train.py"),
+                           *(a for o in TINY_JOB for a in ("--set", o)),
                            "--set", f"checkpoint.output_dir={run_dir}", "--set", "train.max_steps=2", "--set", "train.warmup_steps=1",
                            "--set", "train.log_interval=1", "--set", "data.max_documents=40"],
                           env={**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}, cwd=cwd,

@@ -17,12 +17,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.multiproc import TINY_JOB
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 6
-ARGS = ["launcher/train.py", "--set", f"train.max_steps={STEPS}", "--set", "train.log_interval=1",
-        "--set", "train.warmup_steps=2", "--set", "data.max_documents=40", "--set", "checkpoint.save_interval=2"]
+ARGS = ["launcher/train.py", *(a for o in TINY_JOB for a in ("--set", o)), "--set", f"train.max_steps={STEPS}",
+        "--set", "train.log_interval=1", "--set", "train.warmup_steps=2", "--set", "data.max_documents=40",
+        "--set", "checkpoint.save_interval=2"]
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 

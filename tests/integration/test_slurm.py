@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 
 from tests.integration.slurm_cluster import SlurmCluster, ensure_installed
+from tests.multiproc import TINY_JOB
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "slurm" / "single-node.sbatch"
 STEPS = 40
-TRAIN_ARGS = ["--set", f"train.max_steps={STEPS}", "--set", "train.log_interval=5",
+TRAIN_ARGS = [*(a for o in TINY_JOB for a in ("--set", o)), "--set", f"train.max_steps={STEPS}",
+              "--set", "train.log_interval=5",
               "--set", "data.max_documents=40", "--set", "checkpoint.save_interval=10",
               "--set", "checkpoint.keep_last=2"]
 # The template asks for 8 GPUs and 8 CPUs per task; this machine has no GPU and 2 cores.

@@ -6,13 +6,27 @@ import pytest
 from peft_dist.config import ConfigError, config_to_dict
 from peft_dist.train.config import load_config
 from peft_dist.config.load import default_config_dict
+from peft_dist.data import BUILTIN_DOCSTRINGS
 from peft_dist.distributed.zero3 import build_ds_config
+from peft_dist.model import BUILTIN_STDLIB_LLAMA, STDLIB_LLAMA, load_model_config, load_tokenizer, local_path
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_embedded_default_equals_the_shipped_tiny_config():
     assert config_to_dict(load_config()) == config_to_dict(load_config(REPO / "configs" / "tiny-lora.yaml"))
+
+
+def test_the_default_job_adapts_the_shipped_pretrained_base_to_the_docstrings():
+    """An empty config is the pretrained base from the package (config, weights and tokenizer of one directory)
+    and the corpus it was not trained on."""
+    cfg = load_config()
+    assert cfg.model.name_or_path == BUILTIN_STDLIB_LLAMA and cfg.data.path == BUILTIN_DOCSTRINGS
+    assert local_path(cfg.model.name_or_path) == str(STDLIB_LLAMA)
+    config = load_model_config(cfg.model.name_or_path)
+    assert (config.model_type, config.hidden_size, config.num_hidden_layers) == ("llama", 256, 4)
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    assert len(tokenizer) == config.vocab_size == 512 and tokenizer.eos_token_id == config.eos_token_id
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

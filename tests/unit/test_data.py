@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from peft_dist.config import DataConfig
-from peft_dist.data import IGNORE_INDEX, DataError, GlobalBatchSampler, build_blocks
+from peft_dist.data import IGNORE_INDEX, DataError, GlobalBatchSampler, build_blocks, docstring_documents
+from peft_dist.data.sources import docstring_modules, docstrings, stdlib_modules
 from peft_dist.model import load_tokenizer
 
 
@@ -164,3 +165,21 @@ def test_an_unwritable_cache_directory_is_named(tmp_path, tokenizer):
     blocker.write_text("not a directory")
     with pytest.raises(DataError, match=r"data.cache_dir: cannot write in .*file/sub .*set data.cache_dir"):
         build_blocks(DataConfig(path="builtin:python-stdlib", cache_dir=str(blocker / "sub")), tokenizer)
+
+
+def test_docstrings_keeps_only_docstrings():
+    source = '"""Module."""\nx = 1\n\nclass A:\n    """Class."""\n    def f(self):\n        """Function."""\n        return "not this"\n'
+    assert docstrings(source) == "Module.\n\nClass.\n\nFunction."
+    assert docstrings("def broken(:\n") == ""
+
+
+def test_the_docstrings_corpus_comes_from_files_the_shipped_base_never_saw(tmp_path, tokenizer):
+    """builtin:stdlib-llama was pretrained on the source of the even-numbered stdlib modules (bench/quality.py's
+    corpus A); builtin:python-docstrings reads the docstrings of odd-numbered ones only, one document per file."""
+    modules = list(stdlib_modules())
+    pretrained_on = {path for path, _ in modules[0::2]}
+    corpus = list(docstring_modules())
+    assert len(corpus) > 100 and not {path for path, _ in corpus} & pretrained_on
+    assert docstring_documents(5) == [text for _, text in corpus[:5]]
+    blocks = build_blocks(data(tmp_path, path="builtin:python-docstrings", max_documents=20), tokenizer)
+    assert len(blocks.train) > 0 and len(blocks.eval) > 0

@@ -16,9 +16,9 @@ from peft_dist.train.checkpoint import adapter_metadata, save_adapter
 from peft_dist.inference import load_for_inference
 
 
-def trained_adapter(tmp_path, overrides=(), base_dir=None):
+def trained_adapter(tmp_path, overrides=(), base_dir="builtin:tiny-llama"):
     """An adapter checkpoint with visibly non-zero updates (as if trained)."""
-    cfg = load_config(None, [*(f"model.name_or_path={base_dir}",) * bool(base_dir), *overrides])
+    cfg = load_config(None, [f"model.name_or_path={base_dir}", *overrides])
     model, _ = build_model(cfg.model)
     quantize_model(model, cfg.quantization.target_modules, model.dtype, cfg.quantization)
     inject_adapters(model, cfg.adapters)
@@ -41,10 +41,12 @@ def reference_logits(adapter_dir, ids):
 IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("overrides", [(), ("adapters=[{method: krona, target_modules: [q_proj, v_proj]}]",)],
-                         ids=["lora", "krona"])
-def test_merged_export_loads_with_plain_transformers(tmp_path, overrides):
-    adapter = trained_adapter(tmp_path, overrides)
+@pytest.mark.parametrize("overrides, base", [((), "builtin:tiny-llama"), ((), "builtin:stdlib-llama"),
+                                             (("adapters=[{method: krona, target_modules: [q_proj, v_proj]}]",),
+                                              "builtin:tiny-llama")],
+                         ids=["lora", "lora-on-the-shipped-base", "krona"])
+def test_merged_export_loads_with_plain_transformers(tmp_path, overrides, base):
+    adapter = trained_adapter(tmp_path, overrides, base)
     out = export(adapter, tmp_path / "merged")
     plain = AutoModelForCausalLM.from_pretrained(out)
     assert not any(isinstance(m, AdaptedLinear) for m in plain.modules())

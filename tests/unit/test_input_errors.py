@@ -13,8 +13,9 @@ import torch
 from launcher.train import main
 from peft_dist.config.schema import ConfigError
 from peft_dist.inference import load_for_inference
-from peft_dist.model import load_tokenizer, tiny_llama_config
-from peft_dist.train.checkpoint import CheckpointError, MANIFEST, WEIGHTS, latest_checkpoint
+from peft_dist.model import file_sha256, load_tokenizer, tiny_llama_config
+from peft_dist.train.checkpoint import (CheckpointError, MANIFEST, WEIGHTS, latest_checkpoint,
+                                        load_training_checkpoint, manifest_digest)
 from peft_dist.train.files import LOCK, lock_run_dir, unlock_run_dirs
 from tests.unit.test_export import trained_adapter
 
@@ -110,14 +111,25 @@ def test_resume_skips_a_damaged_checkpoint(tmp_path, caplog):
         path = root / f"step-{step:08d}"
         (path / "engine").mkdir(parents=True)
         (path / "engine" / "optim.pt").write_bytes(bytes([step]) * 64)
-        from peft_dist.train.files import sha256
-
-        (path / MANIFEST).write_text(json.dumps({"files": {"engine/optim.pt": sha256(path / "engine" / "optim.pt")}}))
+        (path / MANIFEST).write_text(json.dumps({"files": {"engine/optim.pt": file_sha256(path / "engine" / "optim.pt")}}))
     assert latest_checkpoint(tmp_path) == root / "step-00000004"
     (root / "step-00000004" / "engine" / "optim.pt").write_bytes(bytes([9]) * 64)  # one byte value flipped
     with caplog.at_level(logging.WARNING, logger="peft_dist"):
         assert latest_checkpoint(tmp_path) == root / "step-00000002"
     assert "step-00000004: engine/optim.pt does not match its checksum; skipping this checkpoint" in caplog.text
+
+
+def test_resume_refuses_a_checkpoint_of_another_adapter_config_or_world_size(tmp_path):
+    """Checked before DeepSpeed reads anything, so no engine is needed (None would fail if it were reached)."""
+    base = {"name_or_path": "builtin:tiny-llama", "model_type": "llama", "config_sha256": "c", "weights_sha256": "w"}
+    path = tmp_path / "checkpoints" / "step-00000003"
+    path.mkdir(parents=True)
+    manifest = {"step": 3, "world_size": 2, "base_model": base, "adapters": [{"method": "lora", "r": 8}], "files": {}}
+    (path / MANIFEST).write_text(json.dumps({**manifest, "manifest_sha256": manifest_digest(manifest)}))
+    with pytest.raises(CheckpointError, match=r"saved with adapters .*'r': 8.*resume with the same adapter config"):
+        load_training_checkpoint(None, tmp_path, [], {"base_model": base, "adapters": [{"method": "lora", "r": 4}]})
+    with pytest.raises(CheckpointError, match="written by 2 ranks, resumed on 1. Resume on 2 ranks"):
+        load_training_checkpoint(None, tmp_path, [], {"base_model": base, "adapters": manifest["adapters"]})
 
 
 def test_an_adapter_of_another_fine_tune_is_refused_unless_forced(tmp_path):

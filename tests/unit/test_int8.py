@@ -113,7 +113,7 @@ def test_conv1d_is_quantized_as_its_transpose():
 
 
 def test_quantize_model_reports_per_layer_error_and_keeps_head_in_float():
-    model, _ = build_model(ModelConfig())
+    model, _ = build_model(ModelConfig(name_or_path="builtin:tiny-llama"))
     reports = quantize_model(model)
     assert len(reports) == 4 * 7  # q, k, v, o, gate, up, down in each of 4 layers
     assert all(0 < r.rel_error < 0.01 for r in reports)
@@ -122,6 +122,6 @@ def test_quantize_model_reports_per_layer_error_and_keeps_head_in_float():
 
 
 def test_quantization_targets_matching_nothing_fail_clearly():
-    model, _ = build_model(ModelConfig())
+    model, _ = build_model(ModelConfig(name_or_path="builtin:tiny-llama"))
     with pytest.raises(ConfigError, match="quantization.target_modules.*matches no linear.*q_proj"):
         quantize_model(model, ["qproj"])

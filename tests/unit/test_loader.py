@@ -1,6 +1,9 @@
 """Streaming loader at N=1 (int8 and 4-bit): the oracle is transformers' ``from_pretrained`` followed by
 ``quantize_model``."""
+import hashlib
 import math
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -8,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from peft_dist.config.schema import ConfigError, ModelConfig, QuantizationConfig
-from peft_dist.model import tiny_llama_config
+from peft_dist.model import (BUILTIN_STDLIB_LLAMA, STDLIB_LLAMA, STDLIB_LLAMA_SHA256, load_tokenizer, local_path,
+                             tiny_llama_config)
 from peft_dist.quant.int8 import Int8Linear
 from peft_dist.quant.loader import load_quantized_base
 from peft_dist.quant.model import quantize_model
@@ -73,7 +77,7 @@ def test_tied_embeddings_stay_tied(tmp_path):
 
 def test_config_only_is_initialised_like_transformers():
     """The transformers init trap: a badly initialised model starts far above ln(vocab)."""
-    model, _ = load_quantized_base(ModelConfig(), QuantizationConfig())
+    model, _ = load_quantized_base(ModelConfig(name_or_path="builtin:tiny-llama"), QuantizationConfig())
     ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(0))
     loss = model(input_ids=ids, labels=ids).loss.item()
     assert abs(loss - math.log(512)) < 0.15, loss
@@ -85,8 +89,9 @@ def test_config_only_is_initialised_like_transformers():
 @pytest.mark.parametrize("quant", QUANTS, ids=QUANT_IDS)
 def test_builtin_base_has_the_same_values_with_and_without_quantization(quant):
     """The quantized builtin base is exactly the float one, quantized: same random draws in the same order."""
-    quantized, _ = load_quantized_base(ModelConfig(), quant)
-    float_base, _ = load_quantized_base(ModelConfig(), QuantizationConfig(enabled=False))
+    tiny = ModelConfig(name_or_path="builtin:tiny-llama")
+    quantized, _ = load_quantized_base(tiny, quant)
+    float_base, _ = load_quantized_base(tiny, QuantizationConfig(enabled=False))
     quantize_model(float_base, "all-linear", torch.float32, quant)
     want = float_base.state_dict()
     assert all(torch.equal(value, want[key]) for key, value in quantized.state_dict().items())
@@ -107,7 +112,8 @@ def test_bad_input_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="no model.safetensors.*save_pretrained\\(safe_serialization=True\\)"):
         load_quantized_base(ModelConfig(name_or_path=str(tmp_path)), QuantizationConfig())
     with pytest.raises(RuntimeError, match="ZeRO-3 but no process group.*init_distributed"):
-        load_quantized_base(ModelConfig(), QuantizationConfig(), {"zero_optimization": {"stage": 3}})
+        load_quantized_base(ModelConfig(name_or_path="builtin:tiny-llama"), QuantizationConfig(),
+                            {"zero_optimization": {"stage": 3}})
 
 
 def test_missing_tensor_is_named(tmp_path):
@@ -143,3 +149,43 @@ def test_tensors_are_read_exactly_and_no_checkpoint_file_stays_mapped(tmp_path):
         handle.truncate(path.stat().st_size - 3)
     with pytest.raises(ConfigError, match="ends inside a tensor; the file is truncated"):
         [read_tensor(path, entry, start) for entry in header.values()]
+
+
+def test_the_shipped_pretrained_base_streams_its_safetensors_values():
+    """``builtin:stdlib-llama`` is the shipped directory: every tensor the loader streams in is the file's, bit for
+    bit (the oracle: safetensors' own loader), and its int8 base is exactly those tensors quantized."""
+    from safetensors.torch import load_file
+
+    want = load_file(STDLIB_LLAMA / "model.safetensors")
+    shipped = ModelConfig(name_or_path=BUILTIN_STDLIB_LLAMA)
+    model, report = load_quantized_base(shipped, QuantizationConfig(enabled=False))
+    got = model.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+    assert report.bytes_read == sum(v.numel() * v.element_size() for v in want.values())
+    quantized, _ = load_quantized_base(shipped, QuantizationConfig())
+    assert sum(isinstance(m, Int8Linear) for m in quantized.modules()) == 7 * 4
+    quantize_model(model, "all-linear", torch.float32, QuantizationConfig())
+    want_quantized = model.state_dict()
+    assert all(torch.equal(value, want_quantized[key]) for key, value in quantized.state_dict().items())
+
+
+def test_a_damaged_shipped_base_is_refused_naming_both_hashes_and_the_command(tmp_path, monkeypatch):
+    """One flipped byte in a copy of the shipped weights: loading refuses before reading a tensor, with the file,
+    the recorded and the actual sha256, and the command that regenerates it. The intact copy loads."""
+    import peft_dist.model
+
+    copy = tmp_path / "stdlib_llama"
+    shutil.copytree(STDLIB_LLAMA, copy)
+    monkeypatch.setattr(peft_dist.model, "STDLIB_LLAMA", copy)
+    assert local_path(BUILTIN_STDLIB_LLAMA) == str(copy)
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1
+    weights.write_bytes(bytes(data))
+    actual = hashlib.sha256(bytes(data)).hexdigest()
+    message = (rf"{re.escape(str(weights))}: sha256 {actual}, expected {STDLIB_LLAMA_SHA256} .*"
+               r"`python bench/quality\.py --make-base`")
+    with pytest.raises(ConfigError, match=message):
+        load_quantized_base(ModelConfig(name_or_path=BUILTIN_STDLIB_LLAMA), QuantizationConfig())
+    with pytest.raises(ConfigError, match=message):
+        load_tokenizer(BUILTIN_STDLIB_LLAMA)

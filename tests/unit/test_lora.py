@@ -73,7 +73,7 @@ def test_merge_refuses_non_finite_delta():
 
 
 def test_injection_counts_and_only_adapters_train():
-    model, _ = build_model(ModelConfig())
+    model, _ = build_model(ModelConfig(name_or_path="builtin:tiny-llama"))
     quantize_model(model)
     injected = inject_adapters(model, [LoraConfig(name="lora", target_modules=["q_proj", "v_proj"], r=4)])
     assert len(injected["lora"]) == 8
@@ -86,7 +86,7 @@ def test_injection_counts_and_only_adapters_train():
 
 
 def test_regex_targets_and_composition_of_two_adapters():
-    model, _ = build_model(ModelConfig())
+    model, _ = build_model(ModelConfig(name_or_path="builtin:tiny-llama"))
     injected = inject_adapters(model, [
         LoraConfig(name="attn", target_modules=r".*layers\.[01]\.self_attn\.(q|k)_proj", r=2),
         LoraConfig(name="all", target_modules="all-linear", r=2)])
@@ -96,20 +96,20 @@ def test_regex_targets_and_composition_of_two_adapters():
 
 
 def test_targets_matching_nothing_name_the_key_and_candidates():
-    model, _ = build_model(ModelConfig())
+    model, _ = build_model(ModelConfig(name_or_path="builtin:tiny-llama"))
     with pytest.raises(ConfigError, match=r"adapters\[lora\].target_modules.*matches no.*q_proj"):
         inject_adapters(model, [LoraConfig(name="lora", target_modules=["query"])])
 
 
 def test_adapter_state_dict_round_trip():
-    model, _ = build_model(ModelConfig())
+    model, _ = build_model(ModelConfig(name_or_path="builtin:tiny-llama"))
     cfg = [LoraConfig(name="lora", target_modules=["q_proj"], r=2)]
     inject_adapters(model, cfg)
     for m in model.modules():
         if isinstance(m, LoraDelta):
             randomize(m, seed=7)
     state = adapter_state_dict(model)
-    fresh, _ = build_model(ModelConfig())
+    fresh, _ = build_model(ModelConfig(name_or_path="builtin:tiny-llama"))
     inject_adapters(fresh, cfg)
     load_adapter_state_dict(fresh, state)
     x = torch.randint(0, 512, (2, 16))

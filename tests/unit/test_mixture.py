@@ -67,7 +67,7 @@ def test_sources_take_the_shared_settings_their_own_and_a_name_from_the_file():
     assert [(s.data.path, s.data.format, s.data.split, s.data.text_field, s.data.sources) for s in sources] == [
         ("d/my corpus.v2.jsonl", "auto", "train", "body", []), ("someone/tiny-chat", "chat", "test", "body", []),
         ("b.txt", "auto", "train", "body", [])]
-    assert cfg.data.path == "" and load_config().data.path == "builtin:python-stdlib"
+    assert cfg.data.path == "" and load_config().data.path == "builtin:python-docstrings"
 
 
 def source_of(drawn: torch.Tensor, lengths: list[int]) -> torch.Tensor:

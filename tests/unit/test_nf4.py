@@ -150,7 +150,7 @@ def test_builtin_model_in_4_bits_through_the_trainers_model_path():
     parameters the preflight's meta model predicts; the base keeps its step-0 loss near ln(vocab); LoRA
     adapters take the model's dtype, not the float32 of the block statistics, and train."""
     quant = QuantizationConfig(bits=4, double_quant=True)
-    model, report = load_quantized_base(ModelConfig(dtype="bfloat16"), quant)
+    model, report = load_quantized_base(ModelConfig(name_or_path="builtin:tiny-llama", dtype="bfloat16"), quant)
     assert sum(isinstance(m, FourBitLinear) for m in model.modules()) == len(report.quantization) == 7 * 4
     assert all(0.05 < r.rel_error < 0.15 for r in report.quantization), report.quantization  # NF4 on N(0, 0.02)
     meta = meta_model(load_model_config("builtin:tiny-llama"), [], "all-linear", "bfloat16", quant)
@@ -173,7 +173,7 @@ def test_summary_and_flops_count_weights_not_packed_bytes():
     """The run summary and MFU count a quantized base by its weights: the same as the float model's."""
     counts = []
     for quant in (None, QuantizationConfig(), QuantizationConfig(bits=4, double_quant=True)):
-        model, _ = build_model(ModelConfig())
+        model, _ = build_model(ModelConfig(name_or_path="builtin:tiny-llama"))
         if quant is not None:
             quantize_model(model, "all-linear", torch.float32, quant)
         summary = parameter_summary(model)
@@ -194,11 +194,12 @@ def test_lora_on_4bit_trains_like_peft_qlora(quant_type, double_quant):
     ours on FourBitLinear and peft's QLoRA layer on bitsandbytes' Linear4bit give the same Adam losses."""
     peft = pytest.importorskip("peft")
     quant = QuantizationConfig(bits=4, quant_type=quant_type, double_quant=double_quant)
-    ours, _ = build_model(ModelConfig())
+    tiny = ModelConfig(name_or_path="builtin:tiny-llama")
+    ours, _ = build_model(tiny)
     quantize_model(ours, PROJECTIONS, torch.float32, quant)
     torch.manual_seed(0)
     inject_adapters(ours, [LoraConfig(name="lora", target_modules=PROJECTIONS, r=4, alpha=8.0)])
-    theirs = to_bitsandbytes_4bit(build_model(ModelConfig())[0], quant_type, double_quant)
+    theirs = to_bitsandbytes_4bit(build_model(tiny)[0], quant_type, double_quant)
     theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS,
                                                          lora_dropout=0.0))
     copied = 0
