@@ -3,6 +3,7 @@
     python bench/quality.py --write docs/RESULTS.md   # the table (150 runs, about 50 minutes on 2 cores)
     python bench/quality.py --quick                   # 2 seeds, 0.1%, 6 methods, short runs (a few minutes)
     python bench/quality.py --sweep                   # LEARNING_RATES, ADALORA_SCHEDULES (~170 runs, ~1 hour)
+    python bench/quality.py --sweep --only lora krona  # the sweep of some methods' rows only (a sweep in parts)
     python bench/quality.py --bases --write docs/RESULTS.md  # LoRA on fp32, bf16, int8 and NF4 bases (~30 min)
     python bench/quality.py --make-base               # pretrain the shipped base anew, print its sha256 (~10 min)
 
@@ -790,6 +791,8 @@ def main() -> None:
                         help="2 seeds, 0.1%% budget, 6 methods, 16 steps, learning rates not from the sweep")
     parser.add_argument("--sweep", action="store_true",
                         help="learning rates (and AdaLoRA's schedule) on B's validation split, to paste")
+    parser.add_argument("--only", nargs="+", choices=METHODS, metavar="METHOD",
+                        help="with --sweep: only these methods' rows, sized as in the full table (a sweep in parts)")
     parser.add_argument("--bases", action="store_true",
                         help="LoRA on fp32, bf16, int8 and NF4 bases instead of the methods table")
     parser.add_argument("--make-base", action="store_true",
@@ -814,7 +817,7 @@ def main() -> None:
     state, base_loss, path = pretrained_base(corpora)
     rows = plan(methods, budgets)
     if args.sweep:
-        sweep(rows, state, corpora)
+        sweep([r for r in rows if not args.only or r[0] in args.only], state, corpora)
         return
     if args.bases:
         lora = [r for r in rows if r[0] == "lora"]
