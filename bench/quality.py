@@ -133,42 +133,41 @@ NAMES = {"full": "full fine-tuning", "bitfit": "BitFit (norms)", "lora": "LoRA o
          "scaled_parallel": "scaled parallel adapter (s=4)", "prefix": "prefix tuning",
          "prefix_gated": "prefix tuning, gated", "prefix_reparam": f"prefix tuning, reparameterized (MLP {PREFIX_MLP})",
          "mam": "MAM"}
-# The best validation loss of the grid in ``sweep`` (python bench/quality.py --sweep, SWEEP_SEED 0), pasted from its
-# output. Every entry below must be rerun before the next --write: they were recorded on 96 validation blocks (now
-# all of them), before budgets were matched pairwise and before the grid widened itself, so several
-# configurations changed since (e.g. LoRA at 1% is now r=8) and some optima sit on the grid's edge (prefix 0.1%,
-# parallel 0.1%). Rows added since (placement controls, both AdaLoRA rows, the gated prefix) have no entry yet:
-# --write names every missing one and stops.
+# The best validation loss of the grid in ``sweep`` (SWEEP_SEED 0), pasted from its output. The sweep of 2026-11-30 ran
+# in part, on this design (every validation block, the optimum strictly inside the grid): `python bench/quality.py
+# --sweep --only lora lora_ffn lora_all adalora adalora_paper krona krona_ffn krona_all prefix prefix_gated`, 43 min
+# on 2 cores. The other rows' entries, recorded on the previous design, were removed; until `--sweep --only full
+# bitfit krona_block krona_block_res parallel scaled_parallel prefix_reparam mam` records them, --write names them and
+# stops.
 LEARNING_RATES: dict[tuple[str, float | None], float] = {
-    ('full', None): 0.003,  # 0.0003: 3.871, 0.001: 3.811, 0.003: 3.782, 0.01: 3.961
-    ('bitfit', None): 0.03,  # 0.003: 4.052, 0.01: 4.010, 0.03: 3.980, 0.1: 3.981, 0.3: 3.998
-    ('lora', 0.001): 0.03,  # 0.003: 4.056, 0.01: 4.043, 0.03: 4.030, 0.1: 5.365, 0.3: 6.337
-    ('lora', 0.01): 0.01,  # 0.003: 4.016, 0.01: 3.999, 0.03: 4.055, 0.1: 5.726, 0.3: 5.965
-    ('krona', 0.001): 0.03,  # 0.003: 4.074, 0.01: 4.035, 0.03: 4.007, 0.1: 4.028, 0.3: 5.328
-    ('krona', 0.01): 0.03,  # 0.003: 4.060, 0.01: 4.019, 0.03: 3.992, 0.1: 4.018, 0.3: 5.377
-    ('krona_block', 0.001): 0.1,  # 0.003: 4.104, 0.01: 4.040, 0.03: 3.972, 0.1: 3.953, 0.3: 3.955
-    ('krona_block', 0.01): 0.1,  # 0.003: 4.083, 0.01: 3.993, 0.03: 3.950, 0.1: 3.937, 0.3: 3.948
-    ('krona_block_res', 0.001): 0.1,  # 0.003: 4.108, 0.01: 4.041, 0.03: 3.975, 0.1: 3.954, 0.3: 3.954
-    ('krona_block_res', 0.01): 0.1,  # 0.003: 4.086, 0.01: 3.993, 0.03: 3.946, 0.1: 3.940, 0.3: 3.942
-    ('parallel', 0.001): 0.3,  # 0.003: 4.078, 0.01: 4.036, 0.03: 3.995, 0.1: 3.982, 0.3: 3.975
-    ('parallel', 0.01): 0.1,  # 0.003: 3.995, 0.01: 3.961, 0.03: 3.937, 0.1: 3.933, 0.3: 3.992
-    ('scaled_parallel', 0.001): 0.1,  # 0.003: 4.051, 0.01: 4.005, 0.03: 3.981, 0.1: 3.970, 0.3: 3.979
-    ('scaled_parallel', 0.01): 0.03,  # 0.003: 3.970, 0.01: 3.942, 0.03: 3.921, 0.1: 3.969, 0.3: 4.112
-    ('prefix', 0.001): 3.0,  # 0.03: 4.115, 0.1: 4.110, 0.3: 4.083, 1: 4.064, 3: 4.049
-    ('prefix', 0.01): 1.0,  # 0.03: 4.114, 0.1: 4.109, 0.3: 4.082, 1: 4.046, 3: 4.237
-    ('prefix_reparam', 0.001): 0.03,  # 0.003: 4.103, 0.01: 4.072, 0.03: 4.043, 0.1: 4.056, 0.3: 5.029
-    ('prefix_reparam', 0.01): 0.03,  # 0.003: 4.097, 0.01: 4.064, 0.03: 4.053, 0.1: 4.054, 0.3: 4.935
-    ('mam', 0.001): 0.03,  # 0.003: 4.041, 0.01: 3.993, 0.03: 3.974, 0.1: 3.977, 0.3: 3.987
-    ('mam', 0.01): 0.03,  # 0.003: 3.978, 0.01: 3.949, 0.03: 3.930, 0.1: 3.950, 0.3: 4.063
+    ('lora', 0.001): 0.03,  # 0.003: 3.890, 0.01: 3.866, 0.03: 3.853, 0.1: 4.126, 0.3: 6.264
+    ('lora', 0.01): 0.01,  # 0.003: 3.828, 0.01: 3.816, 0.03: 4.207, 0.1: 5.682, 0.3: 5.705
+    ('lora_ffn', 0.01): 0.01,  # 0.003: 3.764, 0.01: 3.720, 0.03: 3.729, 0.1: 4.778, 0.3: 4.939
+    ('lora_all', 0.01): 0.01,  # 0.003: 3.764, 0.01: 3.716, 0.03: 3.904, 0.1: 5.249, 0.3: 5.181
+    ('adalora', 0.001): 0.1,  # 0.003: 3.945, 0.01: 3.943, 0.03: 3.878, 0.1: 3.861, 0.3: 3.887
+    ('adalora', 0.01): 0.03,  # 0.003: 3.931, 0.01: 3.876, 0.03: 3.827, 0.1: 3.849, 0.3: 5.256
+    ('adalora_paper', 0.001): 0.1,  # 0.003: 3.945, 0.01: 3.943, 0.03: 3.878, 0.1: 3.864, 0.3: 3.874
+    ('adalora_paper', 0.01): 0.03,  # 0.003: 3.940, 0.01: 3.884, 0.03: 3.834, 0.1: 3.841, 0.3: 4.653
+    ('krona', 0.001): 0.03,  # 0.003: 3.918, 0.01: 3.877, 0.03: 3.835, 0.1: 3.838, 0.3: 5.144
+    ('krona', 0.01): 0.03,  # 0.003: 3.896, 0.01: 3.840, 0.03: 3.812, 0.1: 3.818, 0.3: 5.389
+    ('krona_ffn', 0.01): 0.03,  # 0.003: 3.789, 0.01: 3.734, 0.03: 3.713, 0.1: 3.730, 0.3: 3.974
+    ('krona_all', 0.01): 0.03,  # 0.003: 3.783, 0.01: 3.719, 0.03: 3.697, 0.1: 3.816, 0.3: 4.939
+    ('prefix', 0.001): 1,  # 0.03: 3.942, 0.1: 3.939, 0.3: 3.923, 1: 3.905, 3: 3.914
+    ('prefix', 0.01): 1,  # 0.03: 3.941, 0.1: 3.937, 0.3: 3.910, 1: 3.872, 3: 3.997
+    ('prefix_gated', 0.001): 0.3,  # 0.03: 3.907, 0.1: 3.882, 0.3: 3.877, 1: 3.879, 3: 3.880
+    ('prefix_gated', 0.01): 0.3,  # 0.03: 3.890, 0.1: 3.862, 0.3: 3.858, 1: 3.874, 3: 3.960
 }
 # AdaLoRA's schedules. ADALORA_PAPER is the paper's own setting (init_r = 1.5 x target_r, the final budget for the
 # last third of training), the "adalora_paper" row. The "adalora" row's schedule is the best of ADALORA_GRID on
 # validation (``sweep``) at the learning rate chosen for the paper row, recorded per budget in ADALORA_SCHEDULES
-# (pasted from --sweep's output; none recorded yet).
+# (pasted from --sweep's output).
 ADALORA_PAPER = {"init_ratio": 1.5, "tfinal": ADAPT_STEPS // 3}
 ADALORA_GRID = tuple({"init_ratio": ratio, "tfinal": tfinal}
                      for ratio in (1.5, 2.0, 4.0) for tfinal in (ADAPT_STEPS // 8, ADAPT_STEPS // 3))
-ADALORA_SCHEDULES: dict[float, dict] = {}
+ADALORA_SCHEDULES: dict[float, dict] = {
+    0.001: {'init_ratio': 1.5, 'tfinal': 12},  # at lr 0.1: init_r 1.5 x, tfinal 12: 3.861, init_r 1.5 x, tfinal 32: 3.864, init_r 2 x, tfinal 12: 3.861, init_r 2 x, tfinal 32: 3.864, init_r 4 x, tfinal 12: 3.876, init_r 4 x, tfinal 32: 3.870
+    0.01: {'init_ratio': 4.0, 'tfinal': 12},  # at lr 0.03: init_r 1.5 x, tfinal 12: 3.833, init_r 1.5 x, tfinal 32: 3.834, init_r 2 x, tfinal 12: 3.831, init_r 2 x, tfinal 32: 3.834, init_r 4 x, tfinal 12: 3.827, init_r 4 x, tfinal 32: 3.829
+}
 
 # --bases: how each base keeps its decoder linears; the quantized ones as QuantizationConfig fields.
 BASES = {"fp32": "fp32, as pretrained", "bf16": "rounded to bfloat16 (a 16-bit base)",

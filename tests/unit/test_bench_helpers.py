@@ -139,6 +139,7 @@ def test_planned_pairs_are_matched_within_two_percent():
 
 
 def test_adalora_rows_take_the_recorded_schedule(monkeypatch):
+    monkeypatch.delitem(quality.ADALORA_SCHEDULES, 0.01, raising=False)
     paper = {m: o for m, b, *o in quality.plan(("adalora", "adalora_paper"), (0.01,), by_formula)}
     assert paper["adalora"] == paper["adalora_paper"]  # before --sweep records a schedule: the paper's
     monkeypatch.setitem(quality.ADALORA_SCHEDULES, 0.01, {"init_ratio": 4.0, "tfinal": 12})
