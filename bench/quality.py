@@ -506,8 +506,8 @@ def describe(adapters: list[dict]) -> str:
 def adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: float, seed: int, steps: int,
           validate: bool = False, base: str = "fp32") -> dict:
     """Adapt a fresh copy of the base (its decoder linears kept as ``base`` says) to B; B's test loss (the mean
-    over every test token), each test document's summed loss, the validation loss with ``validate`` and the
-    median step time."""
+    over every test token), each test document's summed loss and the median step time, or with ``validate`` (the
+    sweep) the validation loss instead of the test split's: choosing a rate never scores the test split."""
     from peft_dist.adapters.inject import inject_adapters
     from peft_dist.adapters.registry import build_adapter_config
     from peft_dist.distributed.hooks import make_hooks
@@ -522,12 +522,11 @@ def adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: 
         inject_adapters(model, configs)
         hooks = make_hooks(model, configs, steps)
     times = train(model, corpora.b_train, steps, lr, seed, hooks)
-    documents = document_losses(model, corpora.b_test, corpora.test_documents)
-    result = {"test": math.fsum(documents) / corpora.b_test[:, 1:].numel(), "documents": documents,
-              "step_s": statistics.median(times[1:])}
+    step_s = statistics.median(times[1:])
     if validate:
-        result["val"] = mean_loss(model, corpora.b_val)
-    return result
+        return {"val": mean_loss(model, corpora.b_val), "step_s": step_s}
+    documents = document_losses(model, corpora.b_test, corpora.test_documents)
+    return {"test": math.fsum(documents) / corpora.b_test[:, 1:].numel(), "documents": documents, "step_s": step_s}
 
 
 def plan(methods: tuple[str, ...], budgets: tuple[float, ...],
