@@ -41,14 +41,10 @@ SETTINGS = {
     "mam": {"prefix_length": 8, "r": 16, "scale": 2.0, "reparameterize": False},  # prefix above covers the MLP
     "bitfit": {"norm": True},
 }
-TINY = "builtin:tiny-llama"
 BASES = {
-    "int8": {"model": {"name_or_path": TINY, "dtype": "float32"}, "quantization": {"enabled": True},
-             "precision": "fp32"},
-    "bf16": {"model": {"name_or_path": TINY, "dtype": "bfloat16"}, "quantization": {"enabled": False},
-             "precision": "bf16"},
-    "nf4": {"model": {"name_or_path": TINY, "dtype": "float32"}, "quantization": {"enabled": True, "bits": 4},
-            "precision": "fp32"},
+    "int8": {"model": {"dtype": "float32"}, "quantization": {"enabled": True}, "precision": "fp32"},
+    "bf16": {"model": {"dtype": "bfloat16"}, "quantization": {"enabled": False}, "precision": "bf16"},
+    "nf4": {"model": {"dtype": "float32"}, "quantization": {"enabled": True, "bits": 4}, "precision": "fp32"},
 }
 # (base, ZeRO stage) columns. NF4 runs on ZeRO-3 only, where its packed bytes and absmax are partitioned and
 # gathered; ZeRO-2 keeps every tensor whole, which the int8 and bf16 columns already cover.
@@ -75,7 +71,8 @@ def cell_config(method: str, base: str, stage: int, out: Path, corpus: Path) -> 
     if stage == 3:  # partition even the tiny layers, so every parameter is really gathered
         zero["overrides"] = {"zero_optimization.stage3_param_persistence_threshold": 0}
     return {
-        "model": BASES[base]["model"], "quantization": BASES[base]["quantization"],
+        "model": {"name_or_path": "builtin:tiny-llama", **BASES[base]["model"]},
+        "quantization": BASES[base]["quantization"],
         "adapters": [{"method": method, **SETTINGS.get(method, {})}],
         "data": {"path": str(corpus), "block_size": 64},
         "train": {"max_steps": STEPS, "micro_batch_size": 4, "lr": 1e-2, "warmup_steps": 0, "eval_batches": 2,
