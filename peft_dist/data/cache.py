@@ -106,6 +106,11 @@ def cache_key(cfg: DataConfig, found: list[Source], tokenizer, template: str | N
     return _digest([corpora, code, tokenizer_identity(tokenizer), template, settings])[:20]
 
 
+def cache_directory(cfg: DataConfig, found: list[Source], tokenizer, template: str | None) -> Path:
+    """Where the blocks of ``cfg``'s corpus are, or will be, cached (``cache_key``'s arguments)."""
+    return Path(cfg.cache_dir).expanduser() / cache_key(cfg, found, tokenizer, template)
+
+
 def release_freed_memory() -> None:
     """Hand the heap that tokenizing freed back to the OS (glibc keeps it otherwise): the rank that prepared
     then trains with the memory of the ranks that did not."""
@@ -218,7 +223,7 @@ def build_blocks(cfg: DataConfig, tokenizer, max_positions: int | None = None) -
     check_block_size(cfg.block_size, max_positions)
     found = data_sources(cfg)  # located once: the template and the key both need them
     template = chat_template(cfg, tokenizer) if holds_conversations(found) else None
-    directory = Path(cfg.cache_dir).expanduser() / cache_key(cfg, found, tokenizer, template)
+    directory = cache_directory(cfg, found, tokenizer, template)
     prepared_here = False
     if not directory.is_dir():
         with cache_lock(directory):

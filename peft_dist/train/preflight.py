@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from peft_dist.adapters.inject import inject_adapters
 from peft_dist.config.schema import ConfigError, DataConfig, QuantizationConfig, RunConfig
-from peft_dist.data import (chat_template, check_block_size, check_jsonl, data_sources, holds_conversations,
-                            naming_source)
+from peft_dist.data import (cache_directory, chat_template, check_block_size, check_jsonl, data_sources,
+                            holds_conversations, naming_source)
 from peft_dist.model import DTYPES, load_model_config, load_tokenizer, max_positions
 from peft_dist.quant.model import quantize_model
 
@@ -63,21 +63,23 @@ def check_output_dir(path: Path) -> None:
 
 def check_data(data: DataConfig, model_config: PretrainedConfig, model_name: str) -> None:
     """Data errors found without tokenizing, for every source: the files exist in one format (a hub id is in the
-    local cache), jsonl lines parse and carry the fields of their layout (``file:line`` on the first bad one),
-    conversations have a chat template, and a block fits the model's context."""
+    local cache), conversations have a chat template, a block fits the model's context, and jsonl lines parse
+    and carry the fields of their layout (``file:line`` on the first bad one). A source whose blocks are cached
+    is not parsed again: the key holds its files' size and mtime, and preparing them ran the same check (a
+    requeued job over a large corpus would otherwise parse all of it on every rank at every start)."""
     check_block_size(data.block_size, max_positions(model_config))
-    found = []
+    tokenizer = load_tokenizer(model_name)
     entries = data.mixture()
     for index, entry in enumerate(entries):
         with naming_source(entries, index):
             located = data_sources(entry.data)
+            template = chat_template(entry.data, tokenizer) if holds_conversations(located) else None
+            if cache_directory(entry.data, located, tokenizer, template).is_dir():
+                continue
             for source in located:
                 if source.kind == "jsonl":
                     for file in source.files:
                         check_jsonl(file, entry.data, source.layout)
-        found += located
-    if holds_conversations(found):
-        chat_template(data, load_tokenizer(model_name))
 
 
 def preflight(cfg: RunConfig) -> None:

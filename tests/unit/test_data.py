@@ -50,6 +50,31 @@ def test_missing_field_and_empty_and_missing_files(tmp_path, tokenizer):
         build_blocks(data(tmp_path, path=str(tmp_path / "missing.jsonl")), tokenizer)
 
 
+def test_preflight_parses_a_jsonl_until_its_blocks_are_cached(tmp_path, tokenizer, monkeypatch):
+    """A requeued job does not parse its corpus again on every rank: once the blocks are cached (the key holds
+    the files' size and mtime), the pre-flight check skips the record-by-record parse that preparing them ran;
+    a changed file is a new key and is parsed again."""
+    from peft_dist.model import load_model_config
+    from peft_dist.train import preflight
+
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": f"document {i}: " + "words " * 30} for i in range(100)])
+    cfg = data(tmp_path, path=str(path), block_size=32)
+    model_config = load_model_config("builtin:tiny-llama")
+    parsed = []
+    check_jsonl = preflight.check_jsonl
+    monkeypatch.setattr(preflight, "check_jsonl", lambda file, *rest: parsed.append(file) or check_jsonl(file, *rest))
+    preflight.check_data(cfg, model_config, "builtin:tiny-llama")
+    assert len(parsed) == 1
+    build_blocks(cfg, tokenizer)
+    preflight.check_data(cfg, model_config, "builtin:tiny-llama")
+    assert len(parsed) == 1
+    with path.open("a") as f:
+        f.write('{"text": oops}\n')
+    with pytest.raises(DataError, match=r"train.jsonl:101: malformed JSON"):
+        preflight.check_data(cfg, model_config, "builtin:tiny-llama")
+    assert len(parsed) == 2
+
+
 def test_block_size_longer_than_context_is_refused(tmp_path, tokenizer):
     with pytest.raises(DataError, match="exceeds the model's context of 512"):
         build_blocks(data(tmp_path, block_size=1024), tokenizer, max_positions=512)
