@@ -2,7 +2,7 @@
 
     python -m tests.compat --write docs/COMPATIBILITY.md      # about 10 minutes on 2 CPU cores
 
-The architecture matrix runs as one process, the ZeRO matrix as 2 ranks; the page keeps its hand-kept
+The architecture matrix runs as two single-rank jobs side by side, the ZeRO matrix as 2 ranks; the page keeps its hand-kept
 ``## Supported versions`` section (the output of ``.ci/check_versions.sh``).
 """
 from __future__ import annotations
@@ -12,15 +12,16 @@ import json
 import tempfile
 from pathlib import Path
 
+from tests.compat import run_arch_matrix
 from tests.compat.render import render, versions_section
 from tests.multiproc import REPO, run_distributed
 
 
 def run_matrices(out: Path) -> tuple[list[dict], list[dict]]:
     """Both matrices' cells (each job exits 0 whatever its cells recorded)."""
-    run_distributed(["-m", "tests.compat.arch_worker", "--out", str(out)], 1, timeout=1500)
+    arch_cells = run_arch_matrix(out)
     run_distributed(["-m", "tests.compat.zero_worker", "--out", str(out)], 2, timeout=900)
-    return (json.loads((out / "arch_cells.json").read_text()), json.loads((out / "zero_cells.json").read_text()))
+    return arch_cells, json.loads((out / "zero_cells.json").read_text())
 
 
 def main() -> None:

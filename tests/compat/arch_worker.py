@@ -1,4 +1,5 @@
-"""Every adapter method on every architecture of ``tests/architectures.py``, end to end, in one process.
+"""Every adapter method on every architecture of ``tests/architectures.py`` (or those ``--archs`` names), end to
+end, in one process.
 
 Each cell is a real job through ``peft_dist.train.trainer.train`` (world size 1, DeepSpeed ZeRO-3 with every
 parameter partitioned, int8 base, fp32), on a local checkpoint written by ``save_pretrained``:

@@ -1,4 +1,4 @@
-"""The compatibility matrices: every method on every architecture (one process), and every method x base
+"""The compatibility matrices: every method on every architecture (single-rank jobs), and every method x base
 (int8 or NF4 weights with fp32 training, bf16 base with bf16 training) x ZeRO stage (2 ranks).
 
 Each test runs its matrix (tests/compat/), asserts the cells, and checks that docs/COMPATIBILITY.md (written
@@ -12,7 +12,7 @@ import pytest
 
 from peft_dist.adapters import methods
 from tests.architectures import ARCHITECTURES
-from tests.compat import zero_worker
+from tests.compat import run_arch_matrix, zero_worker
 from tests.compat.render import arch_table, arch_verdict, doc_table, verdicts, zero_table, zero_verdict
 from tests.multiproc import REPO, run_distributed
 
@@ -26,8 +26,7 @@ REFUSED = {("opt", m): "matches no attention or FFN sub-layer in OPTForCausalLM"
 
 
 def test_every_method_on_every_architecture(tmp_path):
-    run_distributed(["-m", "tests.compat.arch_worker", "--out", str(tmp_path)], 1, timeout=1500)
-    cells = json.loads((tmp_path / "arch_cells.json").read_text())
+    cells = run_arch_matrix(tmp_path)
     assert {(c["arch"], c["method"]) for c in cells} == {(a, m) for a in ARCHITECTURES for m in methods()}
     for cell in cells:
         key = (cell["arch"], cell["method"])
