@@ -133,12 +133,11 @@ NAMES = {"full": "full fine-tuning", "bitfit": "BitFit (norms)", "lora": "LoRA o
          "scaled_parallel": "scaled parallel adapter (s=4)", "prefix": "prefix tuning",
          "prefix_gated": "prefix tuning, gated", "prefix_reparam": f"prefix tuning, reparameterized (MLP {PREFIX_MLP})",
          "mam": "MAM"}
-# The best validation loss of the grid in ``sweep`` (SWEEP_SEED 0), pasted from its output. The sweep of 2026-11-30 ran
-# in part, on this design (every validation block, the optimum strictly inside the grid): `python bench/quality.py
-# --sweep --only lora lora_ffn lora_all adalora adalora_paper krona krona_ffn krona_all prefix prefix_gated`, 43 min
-# on 2 cores. The other rows' entries, recorded on the previous design, were removed; until `--sweep --only full
-# bitfit krona_block krona_block_res parallel scaled_parallel prefix_reparam mam` records them, --write names them and
-# stops.
+# The best validation loss of the grid in ``sweep`` (SWEEP_SEED 0), pasted from its output: every optimum strictly
+# inside its grid. The sweep of 2026-11-30 ran in two parts on 2 cores, `python bench/quality.py --sweep --only lora
+# lora_ffn lora_all adalora adalora_paper krona krona_ffn krona_all prefix prefix_gated` (43 min), then `--sweep
+# --only full bitfit krona_block krona_block_res parallel scaled_parallel prefix_reparam mam` (44 min, other work
+# running alongside).
 LEARNING_RATES: dict[tuple[str, float | None], float] = {
     ('lora', 0.001): 0.03,  # 0.003: 3.890, 0.01: 3.866, 0.03: 3.853, 0.1: 4.126, 0.3: 6.264
     ('lora', 0.01): 0.01,  # 0.003: 3.828, 0.01: 3.816, 0.03: 4.207, 0.1: 5.682, 0.3: 5.705
@@ -156,6 +155,20 @@ LEARNING_RATES: dict[tuple[str, float | None], float] = {
     ('prefix', 0.01): 1,  # 0.03: 3.941, 0.1: 3.937, 0.3: 3.910, 1: 3.872, 3: 3.997
     ('prefix_gated', 0.001): 0.3,  # 0.03: 3.907, 0.1: 3.882, 0.3: 3.877, 1: 3.879, 3: 3.880
     ('prefix_gated', 0.01): 0.3,  # 0.03: 3.890, 0.1: 3.862, 0.3: 3.858, 1: 3.874, 3: 3.960
+    ('full', None): 0.003,  # 0.0003: 3.688, 0.001: 3.634, 0.003: 3.618, 0.01: 3.822
+    ('bitfit', None): 0.1,  # 0.003: 3.894, 0.01: 3.854, 0.03: 3.820, 0.1: 3.806, 0.3: 3.817
+    ('krona_block', 0.001): 0.3,  # 0.003: 3.933, 0.01: 3.887, 0.03: 3.822, 0.1: 3.790, 0.3: 3.789, 0.9: 3.805
+    ('krona_block', 0.01): 0.1,  # 0.003: 3.909, 0.01: 3.822, 0.03: 3.777, 0.1: 3.764, 0.3: 3.771
+    ('krona_block_res', 0.001): 0.3,  # 0.003: 3.937, 0.01: 3.887, 0.03: 3.820, 0.1: 3.787, 0.3: 3.780, 0.9: 3.807
+    ('krona_block_res', 0.01): 0.1,  # 0.003: 3.913, 0.01: 3.828, 0.03: 3.777, 0.1: 3.762, 0.3: 3.767
+    ('parallel', 0.001): 0.1,  # 0.003: 3.903, 0.01: 3.848, 0.03: 3.814, 0.1: 3.812, 0.3: 3.825
+    ('parallel', 0.01): 0.1,  # 0.003: 3.830, 0.01: 3.787, 0.03: 3.759, 0.1: 3.744, 0.3: 3.848
+    ('scaled_parallel', 0.001): 0.03,  # 0.003: 3.872, 0.01: 3.820, 0.03: 3.811, 0.1: 3.819, 0.3: 3.830
+    ('scaled_parallel', 0.01): 0.03,  # 0.003: 3.800, 0.01: 3.767, 0.03: 3.747, 0.1: 3.798, 0.3: 3.971
+    ('prefix_reparam', 0.001): 0.03,  # 0.003: 3.936, 0.01: 3.918, 0.03: 3.899, 0.1: 3.922, 0.3: 4.652
+    ('prefix_reparam', 0.01): 0.03,  # 0.003: 3.933, 0.01: 3.902, 0.03: 3.884, 0.1: 3.946, 0.3: 5.082
+    ('mam', 0.001): 0.1,  # 0.003: 3.892, 0.01: 3.842, 0.03: 3.821, 0.1: 3.810, 0.3: 3.852
+    ('mam', 0.01): 0.03,  # 0.003: 3.824, 0.01: 3.788, 0.03: 3.773, 0.1: 3.789, 0.3: 3.878
 }
 # AdaLoRA's schedules. ADALORA_PAPER is the paper's own setting (init_r = 1.5 x target_r, the final budget for the
 # last third of training), the "adalora_paper" row. The "adalora" row's schedule is the best of ADALORA_GRID on
