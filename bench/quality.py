@@ -1,8 +1,8 @@
 """Adaptation quality at CPU size: every method at matched parameter budgets (0.1% and 1%), 5 seeds each.
 
-    python bench/quality.py --write docs/RESULTS.md   # the table (150 runs, about 50 minutes on 2 cores)
+    python bench/quality.py --write docs/RESULTS.md   # the table (150 runs, about 55 minutes on 2 cores)
     python bench/quality.py --quick                   # 2 seeds, 0.1%, 6 methods, short runs (a few minutes)
-    python bench/quality.py --sweep                   # LEARNING_RATES, ADALORA_SCHEDULES (~170 runs, ~1 hour)
+    python bench/quality.py --sweep                   # LEARNING_RATES, ADALORA_SCHEDULES (~170 runs, ~90 min)
     python bench/quality.py --sweep --only lora krona  # the sweep of some methods' rows only (a sweep in parts)
     python bench/quality.py --bases --write docs/RESULTS.md  # LoRA on fp32, bf16, int8 and NF4 bases (~30 min)
     python bench/quality.py --make-base               # pretrain the shipped base anew, print its sha256 (~10 min)
