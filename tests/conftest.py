@@ -1,5 +1,5 @@
 """Shared test setup: CPU accelerator, quiet tokenizers, one thread per process; how pytest-xdist (README's
-``-n 2 --dist loadgroup``) may split the suite."""
+``-n 2``) splits the suite."""
 import os
 
 import pytest
@@ -11,22 +11,27 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Modules that share memoized launcher runs (tests/distributed/mem_runs.py): on one worker, each run happens once.
 SHARED_RUNS = {f"tests/distributed/{name}.py" for name in
                ("test_n_invariance", "test_launcher_zero3", "test_ds_configs", "test_plan_measured")}
+# Long modules whose tests share nothing (each launches its own jobs): dealt to the workers one test at a time.
+INDEPENDENT = {"tests/distributed/test_reliability.py", "tests/distributed/test_compat_matrix.py"}
 
 
-def uses_a_module_fixture(item: pytest.Item) -> bool:
-    """Whether ``item`` reads a fixture that lives longer than one test and shorter than the session (a Slurm
-    cluster, a 2-rank job several tests of the module read)."""
-    return any(fixture.scope in ("class", "module", "package")
-               for fixtures in item._fixtureinfo.name2fixturedefs.values() for fixture in fixtures)
+def work_unit(nodeid: str) -> str:
+    """What runs whole on one xdist worker: the modules of SHARED_RUNS together, a test of INDEPENDENT alone, any
+    other module whole (so that its module-scoped fixtures, a Slurm cluster or a 2-rank job that several tests read,
+    are set up once)."""
+    module = nodeid.split("::", 1)[0]
+    if module in SHARED_RUNS:
+        return "shared launcher runs"
+    return nodeid if module in INDEPENDENT else module
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that share work run on one xdist worker, so that it happens once: the modules of SHARED_RUNS together,
-    and a module whose tests read a module-scoped fixture whole. The other tests are dealt one by one."""
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        if module in SHARED_RUNS:
-            item.add_marker(pytest.mark.xdist_group("mem_runs"))
-        elif uses_a_module_fixture(item):
-            item.add_marker(pytest.mark.xdist_group(module))
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """xdist's module-scope scheduling with ``work_unit`` as the scope. (Marks and ``--dist loadgroup`` cannot do
+    it: xdist 3.8 tags a group by rewriting ``item._nodeid``, which pytest 9 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return WorkUnitScheduling(config, log)
