@@ -2,8 +2,8 @@
 
     python -m tests.compat --write docs/COMPATIBILITY.md      # about 10 minutes on 2 CPU cores
 
-The architecture matrix runs as two single-rank jobs side by side, the ZeRO matrix as 2 ranks; the page keeps its hand-kept
-``## Supported versions`` section (the output of ``.ci/check_versions.sh``).
+The architecture matrix runs as two single-rank jobs side by side, the ZeRO matrix as 2 ranks; the page keeps its
+hand-kept ``## Supported versions`` section (the output of ``.ci/check_versions.sh``).
 """
 from __future__ import annotations
 
