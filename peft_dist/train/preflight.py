@@ -74,12 +74,10 @@ def check_data(data: DataConfig, model_config: PretrainedConfig, model_name: str
         with naming_source(entries, index):
             located = data_sources(entry.data)
             template = chat_template(entry.data, tokenizer) if holds_conversations(located) else None
-            if cache_directory(entry.data, located, tokenizer, template).is_dir():
-                continue
-            for source in located:
-                if source.kind == "jsonl":
-                    for file in source.files:
-                        check_jsonl(file, entry.data, source.layout)
+            jsonl = [(source, file) for source in located if source.kind == "jsonl" for file in source.files]
+            if jsonl and not cache_directory(entry.data, located, tokenizer, template).is_dir():
+                for source, file in jsonl:
+                    check_jsonl(file, entry.data, source.layout)
 
 
 def preflight(cfg: RunConfig) -> None:
