@@ -6,8 +6,9 @@ batch and steps, in a plain loop on the same device.
     python bench/gpu_bench.py --size small    # anywhere: an 8-layer hidden-512 Llama (the CPU mode)
 
 Prints tokens/s, MFU (given --peak-tflops; 989 = an H100/H200's dense bf16) and peak memory of each side,
-and the ratios peft-dist / peft. Every number of the peft-dist row is what ``python launcher/train.py``
-logged (``train/tokens_per_s``, ``train/mfu``, ``memory/peak_accelerator_gib`` or ``memory/peak_rss_gib``).
+and the ratios of peft-dist under ZeRO-3 to the others (peft-dist under ZeRO-2 among them: on one device it shows
+what ZeRO-3's gathers cost). Every number of a peft-dist row is what ``python launcher/train.py`` logged
+(``train/tokens_per_s``, ``train/mfu``, ``memory/peak_accelerator_gib`` or ``memory/peak_rss_gib``).
 """
 from __future__ import annotations
 
@@ -45,10 +46,12 @@ def write_model(shape: ModelShape, directory: Path) -> None:
     AutoTokenizer.from_pretrained(TINY_TOKENIZER).save_pretrained(directory)
 
 
-def ours(model_dir: Path, run_dir: Path, args) -> dict:
-    """The CLI's run; its logged metrics at the last step."""
+def ours(model_dir: Path, run_dir: Path, args, zero_stage: int) -> dict:
+    """The CLI's run under ``zero_stage``; its logged metrics at the last step."""
     import mlflow
 
+    run_dir = run_dir / f"zero{zero_stage}"
+    run_dir.mkdir()
     uri = f"sqlite:///{run_dir / 'mlflow.db'}"
     subprocess.run([sys.executable, str(REPO / "launcher" / "train.py"),
                     "--set", f"model.name_or_path={model_dir}", "--set", "model.dtype=bfloat16",
@@ -58,7 +61,8 @@ def ours(model_dir: Path, run_dir: Path, args) -> dict:
                     "--set", f"train.max_steps={args.steps}", "--set", "train.warmup_steps=0",
                     "--set", f"train.log_interval={args.steps}", "--set", "train.eval_batches=1",
                     "--set", f"adapters=[{{method: lora, r: 8, alpha: 16, target_modules: {TARGETS}}}]",
-                    "--set", f"tracking.uri={uri}", "--set", f"tracking.peak_tflops={args.peak_tflops}",
+                    "--set", f"deepspeed.zero_stage={zero_stage}", "--set", f"tracking.uri={uri}",
+                    "--set", f"tracking.peak_tflops={args.peak_tflops}",
                     "--set", f"checkpoint.output_dir={run_dir / 'run'}"], check=True, cwd=REPO)
     mlflow.set_tracking_uri(uri)
     metrics = mlflow.search_runs(search_all_experiments=True, output_format="list")[0].data.metrics
@@ -113,7 +117,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "model"
         write_model(shape, model_dir)
-        rows = {"peft-dist (int8 base, CLI)": ours(model_dir, Path(tmp), args)}
+        rows = {f"peft-dist (int8 base, ZeRO-{stage}, CLI)": ours(model_dir, Path(tmp), args, stage)
+                for stage in (3, 2)}
         for side in ("bf16", "bnb8"):
             child = subprocess.run([sys.executable, __file__, "--peft", side, "--model-dir", str(model_dir),
                                     "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
@@ -129,10 +134,10 @@ def main() -> None:
         else:
             mfu = f"{r['mfu']:.3f}" if r["mfu"] is not None else "-"
             print(f"| {name} | {r['tokens_per_s']:,.0f} | {mfu} | {r['peak_gib']:.2f} |")
-    ref = rows["peft-dist (int8 base, CLI)"]
+    ref = rows["peft-dist (int8 base, ZeRO-3, CLI)"]
     for name, r in list(rows.items())[1:]:
         if "error" not in r:
-            print(f"ratio peft-dist / {name}: tokens/s {ref['tokens_per_s'] / r['tokens_per_s']:.2f}x, "
+            print(f"ratio peft-dist ZeRO-3 / {name}: tokens/s {ref['tokens_per_s'] / r['tokens_per_s']:.2f}x, "
                   f"peak memory {ref['peak_gib'] / r['peak_gib']:.2f}x")
 
 

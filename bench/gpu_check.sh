@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check: tests/gpu, the default job on the device, and a one-device benchmark, with one summary.
+# The GPU check: tests/gpu, the default job on the device, a one-device benchmark and (on a GPU) the quantized
+# layers against bitsandbytes' kernels, with one summary.
 #
 #   bash bench/gpu_check.sh                      # a GPU machine with the package registry: installs into
 #                                                # .venv-gpu from requirements.lock, CUDA torch from PyPI
 #   bash bench/gpu_check.sh --python python3     # a GPU machine whose python already has the packages
 #   bash bench/gpu_check.sh --cpu                # the same steps on the CPU, with this checkout's .venv
 #
-# Budget on an H100/H200: about 8 minutes (tests ~3, default job ~1, benchmark ~3). The summary is the
-# last block of output; docs/BENCHMARKS.md records it.
+# Budget on an H100/H200: under 10 minutes; each step has a time limit (tests 270 s, default job 90 s,
+# layers 120 s, benchmark 260 s) so that a hung step still leaves a summary. The summary is the last block
+# of output; docs/BENCHMARKS.md records it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=gpu
@@ -48,10 +50,14 @@ else
 fi
 "$python" -c "import torch, deepspeed, transformers; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__, 'transformers', transformers.__version__)" >> "$summary" 2>/dev/null
 
-step tests_gpu 900 "$python" -m pytest -q -p no:cacheprovider tests/gpu
-step default_job 600 "$python" launcher/train.py --set tracking.backend=none --set "checkpoint.output_dir=$work/default"
+step tests_gpu 270 "$python" -m pytest -q -p no:cacheprovider tests/gpu
+step default_job 90 "$python" launcher/train.py --set tracking.backend=none --set "checkpoint.output_dir=$work/default"
 grep -h "done:" "$work/default_job.log" | tail -1 | sed 's/^.*done: /default job: /' >> "$summary"
-step bench 900 "$python" bench/gpu_bench.py "${bench_args[@]}"
+if [ "$mode" = gpu ]; then  # the int8 / NF4 layers against bitsandbytes' kernels and a dense GEMM
+  step layers 120 "$python" bench/nf4.py --device cuda
+  grep -h "^ratio" "$work/layers.log" >> "$summary"
+fi
+step bench 260 "$python" bench/gpu_bench.py "${bench_args[@]}"
 grep -h "^ratio\|^| peft" "$work/bench.log" >> "$summary"
 
 echo; echo "==== gpu_check summary ($mode, $(date -u +%Y-%m-%d))"; cat "$summary"

@@ -8,6 +8,12 @@
 (b) forward + backward time (input gradient only, as in training) of one frozen 2048 x 2048 linear on 512
     tokens: 4-bit NF4 and int8 against a dense linear in the activations' dtype, fp32 and bf16, as ratios.
 Prints the CPU's avx2 / avx512 / amx flags: compare ratios within one run, not times across machines.
+
+    python bench/nf4.py --device cuda     # (b) only, on a GPU: bf16 and fp16, the 1B bench's linear shapes
+                                          # and 2048 tokens, with bitsandbytes' Linear8bitLt and Linear4bit
+
+On a GPU, (b) adds bitsandbytes' own layers (its int8 and 4-bit kernels) as candidates for the int8 and
+4-bit paths: the layer to choose is the fastest one there.
 """
 from __future__ import annotations
 
@@ -46,20 +52,54 @@ def base_bytes(quant: QuantizationConfig | None, world: int) -> tuple[int, int]:
     return per_rank(inventory, world, 0).frozen, per_rank(linears, world, 0).frozen
 
 
-def layer_times(dtype: torch.dtype, d: int = 2048, tokens: int = 512) -> dict[str, float]:
-    """Median fwd+bwd seconds of a dense, an int8 and an NF4 frozen d x d linear on ``tokens`` x ``d``."""
+def bitsandbytes_layers(dense: torch.nn.Linear, dtype: torch.dtype, device: str) -> dict[str, torch.nn.Module]:
+    """bitsandbytes' frozen int8 (threshold 0: no fp16 outlier columns, our scheme) and NF4 layers holding
+    ``dense``'s weight, quantized by placement on ``device``."""
+    import bitsandbytes as bnb
+
+    out_features, in_features = dense.weight.shape
+    int8 = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False, threshold=0.0)
+    int8.weight = bnb.nn.Int8Params(dense.weight.data.float().cpu(), requires_grad=False, has_fp16_weights=False)
+    nf4 = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=dtype, quant_type="nf4")
+    nf4.weight = bnb.nn.Params4bit(dense.weight.data.to(dtype).cpu(), requires_grad=False, quant_type="nf4")
+    return {"bnb int8": int8.to(device), "bnb nf4": nf4.to(device)}
+
+
+def layer_times(dtype: torch.dtype, d_in: int = 2048, d_out: int = 2048, tokens: int = 512,
+                device: str = "cpu") -> dict[str, float]:
+    """Median fwd+bwd seconds of a dense, an int8 and an NF4 frozen linear on ``tokens`` x ``d_in``; on a GPU
+    also bitsandbytes' int8 and NF4 layers."""
     torch.manual_seed(0)
-    dense = torch.nn.Linear(d, d, bias=False, dtype=dtype).requires_grad_(False)
+    dense = torch.nn.Linear(d_in, d_out, bias=False, dtype=dtype).requires_grad_(False)
     layers = {"dense": dense, "int8": quantize_linear(dense, dtype),
               "nf4": quantize_linear(dense, dtype, QuantizationConfig(bits=4))}
-    x = torch.randn(tokens, d, dtype=dtype)
+    layers = {name: layer.to(device) for name, layer in layers.items()}
+    if device != "cpu":
+        layers.update(bitsandbytes_layers(dense, dtype, device))
+    x = torch.randn(tokens, d_in, dtype=dtype, device=device)
     time_layers(list(layers.values()), x, 1)  # warm-up
     # A plain bf16 linear's backward takes seconds on a CPU without native bf16: fewer rounds there.
-    times = time_layers(list(layers.values()), x, 9 if dtype == torch.float32 else 3)
+    times = time_layers(list(layers.values()), x, 9 if dtype == torch.float32 or device != "cpu" else 3)
     return dict(zip(layers, times))
 
 
+def device_layers(device: str) -> None:
+    """(b) on an accelerator: the 1B bench's linear shapes (hidden 2048, FFN 5632) on 2048 tokens."""
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else device}")
+    for dtype in (torch.bfloat16, torch.float16):
+        name = str(dtype).removeprefix("torch.")
+        for d_in, d_out in ((2048, 2048), (2048, 5632), (5632, 2048)):
+            times = layer_times(dtype, d_in, d_out, 2048, device)
+            print(f"(b) frozen {d_out}x{d_in} linear, 2048 tokens, {name}, fwd+bwd: "
+                  + "  ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()))
+            print(f"ratio (b) {name} {d_out}x{d_in}: " + "  ".join(
+                f"{k}/dense {v / times['dense']:.2f}" for k, v in times.items() if k != "dense"))
+
+
 def main() -> None:
+    if "--device" in sys.argv:
+        device_layers(sys.argv[sys.argv.index("--device") + 1])
+        return
     torch.set_num_threads(1)
     print(f"cpu flags: {cpu_flags()}; torch threads: {torch.get_num_threads()}")
     measured = {world: {name: base_bytes(quant, world) for name, quant in BASES.items()} for world in WORLDS}

@@ -106,12 +106,16 @@ def run_variant(variant: str, model_dir: Path) -> dict:
 def time_layers(layers: list[torch.nn.Module], x: torch.Tensor, repeats: int) -> list[float]:
     """Median forward+backward seconds of each layer on ``x`` (input gradient and adapter gradients), the
     layers timed in turn within each round so that machine load falls on all of them alike."""
+    from deepspeed.accelerator import get_accelerator
+
     times: list[list[float]] = [[] for _ in layers]
     for _ in range(repeats):
         for layer, own in zip(layers, times):
             xi = x.detach().requires_grad_()
+            get_accelerator().synchronize()  # on a GPU, time the kernels, not their launches
             began = time.perf_counter()
             layer(xi).float().sum().backward()
+            get_accelerator().synchronize()
             own.append(time.perf_counter() - began)
     return [sorted(own)[len(own) // 2] for own in times]
 

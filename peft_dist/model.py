@@ -108,8 +108,10 @@ def weights_fingerprint(name_or_path: str) -> str:
 
 def base_identity(cfg: ModelConfig, model_config: PretrainedConfig) -> dict:
     """What an adapter checkpoint records about its base, to refuse loading onto another model: its config
-    and a fingerprint of its weights."""
-    text = json.dumps(model_config.to_diff_dict(), sort_keys=True, default=str)
+    and a fingerprint of its weights. The config's dtype is left out: it is how the base was loaded (under
+    ZeRO-3, the engine's precision), not which base it is, and inference loads it in ``model.dtype``."""
+    identity = {k: v for k, v in model_config.to_diff_dict().items() if k not in ("dtype", "torch_dtype")}
+    text = json.dumps(identity, sort_keys=True, default=str)
     return {"name_or_path": cfg.name_or_path, "model_type": model_config.model_type,
             "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
             "weights_sha256": weights_fingerprint(cfg.name_or_path)}

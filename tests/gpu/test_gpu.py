@@ -32,7 +32,7 @@ if DEVICE is None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu")
-    env = {} if DEVICE == "cuda" else {"DS_ACCELERATOR": "cpu"}
+    env = {"DS_ACCELERATOR": "cuda" if DEVICE == "cuda" else "cpu"}  # run_distributed (and conftest) default to cpu
     run_distributed(["-m", "tests.gpu.worker", "--out", str(out), "--precisions", *PRECISIONS], 1, env=env,
                     timeout=1200)
     return json.loads((out / "gpu.json").read_text())

@@ -3,13 +3,13 @@ import json
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, ViTConfig
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, ViTConfig
 
 from peft_dist.adapters import adapter_state_dict, inject_adapters
 from peft_dist.config import CheckpointConfig, ConfigError, ModelConfig
 from peft_dist.distributed.zero3 import build_ds_config
 from peft_dist.inference import load_for_inference
-from peft_dist.model import base_identity
+from peft_dist.model import base_identity, load_model_config
 from peft_dist.quant.loader import build_model
 from peft_dist.train.checkpoint import CONFIG, CheckpointError, adapter_metadata, check_run_dir, save_adapter
 from peft_dist.train.config import load_config
@@ -67,3 +67,15 @@ def test_adapter_from_another_base_is_refused(tmp_path):
         load_for_inference(tmp_path / "adapter")
     with pytest.raises(CheckpointError, match="not an adapter checkpoint"):
         load_for_inference(tmp_path)
+
+
+def test_the_base_identity_does_not_depend_on_the_dtype_the_base_was_built_in():
+    """Under ZeRO-3 the trainer builds the base in the engine's precision (fp16 or bf16) and inference in
+    ``model.dtype``: an adapter trained in fp16 on a bf16 base must load (the first GPU run caught this)."""
+    cfg = load_config()
+    identities = set()
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(load_model_config(cfg.model.name_or_path), dtype=dtype)
+        identities.add(base_identity(cfg.model, model.config)["config_sha256"])
+    assert len(identities) == 1
