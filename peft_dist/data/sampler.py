@@ -7,6 +7,19 @@ import torch
 from peft_dist.data.sources import DataError
 
 
+class Permutations:
+    """The seeded permutation of each source's blocks for its current pass, drawn once per pass and not once per
+    step: over millions of blocks a draw takes 0.1-1 s, more than a GPU step."""
+
+    def __init__(self) -> None:
+        self.latest: dict[int, tuple[int, torch.Tensor]] = {}  # source -> (seed, its permutation)
+
+    def get(self, source: int, length: int, seed: int) -> torch.Tensor:
+        if self.latest.get(source, (None,))[0] != seed:
+            self.latest[source] = (seed, torch.randperm(length, generator=torch.Generator().manual_seed(seed)))
+        return self.latest[source][1]
+
+
 class GlobalBatchSampler:
     """Step ``t`` consumes global batch ``t`` of a per-epoch permutation (seeded by ``seed + epoch``);
     rank ``r`` takes the ``r``-th contiguous chunk and splits it into micro-batches. The same step
@@ -22,6 +35,7 @@ class GlobalBatchSampler:
         self.seed = seed
         self.global_batch = micro_batch_size * accumulation * world_size
         self.num_samples = num_samples
+        self.permutations = Permutations()
         self.steps_per_epoch = num_samples // self.global_batch
         if self.steps_per_epoch == 0:
             raise DataError(f"data: {num_samples} training blocks cannot fill one global batch of "
@@ -30,7 +44,7 @@ class GlobalBatchSampler:
 
     def micro_batches(self, step: int) -> list[torch.Tensor]:
         epoch, position = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        order = self.permutations.get(0, self.num_samples, self.seed + epoch)
         start = position * self.global_batch + self.rank * self.micro * self.accumulation
         chunk = order[start: start + self.micro * self.accumulation]
         return list(chunk.split(self.micro))
@@ -74,6 +88,7 @@ class MixtureSampler:
         self.global_batch = micro_batch_size * accumulation * world_size
         self.lengths = torch.tensor(lengths)
         self.offsets = self.lengths.cumsum(0) - self.lengths
+        self.permutations = Permutations()
         self.shares = torch.tensor(apportion(weights, MIXTURE_CYCLE))
         if not bool((self.shares > 0).all()):
             raise DataError(f"data.sources: a weight below 1/{MIXTURE_CYCLE:,} of their sum gives its source no "
@@ -94,7 +109,6 @@ class MixtureSampler:
         indices = torch.empty_like(positions)
         for source, epoch in sorted(set(zip(sources.tolist(), passes.tolist()))):
             chosen = (sources == source) & (passes == epoch)
-            generator = torch.Generator().manual_seed(self.seed + 1_000_003 * source + epoch)
-            order = torch.randperm(int(self.lengths[source]), generator=generator)
+            order = self.permutations.get(source, int(self.lengths[source]), self.seed + 1_000_003 * source + epoch)
             indices[chosen] = self.offsets[source] + order[places[chosen]]
         return list(indices.split(self.micro))

@@ -137,6 +137,19 @@ def test_every_world_size_reads_the_same_global_batch():
         GlobalBatchSampler(3, micro_batch_size=2, accumulation=1, world_size=2, rank=0, seed=0)
 
 
+def test_a_pass_over_the_blocks_draws_its_permutation_once(monkeypatch):
+    """Not once per step: over millions of blocks a draw takes longer than a GPU step."""
+    draws = []
+    randperm = torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda n, **kw: draws.append(n) or randperm(n, **kw))
+    sampler = GlobalBatchSampler(100, micro_batch_size=2, accumulation=4, world_size=1, rank=0, seed=3)
+    for step in range(12):  # 12 steps of 8 blocks: the first pass
+        sampler.micro_batches(step)
+    assert draws == [100]
+    sampler.micro_batches(12)
+    assert draws == [100, 100]
+
+
 def test_an_unsupported_file_names_the_supported_formats(tmp_path, tokenizer):
     path = tmp_path / "train.csv"
     path.write_text("text\nhello\n")
