@@ -1,5 +1,6 @@
-"""Memory: this process's resident set and its peak (read by the loader, the tracker, bench/ and tests),
-and per-rank model-state memory under ZeRO-3: the analytic formula and what an engine really holds.
+"""Memory: this process's resident set and its peak (read by the loader, the tracker, bench/ and tests), how
+freed buffers leave it (``return_freed_buffers_to_the_os``), and per-rank model-state memory under ZeRO-3:
+the analytic formula and what an engine really holds.
 
 Model state = parameters + gradients + optimizer state (activations, communication buckets and
 prefetch buffers are not model state and are not counted). With a frozen int8 base and adapters, the
@@ -19,7 +20,9 @@ docs/MEMORY.md)::
 """
 from __future__ import annotations
 
+import ctypes
 import gc
+import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -152,6 +155,25 @@ def peak_rss_bytes() -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmHWM in /proc/self/status: peak memory is read from Linux's /proc")
+
+
+MMAP_THRESHOLD_BYTES = 64 * 1024
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+
+
+def return_freed_buffers_to_the_os() -> None:
+    """Serve every allocation above 64 KiB from its own mapping, unmapped when freed, as
+    ``MALLOC_MMAP_THRESHOLD_=65536`` would. glibc otherwise raises its threshold to the largest block freed,
+    so the buffers of loading and of ZeRO-3's gathers come from a heap that fragments and never shrinks:
+    measured on 2 CPU ranks with a 1.1B int8 base, the first forward left 0.83 GiB resident that the next
+    layer's gathers did not reuse (docs/SCALING.md). A no-op where the C library is not glibc."""
+    if sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def reset_peak_rss() -> None:

@@ -53,11 +53,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--hbm-gbs", type=float, default=3350.0, help="GPU memory GB/s (H100 SXM: 3350)")
     p.add_argument("--pcie-gbs", type=float, default=25.0,
                    help="host <-> GPU GB/s per GPU for CPU offload (PCIe 4.0 x16 achieves about 25)")
-    p.add_argument("--host-mem-gib", type=float, default=256.0, help="CPU memory per node for CPU offload")
+    p.add_argument("--host-mem-gib", type=float, default=256.0,
+                   help="CPU memory per node (the ranks' runtime and any CPU offload)")
     p.add_argument("--disk-gbs", type=float, default=2.0,
                    help="GB/s at which rank 0 reads the checkpoint when a job starts or is requeued")
     p.add_argument("--reserve-gib", type=float, default=4.0,
                    help="per-GPU memory for the CUDA context, NCCL buffers and fragmentation")
+    p.add_argument("--runtime-gib", type=float, default=1.5,
+                   help="host memory of each rank's Python, torch and DeepSpeed: the memory/peak_rss_gib that a "
+                        "run of builtin:tiny-llama logs (1.5 with CUDA torch on an H200, 0.7 with the CPU build)")
     p.add_argument("--persistence-threshold", type=int, default=100_000,
                    help="ZeRO-3 stage3_param_persistence_threshold (elements)")
     p.add_argument("--dry-run", action="store_true",
@@ -78,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                 or not 0 < args.efficiency <= 1:
             raise PlanError("--tokens, --gpu-mem-gib, --peak-tflops, --hbm-gbs, --pcie-gbs and --disk-gbs must be > 0 "
                             "and --efficiency in (0, 1]")
+        if args.runtime_gib < 0:
+            raise PlanError(f"--runtime-gib: must be >= 0, got {args.runtime_gib:g}")
         shape = load_shape(args.model)
         if args.seq_len > shape.max_positions:
             raise PlanError(f"--seq-len {args.seq_len} exceeds {shape.name}'s {shape.max_positions} positions")
@@ -88,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PlanError(f"--bits {args.bits}: the config's quantization.enabled is false; enable it or drop --bits")
         hardware = Hardware(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.peak_tflops, args.efficiency,
                             args.net_gbs, args.nvlink_gbs, args.hbm_gbs, args.reserve_gib, args.pcie_gbs,
-                            args.host_mem_gib, args.disk_gbs)
+                            args.host_mem_gib, args.disk_gbs, args.runtime_gib)
         work = Workload(args.seq_len, args.global_batch, int(args.tokens))
         plan = make_plan(shape, cfg, hardware, work, args.persistence_threshold, args.dry_run,
                          shlex.join(a for a in argv if a != "--dry-run"))

@@ -38,6 +38,7 @@ class Hardware:
     pcie_gbs: float = 25.0  # host <-> GPU per GPU (PCIe 4.0 x16 achieves about 25 of its 32 GB/s)
     host_mem_gib: float = 256.0  # CPU memory per node for what is offloaded
     disk_gbs: float = 2.0  # what rank 0 reads the checkpoint at (a parallel file system or local NVMe)
+    runtime_gib: float = 1.5  # host memory of each rank's Python, torch, DeepSpeed and transformers
 
     @property
     def world(self) -> int:
@@ -78,10 +79,14 @@ class Choice:
     def total_bytes(self) -> int:
         return sum(self.memory.values())
 
+    def host_total_bytes(self, hw: Hardware) -> int:
+        """What one rank holds in CPU memory: the frameworks' runtime and what it offloads."""
+        return int(hw.runtime_gib * GIB) + self.host_bytes
+
     def fits(self, hw: Hardware) -> bool:
-        """Within the GPU's memory, and the offloaded bytes of a node's ranks within its CPU memory."""
+        """Within the GPU's memory, and the host memory of a node's ranks within its CPU memory."""
         return (self.total_bytes <= hw.gpu_mem_gib * GIB
-                and self.host_bytes * hw.gpus_per_node <= hw.host_mem_gib * GIB)
+                and self.host_total_bytes(hw) * hw.gpus_per_node <= hw.host_mem_gib * GIB)
 
 
 def base_name(quant: QuantizationConfig | None, itemsize: int) -> str:

@@ -89,9 +89,10 @@ def why_not(plan: Plan) -> str:
                 f"per GPU > {hw.gpu_mem_gib:g} GiB ({terms} GiB)")
     else:
         c = min(on_gpu, key=lambda x: x.host_bytes)
-        what = (f"it fits the GPU only with offload {c.offload}, whose {c.host_bytes / GIB:.2f} GiB per rank x "
-                f"{hw.gpus_per_node} ranks = {c.host_bytes * hw.gpus_per_node / GIB:.1f} GiB exceed the "
-                f"{hw.host_mem_gib:g} GiB of CPU memory per node (--host-mem-gib)")
+        what = (f"it fits the GPU only with offload {c.offload}, whose {c.host_bytes / GIB:.2f} GiB per rank plus "
+                f"the runtime's {hw.runtime_gib:g} GiB x {hw.gpus_per_node} ranks = "
+                f"{c.host_total_bytes(hw) * hw.gpus_per_node / GIB:.1f} GiB exceed the {hw.host_mem_gib:g} GiB of "
+                "CPU memory per node (--host-mem-gib)")
     bits = "" if plan.work.base is not None and plan.work.base.bits == 4 else "use --bits 4, "
     return (f"does not fit: {what}; add nodes (the base and optimizer shards shrink as 1/GPUs), shorten "
             f"--seq-len, {bits}or use GPUs with more memory")
@@ -179,6 +180,11 @@ def format_plan(plan: Plan) -> str:
     if not plan.fits and c.total_bytes <= hw.gpu_mem_gib * GIB:
         verdict += " (CPU memory: see the note)"
     lines.append(f"  {'total':<24}{_gib(c.total_bytes)}  of {hw.gpu_mem_gib:g} GiB -> {verdict}")
+    lines += ["", "memory per rank on the host",
+              f"  {'runtime':<24}{_gib(hw.runtime_gib * GIB)}  (Python, torch, DeepSpeed: --runtime-gib)",
+              f"  {'CPU offload':<24}{_gib(c.host_bytes)}",
+              f"  {'total':<24}{_gib(c.host_total_bytes(hw))}  x {hw.gpus_per_node} ranks = "
+              f"{c.host_total_bytes(hw) * hw.gpus_per_node / GIB:.1f} GiB of {hw.host_mem_gib:g} GiB per node"]
     off, on = (activation_bytes(s, c.micro_batch, w.seq_len, w.itemsize, ckpt) for ckpt in (False, True))
     lines += ["", f"activations (micro-batch {c.micro_batch}): checkpointing off {_gib(off).strip()} | "
               f"on {_gib(on).strip()}", ""]

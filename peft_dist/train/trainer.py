@@ -31,6 +31,7 @@ from peft_dist.config.schema import RunConfig
 from peft_dist.data import GlobalBatchSampler, Mixture, MixtureSampler, build_mixture
 from peft_dist.distributed.env import DistEnv, init_distributed, resolve_env, setup_logging, watch_launchers
 from peft_dist.distributed.hooks import TrainHook, make_hooks
+from peft_dist.distributed.memory import return_freed_buffers_to_the_os
 from peft_dist.distributed.zero3 import build_ds_config, scalars_as_vectors
 from peft_dist.model import base_identity, load_model_config, load_tokenizer, max_positions
 from peft_dist.quant.loader import LoadReport, load_quantized_base
@@ -260,6 +261,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
 def setup(cfg: RunConfig) -> Run:
     """Checks, process group, run directory, model (streamed in, adapted), data, engine, resume, tracker."""
+    return_freed_buffers_to_the_os()  # before loading: the planner's memory assumes freed buffers leave
     dist = resolve_env()
     log = setup_logging(dist.rank)
     stop = StopFlag()  # from the start: a signal while the base loads (minutes at 175B) must count too

@@ -1,7 +1,12 @@
-"""The peak-resident-set reader that bench/ and the planner's memory test measure runs with."""
+"""The peak-resident-set reader that bench/ and the planner's memory test measure runs with, and the allocator
+setting that lets freed buffers leave the resident set."""
+import subprocess
+import sys
+
 import torch
 
 from peft_dist.distributed.memory import peak_rss_bytes, reset_peak_rss
+from tests.multiproc import REPO
 
 MIB = 2**20
 
@@ -17,3 +22,35 @@ def test_peak_rises_with_touched_memory_and_restarts_after_reset():
     after = peak_rss_bytes()
     assert during - before >= 480 * MIB
     assert after < during - 256 * MIB  # the freed block no longer counts
+
+
+HEAP_PATTERN = """
+import sys
+import torch
+from peft_dist.distributed.memory import resident_bytes, return_freed_buffers_to_the_os
+
+MIB = 2**20
+if sys.argv[1] == "returned":
+    return_freed_buffers_to_the_os()
+torch.ones(24 * MIB, dtype=torch.uint8)  # freed at once: glibc's threshold rises to its size
+before = resident_bytes()[0]
+buffers, small = [], []
+for _ in range(32):  # as in a ZeRO-3 forward: gathered buffers freed, smaller tensors kept between them
+    buffers.append(torch.ones(8 * MIB, dtype=torch.uint8))
+    small.append(torch.ones(128 * 1024, dtype=torch.uint8))
+del buffers
+print((resident_bytes()[0] - before) // MIB)
+"""
+
+
+def test_freed_buffers_leave_the_resident_set_once_the_trainer_has_set_the_allocator():
+    """The trainer calls ``return_freed_buffers_to_the_os`` first thing; without it, 32 freed 8 MiB buffers
+    stay resident in glibc's heap (the planner counts only what is live)."""
+
+    def retained_mib(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", HEAP_PATTERN, mode], cwd=REPO, capture_output=True, text=True,
+                             check=True)
+        return int(out.stdout.split()[-1])
+
+    assert retained_mib("default") >= 200  # of the 256 MiB freed
+    assert retained_mib("returned") <= 16  # the 4 MiB of small tensors still held

@@ -363,7 +363,12 @@ def test_a_plan_that_fits_nowhere_names_the_term(capsys):
     assert main(base + ["--gpu-mem-gib", "24", "--host-mem-gib", "32"]) == 1
     out = capsys.readouterr().out
     assert "DOES NOT FIT (CPU memory" in out
-    assert "only with offload param, whose 18.61 GiB per rank x 2 ranks = 37.2 GiB exceed the 32 GiB" in out
+    assert ("only with offload param, whose 18.61 GiB per rank plus the runtime's 1.5 GiB x 2 ranks = 40.2 GiB "
+            "exceed the 32 GiB") in out
+    # 37.2 GiB of offload fit 38 GiB per node; with each rank's runtime (--runtime-gib) they do not
+    assert main(base + ["--gpu-mem-gib", "24", "--host-mem-gib", "38"]) == 1
+    assert main(base + ["--gpu-mem-gib", "24", "--host-mem-gib", "38", "--runtime-gib", "0"]) == 0
+    capsys.readouterr()
     assert main(base + ["--gpu-mem-gib", "24", "--set", "quantization.enabled=false"]) == 2
     assert "quantization.enabled is false" in capsys.readouterr().err
 
