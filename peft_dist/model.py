@@ -108,12 +108,15 @@ def weights_fingerprint(name_or_path: str) -> str:
 
 def base_identity(cfg: ModelConfig, model_config: PretrainedConfig) -> dict:
     """What an adapter checkpoint records about its base, to refuse loading onto another model: its config
-    and a fingerprint of its weights. The config's dtype is left out: it is how the base was loaded (under
-    ZeRO-3, the engine's precision), not which base it is, and inference loads it in ``model.dtype``."""
-    identity = {k: v for k, v in model_config.to_diff_dict().items() if k not in ("dtype", "torch_dtype")}
-    text = json.dumps(identity, sort_keys=True, default=str)
-    return {"name_or_path": cfg.name_or_path, "model_type": model_config.model_type,
-            "config_sha256": hashlib.sha256(text.encode()).hexdigest(),
+    and a fingerprint of its weights. ``config_sha256`` leaves the config's dtype out: it is how the base was
+    loaded (under ZeRO-3, the engine's precision), not which base it is, and inference loads it in
+    ``model.dtype``. ``config_sha256_as_loaded`` keeps it: what checkpoints written before 2026-11-30
+    recorded as ``config_sha256``, which ``check_base`` still accepts."""
+    config = model_config.to_diff_dict()
+    digest = {name: hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest() for name, d in
+              (("config_sha256", {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}),
+               ("config_sha256_as_loaded", config))}
+    return {"name_or_path": cfg.name_or_path, "model_type": model_config.model_type, **digest,
             "weights_sha256": weights_fingerprint(cfg.name_or_path)}
 
 

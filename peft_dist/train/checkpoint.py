@@ -75,7 +75,7 @@ def check_base(metadata: dict, base_identity: dict, directory: Path, force: bool
     """Refuse an adapter or checkpoint of another base: another config, or (recorded since checkpoints carry
     it) other weights of the same architecture, e.g. another fine-tune; ``force`` accepts the latter."""
     saved = metadata["base_model"]
-    if saved["config_sha256"] != base_identity["config_sha256"]:
+    if saved["config_sha256"] not in (base_identity["config_sha256"], base_identity["config_sha256_as_loaded"]):
         raise CheckpointError(
             f"{directory}: adapter was trained on {saved['name_or_path']!r} ({saved['model_type']}) whose "
             f"config differs from this base {base_identity['name_or_path']!r}; load it onto the same base model")

@@ -121,7 +121,8 @@ def test_resume_skips_a_damaged_checkpoint(tmp_path, caplog):
 
 def test_resume_refuses_a_checkpoint_of_another_adapter_config_or_world_size(tmp_path):
     """Checked before DeepSpeed reads anything, so no engine is needed (None would fail if it were reached)."""
-    base = {"name_or_path": "builtin:tiny-llama", "model_type": "llama", "config_sha256": "c", "weights_sha256": "w"}
+    base = {"name_or_path": "builtin:tiny-llama", "model_type": "llama", "config_sha256": "c",
+            "config_sha256_as_loaded": "c", "weights_sha256": "w"}
     path = tmp_path / "checkpoints" / "step-00000003"
     path.mkdir(parents=True)
     manifest = {"step": 3, "world_size": 2, "base_model": base, "adapters": [{"method": "lora", "r": 8}], "files": {}}

@@ -1,5 +1,6 @@
 """Base-model loading, run-directory safety and checkpoint identity checks (no process group needed)."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from peft_dist.distributed.zero3 import build_ds_config
 from peft_dist.inference import load_for_inference
 from peft_dist.model import base_identity, load_model_config
 from peft_dist.quant.loader import build_model
-from peft_dist.train.checkpoint import CONFIG, CheckpointError, adapter_metadata, check_run_dir, save_adapter
+from peft_dist.train.checkpoint import (CONFIG, CheckpointError, adapter_metadata, check_base, check_run_dir,
+                                        save_adapter)
 from peft_dist.train.config import load_config
 from tests.adapters.test_contract import randomize_adapters
 
@@ -73,9 +75,15 @@ def test_the_base_identity_does_not_depend_on_the_dtype_the_base_was_built_in():
     """Under ZeRO-3 the trainer builds the base in the engine's precision (fp16 or bf16) and inference in
     ``model.dtype``: an adapter trained in fp16 on a bf16 base must load (the first GPU run caught this)."""
     cfg = load_config()
-    identities = set()
+    identities = {}
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(load_model_config(cfg.model.name_or_path), dtype=dtype)
-        identities.add(base_identity(cfg.model, model.config)["config_sha256"])
-    assert len(identities) == 1
+        identities[dtype] = base_identity(cfg.model, model.config)
+    assert len({identity["config_sha256"] for identity in identities.values()}) == 1
+    # A checkpoint written before the dtype was left out recorded the digest with it: still accepted.
+    bf16 = identities[torch.bfloat16]
+    older = {"base_model": {**bf16, "config_sha256": bf16["config_sha256_as_loaded"]}}
+    check_base(older, bf16, Path("adapter"))
+    with pytest.raises(CheckpointError, match="config differs"):
+        check_base(older, identities[torch.float16], Path("adapter"))
