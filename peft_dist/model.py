@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ from transformers import AutoConfig, AutoTokenizer, LlamaConfig, PretrainedConfi
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from peft_dist.config.load import json_sha256
 from peft_dist.config.schema import ConfigError, ModelConfig
 
 BUILTIN_TINY_LLAMA = "builtin:tiny-llama"
@@ -113,10 +113,9 @@ def base_identity(cfg: ModelConfig, model_config: PretrainedConfig) -> dict:
     ``model.dtype``. ``config_sha256_as_loaded`` keeps it: what checkpoints written before 2026-11-30
     recorded as ``config_sha256``, which ``check_base`` still accepts."""
     config = model_config.to_diff_dict()
-    digest = {name: hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest() for name, d in
-              (("config_sha256", {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}),
-               ("config_sha256_as_loaded", config))}
-    return {"name_or_path": cfg.name_or_path, "model_type": model_config.model_type, **digest,
+    without_dtype = {k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}
+    return {"name_or_path": cfg.name_or_path, "model_type": model_config.model_type,
+            "config_sha256": json_sha256(without_dtype), "config_sha256_as_loaded": json_sha256(config),
             "weights_sha256": weights_fingerprint(cfg.name_or_path)}
 
 

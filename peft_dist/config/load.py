@@ -5,6 +5,8 @@ Everything here runs before any process group starts, so a typo costs seconds, n
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import re
 import types
 import typing
@@ -171,6 +173,12 @@ def config_to_dict(config: Any) -> Any:
     if isinstance(config, dict):
         return {k: config_to_dict(v) for k, v in config.items()}
     return config
+
+
+def json_sha256(value: Any) -> str:
+    """The sha256 of ``value`` as sorted-key JSON (anything JSON cannot hold as its ``str``): the digest that
+    cache keys, base identities and checkpoint manifests record."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

@@ -30,6 +30,7 @@ import datasets
 import pyarrow.compute
 import torch
 
+from peft_dist.config.load import json_sha256
 from peft_dist.config.schema import DataConfig
 from peft_dist.data import formats, packing, sources
 from peft_dist.data.packing import fit_documents, pack_documents, pack_whole_documents, tokenize_documents
@@ -78,15 +79,11 @@ class Blocks:
                 + f"; {how}, cached in {self.directory}")
 
 
-def _digest(value: object) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
 def tokenizer_identity(tokenizer) -> str:
     """A digest of the tokenizer's full definition (vocabulary, merges, normalizers) and its EOS."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     definition = backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items())
-    return _digest([type(tokenizer).__name__, definition, tokenizer.eos_token_id])
+    return json_sha256([type(tokenizer).__name__, definition, tokenizer.eos_token_id])
 
 
 def corpus_identity(source: Source) -> object:
@@ -103,7 +100,7 @@ def cache_key(cfg: DataConfig, found: list[Source], tokenizer, template: str | N
     code = [hashlib.sha256(Path(m.__file__).read_bytes()).hexdigest() for m in (formats, packing, sources)]
     # sources: one source's settings are the whole key, so a mixture's source shares the cache of that data.path
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("cache_dir", "num_proc", "sources")}
-    return _digest([corpora, code, tokenizer_identity(tokenizer), template, settings])[:20]
+    return json_sha256([corpora, code, tokenizer_identity(tokenizer), template, settings])[:20]
 
 
 def cache_directory(cfg: DataConfig, found: list[Source], tokenizer, template: str | None) -> Path:

@@ -6,12 +6,10 @@ directory on rank 0 and renamed into place, so a crash never leaves a half-writt
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -20,7 +18,7 @@ from torch import nn
 
 from peft_dist import __version__
 from peft_dist.adapters.inject import adapter_state_dict, load_adapter_state_dict
-from peft_dist.config.load import config_to_dict
+from peft_dist.config.load import config_to_dict, json_sha256
 from peft_dist.config.schema import CheckpointConfig, ConfigError, ModelConfig, QuantizationConfig
 from peft_dist.distributed.zero3 import gathered
 from peft_dist.model import file_sha256
@@ -169,7 +167,7 @@ def save_training_checkpoint(engine, run_dir: Path, step: int, hooks: list, trac
 def manifest_digest(manifest: dict) -> str:
     """The sha256 of a manifest's own content (everything but this digest), so the manifest is checked too."""
     content = {key: value for key, value in manifest.items() if key != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(content)
 
 
 def damaged_file(checkpoint: Path) -> str | None:
