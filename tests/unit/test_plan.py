@@ -168,6 +168,7 @@ def test_too_small_gpus_fit_only_with_cpu_offload_and_say_what_to_change(capsys)
     (["--global-batch", "512", "--model", "gpt-5"], "neither a preset"),
     (["--global-batch", "512", "--set", "adapters.0.r=0"], "adapters.0.r"),
     (["--global-batch", "512", "--disk-gbs", "0"], "--pcie-gbs and --disk-gbs must be > 0"),
+    (["--global-batch", "512", "--runtime-gib", "-1"], "--runtime-gib: must be >= 0, got -1"),
 ])
 def test_bad_input_names_the_option(capsys, argv, message):
     base = ["--model", "gpt3-175b", "--nodes", "16", "--tokens", "1e9"]
