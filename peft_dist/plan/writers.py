@@ -1,7 +1,7 @@
 """The files a plan assumes: a run config, a DeepSpeed config and an sbatch script.
 
-The run config carries the planned batch split and checkpointing, the DeepSpeed config the ZeRO-3
-buckets sized from the model, and the sbatch script the allocation, time limit and the pre-timeout
+The run config carries the planned batch split and checkpointing, the DeepSpeed config the ZeRO stage
+and the ZeRO-3 buckets sized from the model, and the sbatch script the allocation, time limit and the pre-timeout
 signal; ``slurm/launch.sh`` does the rest (srun, logs, requeue).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ DATA_PLACEHOLDER = "/data/SET-data.path-TO-YOUR-CORPUS.jsonl"
 
 
 def ds_config(plan: Plan, base_path: str) -> dict:
-    """``base_path``'s DeepSpeed config with ZeRO-3 buckets sized for this model.
+    """``base_path``'s DeepSpeed config at the plan's ZeRO stage, with ZeRO-3 buckets sized for this model.
 
     Prefetch one decoder layer ahead and keep at most two whole (the working set the plan counts):
     DeepSpeed keeps a used parameter gathered if it is reused within ``stage3_max_reuse_distance``
@@ -35,16 +35,20 @@ def ds_config(plan: Plan, base_path: str) -> dict:
     them from. The plan's CPU offload, if any, as DeepSpeed's own ``offload_param`` / ``offload_optimizer``
     (pinned CPU memory); with the optimizer offloaded DeepSpeed runs the trainer's torch AdamW on the CPU
     partitions (``zero_force_ds_cpu_optimizer: false``, docs/MEMORY.md), and any offload the base file
-    sets that the plan did not choose is removed.
+    sets that the plan did not choose is removed. A ZeRO-2 plan (one GPU, ``Plan.zero_stage``) has no
+    ``stage3_*`` settings.
     """
     config = json.loads(resolve_ds_config_path(base_path).read_text())
-    layer, _ = largest_layer(plan.shape, plan.work.base, plan.work.itemsize)
     zero = config.setdefault("zero_optimization", {})
-    zero.update({"stage": 3, "overlap_comm": True, "stage3_prefetch_bucket_size": layer,
-                 "stage3_max_live_parameters": 2 * layer, "stage3_max_reuse_distance": layer,
-                 "stage3_param_persistence_threshold": plan.persistence_threshold})
+    for key in [k for k in zero if k.startswith("offload_") or (plan.zero_stage == 2 and k.startswith("stage3_"))]:
+        del zero[key]
+    zero.update({"stage": plan.zero_stage, "overlap_comm": True})
+    if plan.zero_stage == 3:
+        layer, _ = largest_layer(plan.shape, plan.work.base, plan.work.itemsize)
+        zero.update({"stage3_prefetch_bucket_size": layer, "stage3_max_live_parameters": 2 * layer,
+                     "stage3_max_reuse_distance": layer,
+                     "stage3_param_persistence_threshold": plan.persistence_threshold})
     for kind in ("param", "optimizer"):
-        zero.pop(f"offload_{kind}", None)
         if kind in plan.choice.offload:
             zero[f"offload_{kind}"] = {"device": "cpu", "pin_memory": True}
     if "optimizer" in plan.choice.offload:
@@ -67,7 +71,7 @@ def run_config(plan: Plan, base: RunConfig, ds_path: str) -> dict:
     cfg.train.max_steps = plan.steps
     cfg.train.warmup_steps = min(cfg.train.warmup_steps, plan.steps)
     cfg.deepspeed.config = ds_path
-    cfg.deepspeed.zero_stage = 3
+    cfg.deepspeed.zero_stage = plan.zero_stage
     # A resumable checkpoint about every 30 minutes bounds the work a crash (not a signal) loses.
     cfg.checkpoint.save_interval = max(1, round(1800 / choice.step_s))
     return config_to_dict(cfg)

@@ -379,3 +379,20 @@ def test_llama_70b_doc_shows_what_the_planner_prints(capsys):
     assert main(["--model", "llama-70b", "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem-gib", "24",
                  "--bits", "4"]) == 0
     assert capsys.readouterr().out.strip() in (REPO_ROOT / "docs" / "SCALING.md").read_text()
+
+
+@pytest.mark.parametrize("argv, stage", [
+    ([], 2),  # one GPU: ZeRO-3 would partition nothing
+    (["--gpus-per-node", "2"], 3),
+    (["--bits", "4"], 3),  # a 4-bit base is tested under ZeRO-3 only
+    (["--gpu-mem-gib", "12"], 3),  # the base fits only with offload_param, a ZeRO-3 option
+])
+def test_a_plan_for_one_gpu_writes_zero2(tmp_path, capsys, argv, stage):
+    base = ["--model", "llama-7b", "--nodes", "1", "--gpus-per-node", "1", "--gpu-mem-gib", "80",
+            "--global-batch", "8", "--tokens", "1e6"]
+    assert main(base + argv + ["--write", str(tmp_path / "p")]) == 0
+    assert f"ZeRO-{stage}\n" in capsys.readouterr().out
+    cfg = load_config(tmp_path / "p.yaml")
+    zero = build_ds_config(cfg, world_size=1)["zero_optimization"]
+    assert cfg.deepspeed.zero_stage == zero["stage"] == stage
+    assert any(key.startswith("stage3_") for key in zero) == (stage == 3)
