@@ -290,7 +290,7 @@ def setup(cfg: RunConfig) -> Run:
                            dist.rank, cfg.data.seed)
     # Streamed in one tensor at a time and, under ZeRO-3, partitioned module by module as it loads.
     model, load_report, injected = adapted_model(cfg, ds_config)
-    log_load_report(log, load_report, dist.world_size, cfg.quantization.bits)
+    load_reports = log_load_report(log, load_report, dist.world_size, cfg.quantization.bits)
     hooks = make_hooks(model, cfg.adapters, cfg.train.max_steps)
     log.info("model summary\n%s", summary_table(model, injected))
     engine = build_engine(cfg, model, ds_config)
@@ -303,6 +303,7 @@ def setup(cfg: RunConfig) -> Run:
             start_step, run_id = state["step"], state.get("tracker_run_id")
             log.info("resumed from step %d", start_step)
     tracker = start_tracking(cfg, run_dir, ds_config, dist, run_id, fresh=start_step == 0)
+    tracker.log_metrics(load_metrics(load_reports), start_step)
     return Run(cfg, dist, log, run_dir, engine, tokenizer, data, sampler, hooks, tracker, metadata,
                model_flops_per_token(engine.module, cfg.data.block_size),
                TrainResult(step=start_step, first_step=start_step + 1), stop)
@@ -316,16 +317,26 @@ def start_run_dir(run_dir: Path, cfg: RunConfig) -> None:
     (run_dir / "run_config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def log_load_report(log: logging.Logger, report: LoadReport, world_size: int, bits: int) -> None:
-    """Rank 0 logs every rank's peak memory while loading and the quantization error (a collective)."""
-    lines = [""] * world_size
-    torch.distributed.all_gather_object(lines, report.line())
-    log.info("base loaded\n%s", "\n".join(lines))
+def log_load_report(log: logging.Logger, report: LoadReport, world_size: int, bits: int) -> list[LoadReport]:
+    """Rank 0 logs every rank's peak memory while loading and the quantization error; every rank's report
+    (a collective)."""
+    reports: list = [None] * world_size
+    torch.distributed.all_gather_object(reports, report)
+    log.info("base loaded\n%s", "\n".join(r.line() for r in reports))
     if report.quantization:
         errors = report.quantization
         worst = max(errors, key=lambda r: r.rel_error)
         log.info("%d-bit base: %d layers quantized, relative error mean %.4f, worst %.4f (%s)", bits, len(errors),
                  sum(r.rel_error for r in errors) / len(errors), worst.rel_error, worst.name)
+    return reports
+
+
+def load_metrics(reports: list[LoadReport]) -> dict[str, float]:
+    """What this job start cost, as metrics to set against the plan's "job start" lines: the load time (the
+    slowest rank's) and the checkpoint bytes each rank read."""
+    metrics = {"load/seconds": max(r.seconds for r in reports)}
+    metrics.update({f"load/checkpoint_read_gib/rank{r.rank}": r.bytes_read / 2**30 for r in reports})
+    return metrics
 
 
 def start_tracking(cfg: RunConfig, run_dir: Path, ds_config: dict, dist: DistEnv, run_id: str | None,
