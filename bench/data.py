@@ -30,6 +30,15 @@ MIB = 2**20
 BLOCK, MICRO, ACCUMULATION = 512, 4, 4
 
 
+def machine() -> str:
+    """Cores, the CPU's avx2 / avx512 / amx flags and memory: compare ratios within one run, not times across
+    machines (on an AVX2-only CPU bf16 is emulated)."""
+    flags = sorted({f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+                    for f in line.split() if f.startswith(("avx2", "avx512", "amx"))})
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    return f"cpu: {os.cpu_count()} cores, {' '.join(flags)}; memory {memory:.0f} GiB"
+
+
 def write_corpus(path: Path, tokens: float) -> None:
     """The stdlib's files as jsonl documents, copied until the builtin tokenizer counts ``tokens`` tokens."""
     from peft_dist.data import stdlib_documents
@@ -82,9 +91,7 @@ def main() -> None:
     corpus.parent.mkdir(parents=True, exist_ok=True)
     if not corpus.exists():
         write_corpus(corpus, args.tokens)
-    flags = sorted({f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                    for f in line.split() if f.startswith(("avx2", "avx512", "amx"))})
-    print(f"cpu: {os.cpu_count()} cores, {' '.join(flags)}")
+    print(machine())
     print(f"corpus: {corpus} ({corpus.stat().st_size / MIB:,.0f} MiB); block {BLOCK}, micro-batch {MICRO}, "
           f"{ACCUMULATION} accumulation steps, {args.steps} steps read per rank\n")
     cache = tempfile.mkdtemp(prefix="peft-dist-data-bench-")

@@ -32,6 +32,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.data import machine, write_corpus  # noqa: E402
+
 GIB, MIB = 2**30, 2**20
 SHARD_BYTES = 2 * 10**9
 EXPORT = ("import sys; from peft_dist.export import main; from peft_dist.distributed.memory import peak_rss_bytes; "
@@ -97,6 +99,19 @@ def write_checkpoint(directory: Path) -> None:
     print(f"\ncheckpoint: {total / GIB:.1f} GiB in {count} shards at {directory}")
 
 
+def bench_inputs(work: Path, runs: str) -> tuple[Path, Path, Path]:
+    """The checkpoint and the 100M-token corpus cached under ``work`` (written on first use), and an empty
+    ``work/runs`` for this bench's runs."""
+    model, corpus, out = work / "llama-7b-random", work / "stdlib-1e+08.jsonl", work / runs
+    if not model.is_dir():
+        write_checkpoint(model)
+    if not corpus.exists():
+        write_corpus(corpus, 1e8)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    return model, corpus, out
+
+
 def run_config(work: Path, model: Path, corpus: Path, steps: int, block: int) -> Path:
     import yaml
 
@@ -145,20 +160,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--block", type=int, default=64)
     args = parser.parse_args()
-    work = Path(args.work)
-    model, corpus, runs = work / "llama-7b-random", work / "stdlib-1e+08.jsonl", work / "7b-runs"
-    if not model.is_dir():
-        write_checkpoint(model)
-    if not corpus.exists():
-        from bench.data import write_corpus
-
-        write_corpus(corpus, 1e8)
-    shutil.rmtree(runs, ignore_errors=True)
-    runs.mkdir(parents=True)
-    flags = sorted({f for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-                    for f in line.split() if f.startswith(("avx2", "avx512", "amx"))})
+    model, corpus, runs = bench_inputs(Path(args.work), "7b-runs")
     stored = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-    print(f"cpu: {os.cpu_count()} cores, {' '.join(flags)}; memory {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / GIB:.0f} GiB")
+    print(machine())
     print(f"model: Llama-2-7B shape, {stored / GIB:.1f} GiB of bf16 safetensors; 2 ranks, ZeRO-3, int8 base, "
           f"LoRA r=8 on q,v, bf16, block {args.block}, micro-batch 1\n")
     config = run_config(runs, model, corpus, args.steps, args.block)

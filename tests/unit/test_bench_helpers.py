@@ -1,5 +1,5 @@
-"""Pure helpers of the bench scripts: budget matching, claims and the learning-rate sweep (bench/quality.py) and the
-scaling fit (bench/scaling.py)."""
+"""Pure helpers of the bench scripts: budget matching, claims and the learning-rate sweep (bench/quality.py), the
+scaling fit (bench/scaling.py) and the progress and ratios of bench/seven_b_peft.py."""
 import ast
 import math
 import sys
@@ -290,3 +290,29 @@ def test_document_losses_count_each_token_for_its_own_document():
     expected = [loss[1], loss[2] + loss[1], loss[0] + loss[0] + loss[1], loss[2] + loss[2] + loss[0]]
     assert quality.document_tokens(documents) == [1, 2, 3, 3]
     assert quality.document_losses(FixedLogits(), blocks, documents) == pytest.approx(expected)
+
+
+def test_seven_b_peft_reports_how_far_a_stopped_baseline_got():
+    """bench/seven_b_peft.py: the layer hooks report the forward and the backward layer by layer, and a ratio
+    to a baseline that did not finish its step is marked as an upper bound."""
+    sys.path.insert(0, str(REPO))
+    from transformers import AutoModelForCausalLM
+
+    from bench.seven_b_peft import ratios, watch_layers
+    from peft_dist.model import tiny_llama_config
+
+    model = AutoModelForCausalLM.from_config(tiny_llama_config())
+    seen = []
+    watch_layers(model, types.SimpleNamespace(update=lambda **fields: seen.append((fields["phase"], fields["layer"]))))
+    layers = model.config.num_hidden_layers
+    model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]])).loss.backward()
+    assert seen == [("forward", f"{i}/{layers}") for i in range(1, layers + 1)] + \
+        [("backward", f"{i}/{layers}") for i in range(layers, 0, -1)]
+
+    gib = 2**30
+    ours = [{"peak_rss": 5 * gib, "rss_before_load": 1 * gib, "phase": "step done"}]
+    finished = [{"peak_rss": 10 * gib, "rss_before_load": 2 * gib, "phase": "step done"}]
+    stopped = [{**finished[0], "phase": "backward"}]
+    assert ratios(ours, finished) == "0.50x peak RSS; 0.50x the model's part"
+    assert ratios(ours, stopped).endswith("(upper bounds: its step did not finish)")
+    assert ratios(ours, [{"phase": "no report"}]) == "not comparable: a job reported no memory"
