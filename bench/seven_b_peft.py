@@ -204,7 +204,8 @@ def ratios(ours: list[dict], theirs: list[dict]) -> str:
     if not all("rss_before_load" in r for r in ours + theirs):
         return "not comparable: a job reported no memory"
     whole = [o["peak_rss"] / t["peak_rss"] for o, t in zip(ours, theirs)]
-    part = [(o["peak_rss"] - o["rss_before_load"]) / max(t["peak_rss"] - t["rss_before_load"], 1) for o, t in zip(ours, theirs)]
+    part = [(o["peak_rss"] - o["rss_before_load"]) / max(t["peak_rss"] - t["rss_before_load"], 1)
+            for o, t in zip(ours, theirs)]
     bound = "" if all(r["phase"] == "step done" for r in theirs) else " (upper bounds: its step did not finish)"
     return (", ".join(f"{x:.2f}x" for x in whole) + " peak RSS; " + ", ".join(f"{x:.2f}x" for x in part)
             + " the model's part" + bound)

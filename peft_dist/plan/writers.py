@@ -1,8 +1,8 @@
 """The files a plan assumes: a run config, a DeepSpeed config and an sbatch script.
 
 The run config carries the planned batch split and checkpointing, the DeepSpeed config the ZeRO stage
-and the ZeRO-3 buckets sized from the model, and the sbatch script the allocation, time limit and the pre-timeout
-signal; ``slurm/launch.sh`` does the rest (srun, logs, requeue).
+and the ZeRO-3 buckets sized from the model, and the sbatch script the allocation, time limit and the
+pre-timeout signal; ``slurm/launch.sh`` does the rest (srun, logs, requeue).
 """
 from __future__ import annotations
 
