@@ -61,11 +61,11 @@ class Progress:
     def write(self) -> None:
         from peft_dist.distributed.memory import peak_rss_bytes
 
-        with self.lock:
+        with self.lock:  # the ticking thread and the hooks both write: one at a time, or a rename finds no file
             state = {**self.state, "peak_rss": peak_rss_bytes(), "elapsed_s": time.monotonic() - self.started}
-        partial = self.path.with_suffix(".partial")
-        partial.write_text(json.dumps(state))
-        partial.replace(self.path)
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(json.dumps(state))
+            partial.replace(self.path)
 
     def _tick(self) -> None:
         while True:
