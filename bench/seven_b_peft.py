@@ -3,16 +3,19 @@ on 2 CPU ranks under ZeRO-3, each setup stopped at a time limit that reports how
 
     python bench/seven_b_peft.py                   # about 70 minutes: 3 jobs of up to --limit-s each
     python bench/seven_b_peft.py --limit-s 900
+    python bench/seven_b_peft.py --baselines        # peft-dist's row alone (about 10 minutes)
 
 1. ``python -m peft_dist.plan --model DIR --config 7b.yaml --nodes 1 --gpus-per-node 2 ... --write P`` writes
    the run config and DeepSpeed config (ZeRO-3, one layer prefetched, two live) that all three setups use:
    the same data (the 100M-token corpus of bench/data.py, block 64), micro-batch, LoRA r=8 on q,v, bf16.
 2. ``peft-dist``: ``torchrun --nproc_per_node 2 launcher/train.py --config P.yaml --set train.max_steps=1``,
-   the user's flow; its memory is what the run logged to MLflow (``memory/peak_rss_gib/rank*``).
+   the user's flow; its memory is what the run logged to MLflow (``memory/peak_rss_gib/rank*``). Its base is
+   int8 with the (untied) output head quantized too (``--head bf16``: the head in bf16, ``all-linear``).
 3. ``peft+bf16``: ``from_pretrained`` of the bf16 base under ``HfDeepSpeedConfig`` (partitioned while it loads,
    as the HF Trainer does), ``get_peft_model``, ``deepspeed.initialize``, one ``train_step``.
 4. ``peft+bnb8``: the same with ``BitsAndBytesConfig(load_in_8bit=True)``: transformers loads a quantized
-   model whole on every rank and bitsandbytes keeps its int8 weights where ZeRO-3 does not partition them.
+   model whole on every rank and bitsandbytes keeps its int8 weights where ZeRO-3 does not partition them;
+   its head stays bf16 (bitsandbytes' default ``llm_int8_skip_modules``).
 
 Each peft rank writes its phase (loading, forward through layer k, backward at layer k, step done) and its
 peak resident set (``VmHWM``, as the trainer logs it) every few seconds; a job still running at ``--limit-s``
@@ -42,6 +45,7 @@ from bench.data import machine  # noqa: E402
 from bench.seven_b import GIB, MIB, bench_inputs, launch, mlflow_metrics, run_config  # noqa: E402
 
 SETUPS = ("peft+bf16", "peft+bnb8")
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STATUS_EVERY_S = 5
 
 
@@ -211,11 +215,24 @@ def ratios(ours: list[dict], theirs: list[dict]) -> str:
             + " the model's part" + bound)
 
 
+def with_head(config: Path) -> None:
+    """Quantize the output head with the decoder linears (Llama-2's head is untied): peft-dist's side only."""
+    import yaml
+
+    cfg = yaml.safe_load(config.read_text())
+    cfg["quantization"] = {"target_modules": [*LLAMA_LINEARS, "lm_head"]}
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/peft-dist/bench"))
     parser.add_argument("--limit-s", type=float, default=1500, help="wall time per peft job (default 1500)")
     parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--head", choices=("int8", "bf16"), default="int8",
+                        help="peft-dist's output head (default int8: quantization.target_modules lists lm_head)")
+    parser.add_argument("--baselines", nargs="*", choices=SETUPS, default=list(SETUPS),
+                        help="the peft setups to run after peft-dist (default both; none: peft-dist's row alone)")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -224,8 +241,10 @@ def main() -> None:
 
         exit_process(0)
     model, corpus, out = bench_inputs(Path(args.work), "7b-peft")
-    print(f"{machine()}; peft jobs stopped at {args.limit_s:.0f} s", flush=True)
+    print(f"{machine()}; peft jobs stopped at {args.limit_s:.0f} s; peft-dist's head {args.head}", flush=True)
     base_config = run_config(out, model, corpus, 2, args.block)
+    if args.head == "int8":
+        with_head(base_config)
     plan = [sys.executable, "-m", "peft_dist.plan", "--model", str(model), "--config", str(base_config),
             "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem-gib", "24", "--seq-len", str(args.block),
             "--global-batch", "2", "--tokens", "1e6", "--write", str(out / "P")]
@@ -236,12 +255,13 @@ def main() -> None:
     print("| setup | rank | peak RSS (GiB) | before loading (GiB) | model's part (GiB) | load | how far |")
     print("|---|---|---|---|---|---|---|")
     print(describe("peft-dist", results["peft-dist"]), flush=True)
-    for setup in SETUPS:
+    for setup in args.baselines:
         results[setup] = run_setup(setup, config, out, args.limit_s)
         print(describe(setup, results[setup]), flush=True)
     print()
-    for setup in SETUPS:
+    for setup in args.baselines:
         print(f"peft-dist / {setup}, per rank: {ratios(results['peft-dist'], results[setup])}")
+
 
 if __name__ == "__main__":
     main()

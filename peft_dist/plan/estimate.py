@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from peft_dist.config.schema import QuantizationConfig
 from peft_dist.plan.inventory import FP32, MASTER_AND_ADAM_BYTES, RankBytes, TensorInfo, weight_tensors
 from peft_dist.plan.models import ModelShape, PlanError
+from peft_dist.quant.int8 import BLOCK_ELEMENTS
 
 GIB = 2**30
 INT8_BASE = QuantizationConfig()  # what callers that say nothing plan for: the default int8 base
@@ -138,15 +139,18 @@ def largest_layer(shape: ModelShape, quant: QuantizationConfig | None = INT8_BAS
 def gather_working_set(shape: ModelShape, itemsize: int, world: int,
                        quant: QuantizationConfig | None = INT8_BASE, param_offload: bool = False) -> int:
     """ZeRO-3 holds the running layer and the prefetched next one whole (as stored: int8 or 4-bit with its
-    statistics), and the quantized matmul dequantizes one weight at a time: int8 an int8 -> bf16 cast plus
-    the scaled result, 4-bit bitsandbytes' dequantized weight plus the backward's copy of it in the
-    forward's layout (``quant/nf4.py``), 2 x itemsize bytes per element of the largest linear either way.
+    statistics), and the quantized matmul dequantizes as it goes: int8 one block of ``BLOCK_ELEMENTS`` of a
+    weight at a time (``quant/int8.py``: a cast of the block plus, in fp16, its scaled copy), 4-bit
+    bitsandbytes' whole dequantized weight plus the backward's copy of it in the forward's layout
+    (``quant/nf4.py``); 2 x itemsize bytes per element of that block or of the largest linear.
     On one rank DeepSpeed gathers nothing (the partition is the whole tensor), unless the partitions
     are in CPU memory (``offload_param``): then the two layers are fetched to the GPU all the same."""
     layer = sum(t.numel * t.itemsize for t in _layer_weights(shape, quant, itemsize))
     _, biggest = largest_layer(shape, quant, itemsize)
     fetched = 2 * layer if world > 1 or param_offload else 0
-    return fetched + (2 * itemsize * biggest if quant is not None else 0)
+    if quant is None:
+        return fetched
+    return fetched + 2 * itemsize * (min(biggest, BLOCK_ELEMENTS) if quant.bits == 8 else biggest)
 
 
 def dequant_bytes(shape: ModelShape, quant: QuantizationConfig | None, itemsize: int,

@@ -96,6 +96,11 @@ def _targeted(name: str, targets: Any) -> bool:
     return name_matches(name, targets)
 
 
+def head_targeted(targets: Any) -> bool:
+    """Whether ``targets`` (a ``target_modules`` value) names the output head."""
+    return _targeted("lm_head", targets)
+
+
 def weight_tensors(name: str, d_out: int, d_in: int, quant: QuantizationConfig | None,
                    itemsize: int) -> list[TensorInfo]:
     """A frozen linear's weight as the trainer stores it (``quant/int8.py``, ``quant/nf4.py``): float
@@ -123,15 +128,18 @@ def analytic_inventory(shape: ModelShape, adapters: list, quant_targets: Any | N
     says (None: int8) and LoRA injection, written down from the shape alone.
 
     Raises ``PlanError`` for what this model does not write down: adapter methods other than LoRA
-    (the planner then counts them on the meta-device model) and a quantized output head.
+    (the planner then counts them on the meta-device model) and a quantized head tied to the embeddings
+    (which the loader refuses: ``quantize_model``).
     """
-    out = [TensorInfo(name, numel, itemsize, False) for name, numel in shape.other_tensors()]
+    head_quantized = quant_targets is not None and head_targeted(quant_targets)
+    if head_quantized and shape.tied_embeddings:
+        raise PlanError("quantization.target_modules: the output head is tied to the input embeddings, and a "
+                        "quantized copy would untie them; leave it out (all-linear does)")
+    out = [TensorInfo(name, numel, itemsize, False) for name, numel in shape.other_tensors()
+           if not (head_quantized and name == "lm_head.weight")]
     for name, d_out, d_in, bias in _candidate_linears(shape):
         is_head = name == "lm_head"
         quantized = quant_targets is not None and _targeted(name, quant_targets)
-        if quantized and is_head:
-            raise PlanError("quantization.target_modules: quantizing the output head is not modelled; "
-                            "use all-linear (the head stays in floating point)")
         if quantized or not is_head:  # a float head's weight is listed with the embeddings (shared when tied)
             out += weight_tensors(name, d_out, d_in, (quant or QuantizationConfig()) if quantized else None, itemsize)
         if bias:

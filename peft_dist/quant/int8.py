@@ -13,6 +13,25 @@ from torch import nn
 from peft_dist.targets import float_linear
 
 
+# Quantization, its error report and the matmuls' cast or transposed copies work through a weight this many
+# elements at a time (64 MiB of float32), so that a large output head (Llama-2's: 131M elements) adds tens of
+# MiB of temporaries, not copies of the whole tensor.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def index_blocks(count: int, elements_per_index: int) -> list[slice]:
+    """Consecutive ranges of ``count`` indices, each range about ``BLOCK_ELEMENTS`` elements (at least one) and
+    a multiple of 8 indices where it can be: the packed int8 kernel takes only such widths."""
+    step = max(1, BLOCK_ELEMENTS // max(1, elements_per_index))
+    step -= step % 8 if step >= 8 else 0
+    return [slice(start, start + step) for start in range(0, count, step)]
+
+
+def row_blocks(weight: torch.Tensor) -> list[slice]:
+    """``index_blocks`` over the rows of a ``(d_out, d_in)`` weight."""
+    return index_blocks(weight.shape[0], weight.shape[1])
+
+
 def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise absmax int8 quantization of a ``(d_out, d_in)`` weight.
 
@@ -20,12 +39,16 @@ def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     (bitsandbytes' vector-wise scheme; computed here in float32 so it is exact and device-agnostic).
     bitsandbytes' ``int8_vectorwise_quant`` is this scheme but rounds ``127 / absmax * w`` in the weight's own
     dtype (on 1M Gaussian weights, CPU: 3 codes differ by one in fp32, 320 in bf16) and divides by zero on
-    an all-zero row, so we keep ours (``tests/unit/test_int8.py`` holds the two within one code).
+    an all-zero row, so we keep ours (``tests/unit/test_int8.py`` holds the two within one code). Rows are
+    independent, so it runs over ``row_blocks``: float32 temporaries of one block, not of the weight.
     """
-    w = weight.detach().float()
-    absmax = w.abs().amax(dim=1)
-    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
-    w8 = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    w8 = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for rows in row_blocks(weight):
+        w = weight[rows].detach().to(torch.float32, copy=True)  # divided in place below
+        absmax = w.abs().amax(dim=1)
+        scale[rows] = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+        w8[rows] = w.div_(scale[rows, None]).round_().clamp_(-127, 127)
     return w8, scale
 
 
@@ -43,15 +66,25 @@ def packed_kernel_applies(x: torch.Tensor, w8: torch.Tensor) -> bool:
 
 
 def int8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x W^T`` for ``W = diag(scale) w8``, in ``x``'s dtype.
-
-    fp16: the scale goes on the weight before the GEMM: ``x w8^T`` alone is ``127 / absmax`` times the
-    true output and overflows fp16's range where a plain fp16 linear does not. Other dtypes scale the
-    ``(tokens, d_out)`` product (one pass, no weight-sized temporary besides the cast).
-    """
+    """``x W^T`` for ``W = diag(scale) w8``, in ``x``'s dtype. Outside the packed kernel, computed for a block
+    of output rows at a time, so the weight's cast copy is one block's (``row_blocks``)."""
     if packed_kernel_applies(x, w8):
         return torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), w8, scale.to(x.dtype)).reshape(
             *x.shape[:-1], w8.shape[0])
+    rows = row_blocks(w8)
+    if len(rows) == 1:
+        return _product_rows(x, w8, scale)
+    out = torch.empty(*x.shape[:-1], w8.shape[0], dtype=x.dtype, device=x.device)
+    for block in rows:
+        out[..., block] = _product_rows(x, w8[block], scale[block])
+    return out
+
+
+def _product_rows(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x W^T`` through a cast of ``w8``. fp16: the scale goes on the weight before the GEMM: ``x w8^T`` alone is
+    ``127 / absmax`` times the true output and overflows fp16's range where a plain fp16 linear does not.
+    Other dtypes scale the ``(tokens, d_out)`` product (one pass, no weight-sized temporary besides the cast).
+    """
     if x.dtype == torch.float16:
         return x @ (w8.to(x.dtype) * scale.to(x.dtype)[:, None]).t()
     return (x @ w8.to(x.dtype).t()).mul_(scale.to(x.dtype))  # in place: one (tokens, d_out) pass
@@ -59,18 +92,30 @@ def int8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch
 
 def int8_matmul_input_grad(grad_y: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``grad_y W`` for ``W = diag(scale) w8``: the input gradient, range-safe in every dtype (its partial
-    sums are those of the true product). In 16-bit the weight is transposed as int8 first, so that the GEMM
-    reads it in the forward's layout: CPUs without native bf16/fp16 run the untransposed 16-bit GEMM about
-    30x slower (measured, docs/BENCHMARKS.md); fp32 keeps the plain product."""
+    sums are those of the true product). Computed for a block of input columns at a time, so the weight's
+    transposed or cast copy is one block's (each output element is still one whole dot product)."""
     scaled = grad_y * scale.to(grad_y.dtype)
-    if grad_y.dtype == torch.float32:
-        return scaled @ w8.to(grad_y.dtype)
+    columns = index_blocks(w8.shape[1], w8.shape[0])
+    if len(columns) == 1:
+        return _input_grad_columns(scaled, w8)
+    out = torch.empty(*grad_y.shape[:-1], w8.shape[1], dtype=grad_y.dtype, device=grad_y.device)
+    for cols in columns:
+        out[..., cols] = _input_grad_columns(scaled, w8[:, cols])
+    return out
+
+
+def _input_grad_columns(scaled: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
+    """``scaled @ w8`` in ``scaled``'s dtype. In 16-bit the weight is transposed as int8 first, so that the
+    GEMM reads it in the forward's layout: CPUs without native bf16/fp16 run the untransposed 16-bit GEMM
+    about 30x slower (measured, docs/BENCHMARKS.md); fp32 keeps the plain product."""
+    if scaled.dtype == torch.float32:
+        return scaled @ w8.to(scaled.dtype)
     w8_t = w8.t().contiguous()  # (d_in, d_out), one byte an element
-    if packed_kernel_applies(grad_y, w8_t):
-        ones = torch.ones(w8_t.shape[0], dtype=grad_y.dtype, device=grad_y.device)
+    if packed_kernel_applies(scaled, w8_t):
+        ones = torch.ones(w8_t.shape[0], dtype=scaled.dtype, device=scaled.device)
         return torch._weight_int8pack_mm(scaled.reshape(-1, scaled.shape[-1]), w8_t, ones).reshape(
-            *grad_y.shape[:-1], w8_t.shape[0])
-    return scaled @ w8_t.to(grad_y.dtype).t()
+            *scaled.shape[:-1], w8_t.shape[0])
+    return scaled @ w8_t.to(scaled.dtype).t()
 
 
 class Int8MatmulFunction(torch.autograd.Function):

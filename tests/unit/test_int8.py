@@ -19,6 +19,56 @@ def test_rowwise_error_is_at_most_half_a_step():
     assert w8.abs().amax(dim=1).eq(127).all()  # absmax maps to +-127 in every row
 
 
+def test_quantizing_in_row_blocks_changes_nothing_but_the_temporaries(monkeypatch):
+    """Quantization and its error report go through a weight a few rows at a time (bounded float32
+    temporaries for a large head): the codes, scales and error equal the one-block result, and the
+    caller's weight is left as it was."""
+    import peft_dist.quant.int8 as int8
+    from peft_dist.quant.model import quantization_error
+
+    torch.manual_seed(3)
+    w = torch.randn(37, 48) * torch.logspace(-2, 1, 37)[:, None]
+    original = w.clone()
+    whole, whole_scale = quantize_rowwise(w)
+    layer = Int8Linear.from_weight(w, None)
+    whole_error = quantization_error("w", w, layer)
+    monkeypatch.setattr(int8, "BLOCK_ELEMENTS", 5 * 48)  # 5 rows a block: 8 blocks, the last of 2 rows
+    assert len(int8.row_blocks(w)) == 8
+    blocks, blocks_scale = quantize_rowwise(w)
+    assert torch.equal(blocks, whole) and torch.equal(blocks_scale, whole_scale)
+    assert torch.equal(w, original)
+    error = quantization_error("w", w, layer)
+    direct = w - layer.dequantized_weight()
+    assert error.rel_error == pytest.approx(whole_error.rel_error, rel=1e-6)
+    assert error.rel_error == pytest.approx((direct.norm() / w.norm()).item(), rel=1e-5)
+    assert error.max_abs_error == direct.abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_input_gradient_in_column_blocks_equals_the_whole_product(monkeypatch, dtype):
+    """A large weight's input gradient goes through a block of input columns at a time (the transposed int8
+    copy of one block, not of the whole head), and its forward outside the packed kernel through a block of
+    output rows (the cast of one block); every output element is the same dot product. Widths stay
+    multiples of 8, so bf16 on the CPU keeps the packed kernel in every block."""
+    import peft_dist.quant.int8 as int8
+
+    torch.manual_seed(4)
+    w8, scale = quantize_rowwise(torch.randn(40, 64))
+    grad_y = torch.randn(3, 5, 40).to(dtype)
+    whole = int8.int8_matmul_input_grad(grad_y, w8, scale)
+    monkeypatch.setattr(int8, "BLOCK_ELEMENTS", 20 * 40)  # 20 columns a block, rounded down to 16
+    assert int8.index_blocks(64, 40) == [slice(0, 16), slice(16, 32), slice(32, 48), slice(48, 64)]
+    blocks = int8.int8_matmul_input_grad(grad_y, w8, scale)
+    assert blocks.dtype == dtype and blocks.shape == whole.shape
+    torch.testing.assert_close(blocks, whole, rtol=0, atol=0)
+    x = torch.randn(3, 5, 64).to(dtype)  # the forward outside the packed kernel: blocks of 8 output rows
+    monkeypatch.setattr(int8, "packed_kernel_applies", lambda x, w8: False)
+    assert len(int8.row_blocks(w8)) == 5
+    blocks = int8.int8_matmul(x, w8, scale)
+    monkeypatch.setattr(int8, "BLOCK_ELEMENTS", 1 << 24)
+    torch.testing.assert_close(blocks, int8.int8_matmul(x, w8, scale))  # fp32 GEMMs may sum in another order
+
+
 def test_matches_bitsandbytes_vectorwise_quantization():
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(1)

@@ -75,6 +75,23 @@ def test_tied_embeddings_stay_tied(tmp_path):
                                atol=LOGITS_ATOL, rtol=0)
 
 
+def test_an_untied_head_can_be_quantized_and_a_tied_one_is_refused(tmp_path):
+    """``lm_head`` in ``quantization.target_modules``: the loader quantizes the head of an untied checkpoint as
+    ``quantize_model`` does after ``from_pretrained``, and refuses a tied one, which would come untied."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    directory = save_tiny(tmp_path / "untied")
+    model, report = load_quantized_base(ModelConfig(name_or_path=str(directory)),
+                                        QuantizationConfig(target_modules=targets))
+    assert isinstance(model.lm_head, Int8Linear) and "lm_head" in [r.name for r in report.quantization]
+    want = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
+    quantize_model(want, targets, torch.float32)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(input_ids=ids).logits, want(input_ids=ids).logits, atol=LOGITS_ATOL, rtol=0)
+    with pytest.raises(ConfigError, match="lm_head.*tie_word_embeddings"):
+        load_quantized_base(ModelConfig(name_or_path=str(save_tiny(tmp_path / "tied", tie=True))),
+                            QuantizationConfig(target_modules=targets))
+
+
 def test_config_only_is_initialised_like_transformers():
     """The transformers init trap: a badly initialised model starts far above ln(vocab)."""
     model, _ = load_quantized_base(ModelConfig(name_or_path="builtin:tiny-llama"), QuantizationConfig())

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from peft_dist.adapters.registry import build_adapter_config, methods
+from peft_dist.config import ConfigError
 from peft_dist.train.config import load_config
 from peft_dist.distributed.zero3 import REPO_ROOT, build_ds_config
 from peft_dist.plan.__main__ import main
@@ -47,10 +48,14 @@ def test_gpt3_analytic_per_rank_bytes_match_meta_model_exactly(gpt3_meta, world,
     assert per_rank(analytic, world, threshold) == per_rank(meta_inventory(model), world, threshold)
 
 
+LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 @pytest.mark.parametrize("preset,targets,quant", [
     ("llama-70b", ["q_proj", "v_proj"], "all-linear"),  # grouped-query attention: k/v are 1/8 wide
     ("llama-7b", "all-linear", None),  # no quantization: bf16 linears
     ("llama-7b", r".*\.mlp\..*", ["o_proj", "down_proj"]),  # regex adapters, partial quantization
+    ("llama-7b", ["q_proj", "v_proj"], [*LLAMA_LINEARS, "lm_head"]),  # an int8 output head
 ])
 def test_llama_analytic_matches_meta_model(preset, targets, quant):
     shape = with_layers(PRESETS[preset], 3)  # real widths; the count is per layer
@@ -62,6 +67,15 @@ def test_llama_analytic_matches_meta_model(preset, targets, quant):
     for world in (1, 7, 64):
         assert per_rank(analytic, world, 100_000) == per_rank(meta_inventory(model), world, 100_000)
 
+
+
+def test_a_quantized_head_must_be_untied():
+    """The planner and the loader refuse the same config: an int8 copy of a tied head would untie it."""
+    shape = with_layers(PRESETS["gpt3-175b"], 1)  # GPT-3 ties its head to the token embeddings
+    with pytest.raises(PlanError, match="tied to the input embeddings"):
+        analytic_inventory(shape, [lora(r=8)], ["c_attn", "lm_head"], itemsize=2)
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        build_meta_model(shape, [lora(r=8)], ["c_attn", "lm_head"])
 
 
 def test_an_explicit_head_dim_is_counted():
