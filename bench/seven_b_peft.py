@@ -10,7 +10,8 @@ on 2 CPU ranks under ZeRO-3, each setup stopped at a time limit that reports how
    the same data (the 100M-token corpus of bench/data.py, block 64), micro-batch, LoRA r=8 on q,v, bf16.
 2. ``peft-dist``: ``torchrun --nproc_per_node 2 launcher/train.py --config P.yaml --set train.max_steps=1``,
    the user's flow; its memory is what the run logged to MLflow (``memory/peak_rss_gib/rank*``). Its base is
-   int8 with the (untied) output head quantized too (``--head bf16``: the head in bf16, ``all-linear``).
+   int8 with the (untied) token embedding and output head quantized too (``--tables bf16``: both in bf16, as
+   ``all-linear`` leaves them).
 3. ``peft+bf16``: ``from_pretrained`` of the bf16 base under ``HfDeepSpeedConfig`` (partitioned while it loads,
    as the HF Trainer does), ``get_peft_model``, ``deepspeed.initialize``, one ``train_step``.
 4. ``peft+bnb8``: the same with ``BitsAndBytesConfig(load_in_8bit=True)``: transformers loads a quantized
@@ -215,12 +216,13 @@ def ratios(ours: list[dict], theirs: list[dict]) -> str:
             + " the model's part" + bound)
 
 
-def with_head(config: Path) -> None:
-    """Quantize the output head with the decoder linears (Llama-2's head is untied): peft-dist's side only."""
+def with_int8_tables(config: Path) -> None:
+    """Quantize the token embedding and the output head with the decoder linears (Llama-2's are untied):
+    peft-dist's side only."""
     import yaml
 
     cfg = yaml.safe_load(config.read_text())
-    cfg["quantization"] = {"target_modules": [*LLAMA_LINEARS, "lm_head"]}
+    cfg["quantization"] = {"target_modules": [*LLAMA_LINEARS, "embed_tokens", "lm_head"]}
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
@@ -229,8 +231,9 @@ def main() -> None:
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/peft-dist/bench"))
     parser.add_argument("--limit-s", type=float, default=1500, help="wall time per peft job (default 1500)")
     parser.add_argument("--block", type=int, default=64)
-    parser.add_argument("--head", choices=("int8", "bf16"), default="int8",
-                        help="peft-dist's output head (default int8: quantization.target_modules lists lm_head)")
+    parser.add_argument("--tables", choices=("int8", "bf16"), default="int8",
+                        help="peft-dist's token embedding and output head (default int8: quantization.target_modules "
+                             "lists embed_tokens and lm_head)")
     parser.add_argument("--baselines", nargs="*", choices=SETUPS, default=list(SETUPS),
                         help="the peft setups to run after peft-dist (default both; none: peft-dist's row alone)")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
@@ -241,10 +244,11 @@ def main() -> None:
 
         exit_process(0)
     model, corpus, out = bench_inputs(Path(args.work), "7b-peft")
-    print(f"{machine()}; peft jobs stopped at {args.limit_s:.0f} s; peft-dist's head {args.head}", flush=True)
+    print(f"{machine()}; peft jobs stopped at {args.limit_s:.0f} s; peft-dist's embedding and head {args.tables}",
+          flush=True)
     base_config = run_config(out, model, corpus, 2, args.block)
-    if args.head == "int8":
-        with_head(base_config)
+    if args.tables == "int8":
+        with_int8_tables(base_config)
     plan = [sys.executable, "-m", "peft_dist.plan", "--model", str(model), "--config", str(base_config),
             "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem-gib", "24", "--seq-len", str(args.block),
             "--global-batch", "2", "--tokens", "1e6", "--write", str(out / "P")]

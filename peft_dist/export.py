@@ -35,7 +35,7 @@ from peft_dist.config.load import build_dataclass
 from peft_dist.config.schema import ConfigError, ModelConfig
 from peft_dist.inference import load_for_inference
 from peft_dist.model import DTYPES
-from peft_dist.targets import QuantizedLinear
+from peft_dist.targets import QuantizedEmbedding, QuantizedLinear
 from peft_dist.tracking.offline import record_export
 from peft_dist.train.checkpoint import CheckpointError, read_metadata
 
@@ -78,9 +78,9 @@ def dense_tensors(adapted: nn.Module, plain: nn.Module, merge: bool,
                   dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, bool]]:
     """``(name, tensor in dtype, untied)`` for every tensor of the plain transformers model ``plain`` (a meta
     skeleton: names, ``Conv1D`` layouts, ties), one at a time: quantized and adapted linears dequantized (with
-    their deltas when ``merge``), every other parameter and buffer as the adapted model holds it (BitFit's
-    trained biases included). ``untied`` marks a linear tied to another tensor (a tied ``lm_head``) whose
-    merged weight differs from it: it is written with its own weight."""
+    their deltas when ``merge``), quantized embeddings dequantized, every other parameter and buffer as the
+    adapted model holds it (BitFit's trained biases included). ``untied`` marks a linear tied to another
+    tensor (a tied ``lm_head``) whose merged weight differs from it: it is written with its own weight."""
     plain_modules = dict(plain.named_modules())
     plain_state = plain.state_dict(keep_vars=True)
     owners = {id(t): n for n, t in reversed(list(plain_state.items()))}  # tied tensors: their first name
@@ -105,6 +105,10 @@ def dense_tensors(adapted: nn.Module, plain: nn.Module, merge: bool,
             continue
         if isinstance(module, AdapterModule):
             inside = prefix
+            continue
+        if isinstance(module, QuantizedEmbedding):  # never tied (quantize_model refuses a shared table)
+            inside = prefix
+            yield prefix + "weight", module.dequantized_weight().to(dtype), False
             continue
         for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             full = prefix + key

@@ -28,6 +28,18 @@ class QuantizedLinear(Protocol):
     def to_linear(self) -> nn.Linear: ...
 
 
+@runtime_checkable
+class QuantizedEmbedding(Protocol):
+    """A frozen token or position embedding stored quantized (``peft_dist.quant``'s ``Int8Embedding``), whose
+    table export reads back in floating point without a quantization import."""
+
+    num_embeddings: int
+    embedding_dim: int
+    dtype: torch.dtype
+
+    def dequantized_weight(self) -> torch.Tensor: ...
+
+
 def float_linear(module: QuantizedLinear) -> nn.Linear:
     """A frozen float ``nn.Linear`` equal to a quantized linear: its ``to_linear`` (merging and export)."""
     weight = module.dequantized_weight()

@@ -52,8 +52,8 @@ class QuantizationConfig:
     enabled: replace frozen linear layers by quantized linears.
     target_modules: ``all-linear`` (every linear of the decoder layers; embeddings and lm_head stay in
         floating point), a list of module-name suffixes, or a regex matched against full names. A list may
-        name ``lm_head`` when the head is not tied to the embeddings: an int8 head halves its shard and
-        its gather.
+        name ``embed_tokens`` and ``lm_head`` when they are not tied to each other: int8 tables halve their
+        shard and their gather (the embedding is int8 whatever ``bits``).
     bits: 8 (row-wise absmax int8, ``quant/int8.py``) or 4 (block-wise NF4/FP4 through bitsandbytes,
         QLoRA's base, ``quant/nf4.py``).
     quant_type, blocksize, double_quant (bits 4 only): the 4-bit data type (``nf4``: normal-float levels,

@@ -84,6 +84,9 @@ def per_rank(inventory: list[TensorInfo], world: int, persistence_threshold: int
                      total, gathered, gathered_numel, frozen_stored)
 
 
+EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "wpe.weight")  # token and position tables (models.py)
+
+
 def _candidate_linears(shape: ModelShape) -> list[tuple[str, int, int, bool]]:
     """Every linear module of the model, output head last."""
     return [lin for layer in range(shape.layers) for lin in shape.linears(layer)] + [shape.head()]
@@ -99,6 +102,11 @@ def _targeted(name: str, targets: Any) -> bool:
 def head_targeted(targets: Any) -> bool:
     """Whether ``targets`` (a ``target_modules`` value) names the output head."""
     return _targeted("lm_head", targets)
+
+
+def embedding_targeted(name: str, targets: Any) -> bool:
+    """Whether quantization ``targets`` name the embedding stored as ``name`` (``all-linear`` never does)."""
+    return targets != "all-linear" and name.endswith(EMBEDDINGS) and _targeted(name.removesuffix(".weight"), targets)
 
 
 def weight_tensors(name: str, d_out: int, d_in: int, quant: QuantizationConfig | None,
@@ -127,16 +135,25 @@ def analytic_inventory(shape: ModelShape, adapters: list, quant_targets: Any | N
     """The parameter tensors of ``shape`` after quantization of ``quant_targets`` (None: off) as ``quant``
     says (None: int8) and LoRA injection, written down from the shape alone.
 
-    Raises ``PlanError`` for what this model does not write down: adapter methods other than LoRA
-    (the planner then counts them on the meta-device model) and a quantized head tied to the embeddings
-    (which the loader refuses: ``quantize_model``).
+    Embeddings a list or regex names are int8 (``Int8Embedding``, whatever ``quant.bits``). Raises
+    ``PlanError`` for what this model does not write down: adapter methods other than LoRA (the planner
+    then counts them on the meta-device model) and a quantized table tied to another (which the loader
+    refuses: ``quantize_model``).
     """
     head_quantized = quant_targets is not None and head_targeted(quant_targets)
     if head_quantized and shape.tied_embeddings:
         raise PlanError("quantization.target_modules: the output head is tied to the input embeddings, and a "
                         "quantized copy would untie them; leave it out (all-linear does)")
-    out = [TensorInfo(name, numel, itemsize, False) for name, numel in shape.other_tensors()
-           if not (head_quantized and name == "lm_head.weight")]
+    out = []
+    for name, numel in shape.other_tensors():
+        if quant_targets is not None and embedding_targeted(name, quant_targets):
+            if shape.tied_embeddings and not name.endswith("wpe.weight"):
+                raise PlanError(f"quantization.target_modules: {name.removesuffix('.weight')} is tied to the output "
+                                "head, and a quantized copy would untie them; leave it out (all-linear does)")
+            out += weight_tensors(name.removesuffix(".weight"), numel // shape.hidden, shape.hidden,
+                                  QuantizationConfig(), itemsize)  # int8 whatever the bits (Int8Embedding)
+        elif not (head_quantized and name == "lm_head.weight"):
+            out.append(TensorInfo(name, numel, itemsize, False))
     for name, d_out, d_in, bias in _candidate_linears(shape):
         is_head = name == "lm_head"
         quantized = quant_targets is not None and _targeted(name, quant_targets)

@@ -8,7 +8,7 @@ from peft_dist.config.schema import RunConfig
 from peft_dist.plan.dryrun import build_meta_model, meta_inventory
 from peft_dist.plan.estimate import (GIB, OFFLOADS, Choice, Hardware, LoadCost, Workload, activation_bytes, base_name,
                                      choose, load_cost, steps_for)
-from peft_dist.plan.inventory import RankBytes, analytic_inventory, head_targeted, per_rank
+from peft_dist.plan.inventory import RankBytes, analytic_inventory, embedding_targeted, head_targeted, per_rank
 from peft_dist.plan.models import ModelShape
 
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -117,8 +117,12 @@ def base_line(quant: Any, itemsize: int) -> str:
         return f"{base_name(quant, itemsize)}, not quantized"
     how = ("8 bits, one scale per row" if quant.bits == 8 else
            f"4 bits, blocksize {quant.blocksize}{', double quant' if quant.double_quant else ''}")
-    floats = "embeddings in bf16" if head_targeted(quant.target_modules) else "embeddings and head in bf16"
-    return f"{base_name(quant, itemsize)} ({how}) on {quant.target_modules}; {floats}"
+    targets = quant.target_modules
+    floats = [what for what, quantized in (
+        ("embeddings", any(embedding_targeted(name, targets) for name in ("embed_tokens.weight", "wte.weight"))),
+        ("head", head_targeted(targets))) if not quantized]
+    return f"{base_name(quant, itemsize)} ({how}) on {targets}" + (
+        f"; {' and '.join(floats)} in bf16" if floats else "")
 
 
 def offload_lines(plan: Plan) -> list[str]:

@@ -1,4 +1,4 @@
-"""Frozen 8-bit linear layers: row-wise absmax int8 weights, dequantized just in time.
+"""Frozen 8-bit linear layers and embeddings: row-wise absmax int8 weights, dequantized just in time.
 
 The int8 weight and its per-row scale are ordinary frozen ``nn.Parameter``s, so DeepSpeed ZeRO-3
 partitions and all-gathers them like any other parameter (as int8: half the bytes of bf16). The
@@ -8,6 +8,7 @@ backward; it never saves a dequantized weight and never forms a weight gradient.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peft_dist.targets import float_linear
@@ -133,7 +134,29 @@ class Int8MatmulFunction(torch.autograd.Function):
         return int8_matmul_input_grad(grad_y, w8, scale), None, None
 
 
-class Int8Linear(nn.Module):
+class RowwiseInt8(nn.Module):
+    """What the int8 linear and embedding share: a ``weight`` of int8 rows, each with its ``weight_scale``."""
+
+    weight: nn.Parameter
+    weight_scale: nn.Parameter
+
+    @torch.no_grad()
+    def load_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a dense 2-D weight into this module's parameters, in place (the streaming loader fills
+        modules built on the meta device)."""
+        w8, scale = quantize_rowwise(weight)
+        self.weight.copy_(w8)
+        self.weight_scale.copy_(scale)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight_scale.dtype
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_rowwise(self.weight, self.weight_scale, self.weight_scale.dtype)
+
+
+class Int8Linear(RowwiseInt8):
     """A frozen linear layer whose weight is stored in int8 with one floating-point scale per row."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
@@ -159,21 +182,6 @@ class Int8Linear(nn.Module):
             layer.bias.data.copy_(bias.detach())
         return layer
 
-    @torch.no_grad()
-    def load_weight(self, weight: torch.Tensor) -> None:
-        """Quantize a dense ``(d_out, d_in)`` weight into this layer's parameters, in place (the streaming
-        loader fills layers built on the meta device)."""
-        w8, scale = quantize_rowwise(weight)
-        self.weight.copy_(w8)
-        self.weight_scale.copy_(scale)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight_scale.dtype
-
-    def dequantized_weight(self) -> torch.Tensor:
-        return dequantize_rowwise(self.weight, self.weight_scale, self.weight_scale.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = Int8MatmulFunction.apply(x, self.weight, self.weight_scale)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
@@ -184,3 +192,34 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 row-wise"
+
+
+class Int8Embedding(RowwiseInt8):
+    """A frozen token (or position) embedding stored in int8 with one floating-point scale per row. A lookup
+    reads the rows it needs and their scales, so nothing of the table's size is dequantized; under ZeRO-3
+    each rank gathers half the bytes of a 16-bit table."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.padding_idx = padding_idx
+        self.weight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(num_embeddings, dtype=dtype, device=device),
+                                         requires_grad=False)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, padding_idx: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> "Int8Embedding":
+        """Quantize a dense ``(num_embeddings, embedding_dim)`` table; the scales are kept in ``dtype``."""
+        table = cls(*weight.shape, padding_idx=padding_idx, dtype=dtype, device=weight.device)
+        table.load_weight(weight)
+        return table
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).to(self.dtype) * F.embedding(ids, self.weight_scale[:, None])
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 row-wise"

@@ -29,7 +29,7 @@ from peft_dist.config.schema import ConfigError, ModelConfig, QuantizationConfig
 from peft_dist.distributed.memory import resident_bytes
 from peft_dist.distributed.zero3 import full_numel
 from peft_dist.model import BUILTIN_TINY_LLAMA, DTYPES, load_model_config, load_tokenizer, local_path
-from peft_dist.quant.model import QUANTIZED_TYPES, QuantReport, quantization_error, quantize_model
+from peft_dist.quant.model import QUANTIZED_TYPES, QuantReport, float_twin, quantization_error, quantize_model
 
 
 @dataclass(frozen=True)
@@ -210,17 +210,16 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
     if isinstance(module, QUANTIZED_TYPES):
         if not reads:
             return
-        if reader is None:  # config-only: the float linear transformers would have built, then quantized
+        if reader is None:  # config-only: the float module transformers would have built, then quantized
             # Built on meta so that only _init_weights draws random numbers, exactly as for an unquantized
             # base: the builtin model has the same values with and without quantization.
-            dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                              dtype=module.dtype, device="meta").to_empty(device="cpu")
+            dense = float_twin(module).to_empty(device="cpu")
             model._init_weights(dense)
-            weight, bias = dense.weight, dense.bias
+            weight, bias = dense.weight, getattr(dense, "bias", None)
         else:
             weight = reader.get(prefix + "weight")
             weight = weight.t() if name in transposed else weight
-            bias = reader.get(prefix + "bias") if module.bias is not None else None
+            bias = reader.get(prefix + "bias") if getattr(module, "bias", None) is not None else None
         module.load_weight(weight)
         errors.append(quantization_error(name, weight, module))
         if bias is not None:

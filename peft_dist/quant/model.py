@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,11 +11,11 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peft_dist.config.schema import ConfigError, QuantizationConfig
-from peft_dist.quant.int8 import Int8Linear, row_blocks
+from peft_dist.quant.int8 import Int8Embedding, Int8Linear, row_blocks
 from peft_dist.quant.nf4 import FourBitLinear
 from peft_dist.targets import QuantizedLinear, find_modules, replace_module
 
-QUANTIZED_TYPES = (Int8Linear, FourBitLinear)  # the layers the loader fills with ``load_weight``
+QUANTIZED_TYPES = (Int8Linear, FourBitLinear, Int8Embedding)  # what the loader fills with ``load_weight``
 
 
 @dataclass(frozen=True)
@@ -59,24 +60,47 @@ def quantize_linear(module: nn.Module, dtype: torch.dtype,
 
 
 @torch.no_grad()
+def quantize_module(module: nn.Module, dtype: torch.dtype,
+                    quant: QuantizationConfig | None = None) -> Int8Linear | FourBitLinear | Int8Embedding:
+    """``quantize_linear``, or for an ``nn.Embedding`` an ``Int8Embedding`` (int8 whatever ``quant.bits``: a
+    lookup reads rows, which 4-bit blocks would have to dequantize whole)."""
+    if isinstance(module, nn.Embedding):
+        return Int8Embedding.from_weight(module.weight, module.padding_idx, dtype)
+    return quantize_linear(module, dtype, quant)
+
+
+def float_twin(module: QuantizedLinear | Int8Embedding) -> nn.Module:
+    """The float module a quantized one replaced, on the meta device: what transformers' ``_init_weights``
+    initialises when a base is built from its config alone."""
+    if isinstance(module, Int8Embedding):
+        return nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, dtype=module.dtype,
+                            device="meta")
+    return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=module.dtype,
+                     device="meta")
+
+
+@torch.no_grad()
 def quantize_model(model: nn.Module, targets: Any = "all-linear", dtype: torch.dtype = torch.float32,
                    quant: QuantizationConfig | None = None) -> list[QuantReport]:
     """Replace every targeted float linear by a frozen quantized linear (int8, or 4-bit when ``quant.bits``
-    is 4); return per-layer errors.
+    is 4), and every embedding a list or regex names by an ``Int8Embedding``; return per-layer errors.
 
-    An untied output head may be targeted (``lm_head`` in a list): an int8 head halves its shard and its
-    gather. A head tied to the input embeddings may not: the int8 copy would untie the two.
+    ``all-linear`` leaves the embeddings and the output head in floating point. Untied ones may be named
+    (``embed_tokens``, ``lm_head``): each then takes half the bytes in its shard and in its gather. A tensor
+    shared by two modules (``tie_word_embeddings``) may not: a quantized copy would untie them.
     On the meta device (planner dry runs) the layers are swapped alike and the errors are NaN.
     """
     reports = []
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    for name, module in find_modules(model, targets, _is_float_linear, "linear layer",
+    users = Counter(id(m.weight) for m in model.modules() if isinstance(getattr(m, "weight", None), torch.Tensor))
+    accepted = _is_float_linear if targets == "all-linear" else (
+        lambda m: _is_float_linear(m) or isinstance(m, nn.Embedding))
+    for name, module in find_modules(model, targets, accepted, "linear layer or embedding",
                                      "quantization.target_modules"):
-        if embeddings is not None and module.weight is embeddings.weight:
-            raise ConfigError(f"quantization.target_modules: {name!r} shares its weight with the input embeddings "
+        if users[id(module.weight)] > 1:
+            raise ConfigError(f"quantization.target_modules: {name!r} shares its weight with another module "
                               "(tie_word_embeddings), and a quantized copy would untie them; leave it out "
                               "(all-linear does)")
-        quantized = quantize_linear(module, dtype, quant)
+        quantized = quantize_module(module, dtype, quant)
         dense = module.weight.t() if isinstance(module, Conv1D) else module.weight
         if dense.is_meta:
             reports.append(QuantReport(name, tuple(dense.shape), float("nan"), float("nan")))

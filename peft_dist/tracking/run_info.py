@@ -22,7 +22,7 @@ from torch import nn
 from peft_dist.config.load import flatten
 from peft_dist.distributed.memory import peak_rss_bytes
 from peft_dist.distributed.zero3 import full_numel
-from peft_dist.targets import QuantizedLinear
+from peft_dist.targets import QuantizedEmbedding, QuantizedLinear
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("torch", "deepspeed", "transformers", "bitsandbytes", "mlflow", "peft-dist")
@@ -130,11 +130,14 @@ def write_run_files(run_dir: str | Path, ds_config: dict, environ: dict[str, str
 
 def weight_counts(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     """Every parameter with the number of model weights it stands for: its full size (also where ZeRO-3
-    already partitioned it), except that a quantized linear's stored tensors (codes, scales, block
-    statistics) stand for its ``in x out`` weights together, counted on the first of them (4-bit codes are
-    packed two a byte, so their size is half the weights)."""
-    stored: dict[int, QuantizedLinear] = {id(p): m for m in model.modules() if isinstance(m, QuantizedLinear)
-                                          for p in m.parameters(recurse=False) if p is not m.bias}
+    already partitioned it), except that a quantized linear's or embedding's stored tensors (codes, scales,
+    block statistics) stand for its ``in x out`` (rows x width) weights together, counted on the first of
+    them (4-bit codes are packed two a byte, so their size is half the weights)."""
+    weights = {id(m): m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantizedLinear)}
+    weights |= {id(m): m.num_embeddings * m.embedding_dim for m in model.modules()
+                if isinstance(m, QuantizedEmbedding)}
+    stored: dict[int, int] = {id(p): id(m) for m in model.modules() if id(m) in weights
+                              for p in m.parameters(recurse=False) if p is not getattr(m, "bias", None)}
     counted: set[int] = set()
     counts = []
     for p in model.parameters():
@@ -142,8 +145,8 @@ def weight_counts(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
         if layer is None:
             counts.append((p, full_numel(p)))
         else:
-            counts.append((p, 0 if id(layer) in counted else layer.in_features * layer.out_features))
-            counted.add(id(layer))
+            counts.append((p, 0 if layer in counted else weights[layer]))
+            counted.add(layer)
     return counts
 
 

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from peft_dist.adapters.base import float_dtype
 from peft_dist.adapters.inject import trainable_parameters
 from peft_dist.data import Split
 from peft_dist.distributed.zero3 import optimizer_state, restore_optimizer_state, zero_gradients
@@ -26,7 +27,8 @@ def forward_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     DeepSpeed engine or the Hugging Face model itself."""
     module = getattr(model, "module", model)
     inputs = {name: tensor.to(model.device) for name, tensor in batch.items()}
-    return model(**packed_inputs(module.config, inputs, module.get_input_embeddings().weight.dtype)).loss
+    # The compute dtype: that of the embedding's float tensors (an int8 table's scales).
+    return model(**packed_inputs(module.config, inputs, float_dtype(module.get_input_embeddings()))).loss
 
 
 def evaluate(engine, split: Split, micro: int, batches: int, rank: int = 0, world_size: int = 1) -> float:

@@ -43,8 +43,10 @@ IDS = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
 
 @pytest.mark.parametrize("overrides, base", [((), "builtin:tiny-llama"), ((), "builtin:stdlib-llama"),
                                              (("adapters=[{method: krona, target_modules: [q_proj, v_proj]}]",),
-                                              "builtin:tiny-llama")],
-                         ids=["lora", "lora-on-the-shipped-base", "krona"])
+                                              "builtin:tiny-llama"),
+                                             (("quantization.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                                               "up_proj,down_proj,embed_tokens,lm_head]",), "builtin:tiny-llama")],
+                         ids=["lora", "lora-on-the-shipped-base", "krona", "int8-embeddings-and-head"])
 def test_merged_export_loads_with_plain_transformers(tmp_path, overrides, base):
     adapter = trained_adapter(tmp_path, overrides, base)
     out = export(adapter, tmp_path / "merged")

@@ -69,6 +69,26 @@ def test_the_input_gradient_in_column_blocks_equals_the_whole_product(monkeypatc
     torch.testing.assert_close(blocks, int8.int8_matmul(x, w8, scale))  # fp32 GEMMs may sum in another order
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_int8_embedding_looks_up_its_dequantized_rows(dtype):
+    """A lookup scales the int8 rows it reads: exactly the dequantized table's rows (in fp32 within half a step
+    of the float64 table), and the parameter summary counts the table's weights once."""
+    from peft_dist.quant import Int8Embedding
+    from peft_dist.tracking.run_info import parameter_summary
+
+    torch.manual_seed(5)
+    table = torch.randn(50, 16, dtype=torch.float64) * torch.logspace(-2, 1, 50, dtype=torch.float64)[:, None]
+    embedding = Int8Embedding.from_weight(table, padding_idx=0, dtype=dtype)
+    ids = torch.randint(0, 50, (3, 7))
+    looked_up = embedding(ids)
+    assert looked_up.dtype == dtype and looked_up.shape == (3, 7, 16)
+    torch.testing.assert_close(looked_up, embedding.dequantized_weight()[ids], rtol=0, atol=0)
+    if dtype == torch.float32:  # bf16 also rounds the scale and the product
+        step = embedding.weight_scale.double()[ids][..., None]
+        assert ((looked_up.double() - table[ids]).abs() <= step / 2 + 1e-6).all()
+    assert parameter_summary(embedding)["total"] == 50 * 16
+
+
 def test_matches_bitsandbytes_vectorwise_quantization():
     bnb = pytest.importorskip("bitsandbytes")
     torch.manual_seed(1)

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 from peft_dist.config.schema import ConfigError, ModelConfig, QuantizationConfig
 from peft_dist.model import (BUILTIN_STDLIB_LLAMA, STDLIB_LLAMA, STDLIB_LLAMA_SHA256, load_tokenizer, local_path,
                              tiny_llama_config)
-from peft_dist.quant.int8 import Int8Linear
+from peft_dist.quant.int8 import Int8Embedding, Int8Linear
 from peft_dist.quant.loader import load_quantized_base
 from peft_dist.quant.model import quantize_model
 from peft_dist.quant.nf4 import FourBitLinear
@@ -75,21 +75,36 @@ def test_tied_embeddings_stay_tied(tmp_path):
                                atol=LOGITS_ATOL, rtol=0)
 
 
-def test_an_untied_head_can_be_quantized_and_a_tied_one_is_refused(tmp_path):
-    """``lm_head`` in ``quantization.target_modules``: the loader quantizes the head of an untied checkpoint as
-    ``quantize_model`` does after ``from_pretrained``, and refuses a tied one, which would come untied."""
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+@pytest.mark.parametrize("extra", [["lm_head"], ["embed_tokens", "lm_head"]], ids=["head", "embeddings-and-head"])
+def test_untied_embeddings_and_head_can_be_quantized_and_tied_ones_are_refused(tmp_path, extra):
+    """``lm_head`` and ``embed_tokens`` in ``quantization.target_modules``: the loader quantizes them as
+    ``quantize_model`` does after ``from_pretrained`` for an untied checkpoint, and refuses a tied one, which
+    would come untied."""
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", *extra]
     directory = save_tiny(tmp_path / "untied")
     model, report = load_quantized_base(ModelConfig(name_or_path=str(directory)),
                                         QuantizationConfig(target_modules=targets))
-    assert isinstance(model.lm_head, Int8Linear) and "lm_head" in [r.name for r in report.quantization]
+    assert isinstance(model.lm_head, Int8Linear)
+    assert isinstance(model.model.embed_tokens, Int8Embedding) == ("embed_tokens" in extra)
+    assert {"lm_head", "model.embed_tokens"} & {r.name for r in report.quantization} == {
+        "lm_head", *(["model.embed_tokens"] if "embed_tokens" in extra else [])}
     want = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, local_files_only=True)
     quantize_model(want, targets, torch.float32)
     ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(model(input_ids=ids).logits, want(input_ids=ids).logits, atol=LOGITS_ATOL, rtol=0)
-    with pytest.raises(ConfigError, match="lm_head.*tie_word_embeddings"):
+    with pytest.raises(ConfigError, match="shares its weight.*tie_word_embeddings"):
         load_quantized_base(ModelConfig(name_or_path=str(save_tiny(tmp_path / "tied", tie=True))),
                             QuantizationConfig(target_modules=targets))
+
+
+def test_the_builtin_base_draws_the_same_embedding_quantized_or_not():
+    """Built from its config alone, an int8 embedding is the int8 form of the table transformers draws."""
+    targets = ["embed_tokens", "q_proj"]
+    quantized, _ = load_quantized_base(ModelConfig(name_or_path="builtin:tiny-llama"),
+                                       QuantizationConfig(target_modules=targets))
+    plain, _ = load_quantized_base(ModelConfig(name_or_path="builtin:tiny-llama"), QuantizationConfig(enabled=False))
+    want = Int8Embedding.from_weight(plain.model.embed_tokens.weight)
+    assert torch.equal(quantized.model.embed_tokens.weight, want.weight)
 
 
 def test_config_only_is_initialised_like_transformers():

@@ -2,6 +2,8 @@
 prefix), each document in a packed block computes exactly what it computes alone."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -72,3 +74,23 @@ def test_with_a_prefix_each_packed_document_sees_the_prefix_and_only_its_own_tok
             torch.nn.init.normal_(parameter, std=1.0)
     packed, alone = packed_and_alone(model)
     torch.testing.assert_close(packed, torch.cat(alone), atol=2e-5, rtol=1e-4)
+
+
+def test_the_loss_takes_its_mask_dtype_from_an_int8_embeddings_scales():
+    """With the token embedding in int8 the eager mask is built in the scales' dtype (not the table's int8),
+    and gives the loss SDPA gives."""
+    from peft_dist.config.schema import ModelConfig, QuantizationConfig
+    from peft_dist.quant.loader import load_quantized_base
+    from peft_dist.train.step import forward_loss
+
+    model, _ = load_quantized_base(ModelConfig(name_or_path="builtin:tiny-llama"),
+                                   QuantizationConfig(target_modules=["embed_tokens", "q_proj"]))
+    assert model.get_input_embeddings().weight.dtype == torch.int8
+    block = pack_documents({"input_ids": DOCUMENTS, "labels": DOCUMENTS}, block_size=14)
+    batch = {name: torch.from_numpy(block[name]).long() for name in block}
+    losses = {}
+    for attention in ("eager", "sdpa"):
+        model.config._attn_implementation = attention
+        with torch.no_grad():
+            losses[attention] = forward_loss(model, batch).item()
+    assert losses["eager"] == pytest.approx(losses["sdpa"], rel=1e-5) and math.isfinite(losses["eager"])

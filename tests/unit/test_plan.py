@@ -56,6 +56,7 @@ LLAMA_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
     ("llama-7b", "all-linear", None),  # no quantization: bf16 linears
     ("llama-7b", r".*\.mlp\..*", ["o_proj", "down_proj"]),  # regex adapters, partial quantization
     ("llama-7b", ["q_proj", "v_proj"], [*LLAMA_LINEARS, "lm_head"]),  # an int8 output head
+    ("llama-7b", ["q_proj", "v_proj"], [*LLAMA_LINEARS, "embed_tokens", "lm_head"]),  # and int8 embeddings
 ])
 def test_llama_analytic_matches_meta_model(preset, targets, quant):
     shape = with_layers(PRESETS[preset], 3)  # real widths; the count is per layer
@@ -76,6 +77,12 @@ def test_a_quantized_head_must_be_untied():
         analytic_inventory(shape, [lora(r=8)], ["c_attn", "lm_head"], itemsize=2)
     with pytest.raises(ConfigError, match="tie_word_embeddings"):
         build_meta_model(shape, [lora(r=8)], ["c_attn", "lm_head"])
+    with pytest.raises(PlanError, match="wte is tied to the output head"):
+        analytic_inventory(shape, [lora(r=8)], ["c_attn", "wte"], itemsize=2)
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        build_meta_model(shape, [lora(r=8)], ["c_attn", "wte"])
+    position = [t for t in analytic_inventory(shape, [lora(r=8)], ["c_attn", "wpe"], itemsize=2) if "wpe" in t.name]
+    assert [(t.numel, t.itemsize) for t in position] == [(2048 * 12288, 1), (2048, 2)]  # untied: int8 + scales
 
 
 def test_an_explicit_head_dim_is_counted():
