@@ -135,10 +135,13 @@ class Int8MatmulFunction(torch.autograd.Function):
 
 
 class RowwiseInt8(nn.Module):
-    """What the int8 linear and embedding share: a ``weight`` of int8 rows, each with its ``weight_scale``."""
+    """What the int8 linear and embedding share: a frozen ``weight`` of int8 rows, each with its float
+    ``weight_scale`` (in ``dtype``)."""
 
-    weight: nn.Parameter
-    weight_scale: nn.Parameter
+    def __init__(self, rows: int, columns: int, dtype: torch.dtype, device: torch.device | str | None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(rows, columns, dtype=torch.int8, device=device), requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.ones(rows, dtype=dtype, device=device), requires_grad=False)
 
     @torch.no_grad()
     def load_weight(self, weight: torch.Tensor) -> None:
@@ -161,13 +164,9 @@ class Int8Linear(RowwiseInt8):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
-        super().__init__()
+        super().__init__(out_features, in_features, dtype, device)
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device),
-                                   requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device),
-                                         requires_grad=False)
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
 
@@ -201,14 +200,10 @@ class Int8Embedding(RowwiseInt8):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
-        super().__init__()
+        super().__init__(num_embeddings, embedding_dim, dtype, device)
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.padding_idx = padding_idx
-        self.weight = nn.Parameter(torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device),
-                                   requires_grad=False)
-        self.weight_scale = nn.Parameter(torch.ones(num_embeddings, dtype=dtype, device=device),
-                                         requires_grad=False)
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, padding_idx: int | None = None,
