@@ -7,6 +7,8 @@ backward; it never saves a dequantized weight and never forms a weight gradient.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -66,19 +68,25 @@ def packed_kernel_applies(x: torch.Tensor, w8: torch.Tensor) -> bool:
             and w8.shape[1] % 8 == 0)
 
 
+def _by_output_blocks(x: torch.Tensor, width: int, blocks: list[slice],
+                      compute: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+    """The ``(..., width)`` product ``compute`` gives block by block of its last dimension, in ``x``'s dtype
+    and device; one block is returned as computed (no copy into a fresh output)."""
+    if len(blocks) == 1:
+        return compute(blocks[0])
+    out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
+    for block in blocks:
+        out[..., block] = compute(block)
+    return out
+
+
 def int8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x W^T`` for ``W = diag(scale) w8``, in ``x``'s dtype. Outside the packed kernel, computed for a block
     of output rows at a time, so the weight's cast copy is one block's (``row_blocks``)."""
     if packed_kernel_applies(x, w8):
         return torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), w8, scale.to(x.dtype)).reshape(
             *x.shape[:-1], w8.shape[0])
-    rows = row_blocks(w8)
-    if len(rows) == 1:
-        return _product_rows(x, w8, scale)
-    out = torch.empty(*x.shape[:-1], w8.shape[0], dtype=x.dtype, device=x.device)
-    for block in rows:
-        out[..., block] = _product_rows(x, w8[block], scale[block])
-    return out
+    return _by_output_blocks(x, w8.shape[0], row_blocks(w8), lambda rows: _product_rows(x, w8[rows], scale[rows]))
 
 
 def _product_rows(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -96,13 +104,8 @@ def int8_matmul_input_grad(grad_y: torch.Tensor, w8: torch.Tensor, scale: torch.
     sums are those of the true product). Computed for a block of input columns at a time, so the weight's
     transposed or cast copy is one block's (each output element is still one whole dot product)."""
     scaled = grad_y * scale.to(grad_y.dtype)
-    columns = index_blocks(w8.shape[1], w8.shape[0])
-    if len(columns) == 1:
-        return _input_grad_columns(scaled, w8)
-    out = torch.empty(*grad_y.shape[:-1], w8.shape[1], dtype=grad_y.dtype, device=grad_y.device)
-    for cols in columns:
-        out[..., cols] = _input_grad_columns(scaled, w8[:, cols])
-    return out
+    return _by_output_blocks(grad_y, w8.shape[1], index_blocks(w8.shape[1], w8.shape[0]),
+                             lambda cols: _input_grad_columns(scaled, w8[:, cols]))
 
 
 def _input_grad_columns(scaled: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
