@@ -61,11 +61,13 @@ def dequantize_rowwise(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
 
 def packed_kernel_applies(x: torch.Tensor, w8: torch.Tensor) -> bool:
     """Whether ``torch._weight_int8pack_mm`` (weight-only int8 GEMM, one scale per output row) serves this
-    product: bf16 activations on the CPU, both weight dimensions multiples of 8 (other shapes crash the
-    CPU kernel in torch 2.13). Measured (docs/BENCHMARKS.md): 3x the cast path's forward there, and in
-    fp32 or fp16 many times slower than a dense GEMM, so those keep the cast path."""
+    product: bf16 activations on the CPU, output rows a multiple of 8 and the summed (input) dimension a
+    multiple of 16. Other shapes crash torch 2.13's CPU kernel, or on AVX-512 CPUs return wrong values (inf,
+    nan or off by orders of magnitude: measured with 40, 56, 120 and 4104 inputs). Measured
+    (docs/BENCHMARKS.md): 3x the cast path's forward there, and in fp32 or fp16 many times slower than a
+    dense GEMM, so those keep the cast path."""
     return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and w8.shape[0] % 8 == 0
-            and w8.shape[1] % 8 == 0)
+            and w8.shape[1] % 16 == 0)
 
 
 def _by_output_blocks(x: torch.Tensor, width: int, blocks: list[slice],

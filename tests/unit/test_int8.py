@@ -49,21 +49,21 @@ def test_the_input_gradient_in_column_blocks_equals_the_whole_product(monkeypatc
     """A large weight's input gradient goes through a block of input columns at a time (the transposed int8
     copy of one block, not of the whole head), and its forward outside the packed kernel through a block of
     output rows (the cast of one block); every output element is the same dot product. Widths stay
-    multiples of 8, so bf16 on the CPU keeps the packed kernel in every block."""
+    multiples of 8 (and the summed dimension of 16), so bf16 on the CPU keeps the packed kernel in every block."""
     import peft_dist.quant.int8 as int8
 
     torch.manual_seed(4)
-    w8, scale = quantize_rowwise(torch.randn(40, 64))
-    grad_y = torch.randn(3, 5, 40).to(dtype)
+    w8, scale = quantize_rowwise(torch.randn(48, 64))
+    grad_y = torch.randn(3, 5, 48).to(dtype)
     whole = int8.int8_matmul_input_grad(grad_y, w8, scale)
-    monkeypatch.setattr(int8, "BLOCK_ELEMENTS", 20 * 40)  # 20 columns a block, rounded down to 16
-    assert int8.index_blocks(64, 40) == [slice(0, 16), slice(16, 32), slice(32, 48), slice(48, 64)]
+    monkeypatch.setattr(int8, "BLOCK_ELEMENTS", 20 * 48)  # 20 columns a block, rounded down to 16
+    assert int8.index_blocks(64, 48) == [slice(0, 16), slice(16, 32), slice(32, 48), slice(48, 64)]
     blocks = int8.int8_matmul_input_grad(grad_y, w8, scale)
     assert blocks.dtype == dtype and blocks.shape == whole.shape
     torch.testing.assert_close(blocks, whole, rtol=0, atol=0)
     x = torch.randn(3, 5, 64).to(dtype)  # the forward outside the packed kernel: blocks of 8 output rows
     monkeypatch.setattr(int8, "packed_kernel_applies", lambda x, w8: False)
-    assert len(int8.row_blocks(w8)) == 5
+    assert len(int8.row_blocks(w8)) == 6
     blocks = int8.int8_matmul(x, w8, scale)
     monkeypatch.setattr(int8, "BLOCK_ELEMENTS", 1 << 24)
     torch.testing.assert_close(blocks, int8.int8_matmul(x, w8, scale))  # fp32 GEMMs may sum in another order
@@ -118,7 +118,8 @@ def test_forward_and_input_gradient_match_float64_reference():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("d_in", [64, 60])  # 60: not a multiple of 8, the packed kernel does not apply
+# 40 and 60: not multiples of 16, the packed kernel does not apply (with 40 it returned inf on AVX-512 CPUs)
+@pytest.mark.parametrize("d_in", [64, 40, 60])
 def test_every_dtype_path_matches_a_float64_reference(dtype, d_in):
     """Forward and input gradient in each dtype (bf16 through the packed int8 kernel where it applies, fp16
     with the scale applied before the GEMM) against float64 arithmetic on the same int8 weights."""
@@ -160,7 +161,9 @@ def test_the_packed_kernel_applies_only_where_measured_faster():
     assert packed_kernel_applies(torch.zeros(2, 128, dtype=torch.bfloat16), w8)
     for dtype in (torch.float32, torch.float16):
         assert not packed_kernel_applies(torch.zeros(2, 128, dtype=dtype), w8)
-    assert not packed_kernel_applies(torch.zeros(2, 60, dtype=torch.bfloat16), torch.zeros(64, 60, dtype=torch.int8))
+    for d_in in (60, 40):
+        x = torch.zeros(2, d_in, dtype=torch.bfloat16)
+        assert not packed_kernel_applies(x, torch.zeros(64, d_in, dtype=torch.int8))
 
 
 def test_backward_saves_no_dense_weight():
