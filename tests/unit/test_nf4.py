@@ -73,16 +73,20 @@ def test_bias_is_added_in_floating_point():
     torch.testing.assert_close(layer(x.float()).double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_nf4_rounds_each_weight_to_the_nearest_qlora_level_of_its_block():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, blocksize", [((32, 128), 64), ((64, 176), 64), ((64, 64), 128)])
+def test_nf4_rounds_each_weight_to_the_nearest_qlora_level_of_its_block(shape, blocksize, dtype):
     """An oracle independent of bitsandbytes: each dequantized weight is absmax(block) x the NF4 level
-    nearest to w / absmax(block)."""
+    nearest to w / absmax(block), blocks running over the flattened weight. The last two shapes have blocks
+    that cross rows, which bitsandbytes' AVX-512 CPU kernel dequantizes wrongly from a 2-D shape."""
     torch.manual_seed(2)
-    weight = torch.randn(32, 128)
-    deq = FourBitLinear.from_weight(weight, None, "nf4", 64).dequantized_weight()
-    blocks = weight.reshape(-1, 64)
+    weight = torch.randn(*shape).to(dtype)
+    deq = FourBitLinear.from_weight(weight, None, "nf4", blocksize, dtype=dtype).dequantized_weight()
+    blocks = weight.float().reshape(-1, blocksize)
     absmax = blocks.abs().amax(dim=1, keepdim=True)
     nearest = NF4_LEVELS[(blocks / absmax).unsqueeze(-1).sub(NF4_LEVELS).abs().argmin(dim=-1)]
-    torch.testing.assert_close(deq.reshape(-1, 64), nearest * absmax, rtol=1e-6, atol=1e-7)
+    want = (nearest * absmax).to(dtype).float()
+    torch.testing.assert_close(deq.float().reshape(-1, blocksize), want, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -181,8 +185,14 @@ def test_summary_and_flops_count_weights_not_packed_bytes():
     assert counts[0] == counts[1] == counts[2], counts
 
 
+# down_proj's rows (176 inputs) do not hold whole blocks of 64; bitsandbytes' AVX-512 CPU kernel dequantizes
+# such weights wrongly (peft_dist/quant/nf4.py, _block_rows; the NF4 oracle test above covers ours there),
+# which would make peft's QLoRA the wrong reference on those machines.
+BLOCK_ALIGNED_PROJECTIONS = [name for name in PROJECTIONS if name != "down_proj"]
+
+
 def to_bitsandbytes_4bit(model: nn.Module, quant_type: str, double_quant: bool) -> nn.Module:
-    for name, module in find_modules(model, PROJECTIONS, lambda m: isinstance(m, nn.Linear), "linear", "test"):
+    for name, module in find_modules(model, BLOCK_ALIGNED_PROJECTIONS, lambda m: isinstance(m, nn.Linear), "linear", "test"):
         replace_module(model, name, bnb_linear4bit(module.weight, module.bias, quant_type, double_quant))
     model.is_loaded_in_4bit = True  # what peft reads to dispatch its bitsandbytes 4-bit LoRA layer
     return model
@@ -196,11 +206,11 @@ def test_lora_on_4bit_trains_like_peft_qlora(quant_type, double_quant):
     quant = QuantizationConfig(bits=4, quant_type=quant_type, double_quant=double_quant)
     tiny = ModelConfig(name_or_path="builtin:tiny-llama")
     ours, _ = build_model(tiny)
-    quantize_model(ours, PROJECTIONS, torch.float32, quant)
+    quantize_model(ours, BLOCK_ALIGNED_PROJECTIONS, torch.float32, quant)
     torch.manual_seed(0)
-    inject_adapters(ours, [LoraConfig(name="lora", target_modules=PROJECTIONS, r=4, alpha=8.0)])
+    inject_adapters(ours, [LoraConfig(name="lora", target_modules=BLOCK_ALIGNED_PROJECTIONS, r=4, alpha=8.0)])
     theirs = to_bitsandbytes_4bit(build_model(tiny)[0], quant_type, double_quant)
-    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=PROJECTIONS,
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(r=4, lora_alpha=8, target_modules=BLOCK_ALIGNED_PROJECTIONS,
                                                          lora_dropout=0.0))
     copied = 0
     for name, module in ours.named_modules():
@@ -210,7 +220,7 @@ def test_lora_on_4bit_trains_like_peft_qlora(quant_type, double_quant):
             layer.lora_A["default"].weight.data.copy_(module.A)
             layer.lora_B["default"].weight.data.copy_(module.B)
             copied += 1
-    assert copied == 7 * 4
+    assert copied == 6 * 4
     losses = []
     for model in (ours, theirs):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
