@@ -54,3 +54,26 @@ def test_freed_buffers_leave_the_resident_set_once_the_trainer_has_set_the_alloc
 
     assert retained_mib("default") >= 200  # of the 256 MiB freed
     assert retained_mib("returned") <= 16  # the 4 MiB of small tensors still held
+
+
+
+BUILD_AND_LIST_IMPORTS = """
+import sys
+from launcher.train import main
+from peft_dist.adapters.inject import inject_adapters
+from peft_dist.quant.loader import load_quantized_base
+from peft_dist.train.config import load_config
+
+cfg = load_config(None, [])
+model, _ = load_quantized_base(cfg.model, cfg.quantization)
+inject_adapters(model, cfg.adapters)
+print(cfg.quantization.bits, sorted({"bitsandbytes", "matplotlib"} & set(sys.modules)))
+"""
+
+
+def test_an_int8_rank_imports_neither_bitsandbytes_nor_matplotlib():
+    # Together about 67 MiB of every rank's resident set, used only by 4-bit bases and by rank 0's plots at
+    # the end (the 7B comparison with peft in docs/BENCHMARKS.md counts the whole resident set).
+    out = subprocess.run([sys.executable, "-c", BUILD_AND_LIST_IMPORTS], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.stdout.splitlines()[-1] == "8 []", out.stderr[-3000:]
