@@ -7,6 +7,7 @@ backward; it never saves a dequantized weight and never forms a weight gradient.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -59,15 +60,22 @@ def dequantize_rowwise(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
     return w8.to(dtype) * scale.to(dtype)[:, None]
 
 
+@functools.cache
+def native_bf16_cpu() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (avx512_bf16 or AMX). Elsewhere bf16 GEMMs are emulated
+    and one of the two layouts of ``x @ W`` runs about 30x slower than the other."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def packed_kernel_applies(x: torch.Tensor, w8: torch.Tensor) -> bool:
     """Whether ``torch._weight_int8pack_mm`` (weight-only int8 GEMM, one scale per output row) serves this
-    product: bf16 activations on the CPU, output rows a multiple of 8 and the summed (input) dimension a
-    multiple of 16. Other shapes crash torch 2.13's CPU kernel, or on AVX-512 CPUs return wrong values (inf,
-    nan or off by orders of magnitude: measured with 40, 56, 120 and 4104 inputs). Measured
-    (docs/BENCHMARKS.md): 3x the cast path's forward there, and in fp32 or fp16 many times slower than a
-    dense GEMM, so those keep the cast path."""
-    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and w8.shape[0] % 8 == 0
-            and w8.shape[1] % 16 == 0)
+    product: bf16 activations on a CPU that emulates bf16, output rows a multiple of 8 and the summed (input)
+    dimension a multiple of 16. Other shapes crash torch 2.13's CPU kernel, or on AVX-512 CPUs return wrong
+    values (inf, nan or off by orders of magnitude: measured with 40, 56, 120 and 4104 inputs). Measured
+    (docs/BENCHMARKS.md): 3x the cast path's forward where bf16 is emulated; 2.5-3x slower than it on a CPU
+    with native bf16, and in fp32 or fp16 many times slower than a dense GEMM, so those keep the cast path."""
+    return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16_cpu()
+            and w8.shape[0] % 8 == 0 and w8.shape[1] % 16 == 0)
 
 
 def _by_output_blocks(x: torch.Tensor, width: int, blocks: list[slice],
@@ -113,8 +121,11 @@ def int8_matmul_input_grad(grad_y: torch.Tensor, w8: torch.Tensor, scale: torch.
 def _input_grad_columns(scaled: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
     """``scaled @ w8`` in ``scaled``'s dtype. In 16-bit the weight is transposed as int8 first, so that the
     GEMM reads it in the forward's layout: CPUs without native bf16/fp16 run the untransposed 16-bit GEMM
-    about 30x slower (measured, docs/BENCHMARKS.md); fp32 keeps the plain product."""
-    if scaled.dtype == torch.float32:
+    about 30x slower (measured, docs/BENCHMARKS.md); fp32, and bf16 on a CPU with native bf16, keep the
+    plain product."""
+    plain_is_fast = scaled.dtype == torch.float32 or (
+        scaled.dtype == torch.bfloat16 and scaled.device.type == "cpu" and native_bf16_cpu())
+    if plain_is_fast:
         return scaled @ w8.to(scaled.dtype)
     w8_t = w8.t().contiguous()  # (d_in, d_out), one byte an element
     if packed_kernel_applies(scaled, w8_t):

@@ -44,14 +44,17 @@ def test_quantizing_in_row_blocks_changes_nothing_but_the_temporaries(monkeypatc
     assert error.max_abs_error == direct.abs().max().item()
 
 
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["bf16-emulated", "bf16-native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_the_input_gradient_in_column_blocks_equals_the_whole_product(monkeypatch, dtype):
+def test_the_input_gradient_in_column_blocks_equals_the_whole_product(monkeypatch, dtype, native_bf16):
     """A large weight's input gradient goes through a block of input columns at a time (the transposed int8
     copy of one block, not of the whole head), and its forward outside the packed kernel through a block of
     output rows (the cast of one block); every output element is the same dot product. Widths stay
-    multiples of 8 (and the summed dimension of 16), so bf16 on the CPU keeps the packed kernel in every block."""
+    multiples of 8 (and the summed dimension of 16), so bf16 on a CPU that emulates it keeps the packed kernel
+    in every block; with native bf16, the plain product."""
     import peft_dist.quant.int8 as int8
 
+    monkeypatch.setattr(int8, "native_bf16_cpu", lambda: native_bf16)
     torch.manual_seed(4)
     w8, scale = quantize_rowwise(torch.randn(48, 64))
     grad_y = torch.randn(3, 5, 48).to(dtype)
@@ -117,12 +120,17 @@ def test_forward_and_input_gradient_match_float64_reference():
     assert layer.weight.grad is None and not layer.weight.requires_grad
 
 
+@pytest.mark.parametrize("native_bf16", [False, True], ids=["bf16-emulated", "bf16-native"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 # 40 and 60: not multiples of 16, the packed kernel does not apply (with 40 it returned inf on AVX-512 CPUs)
 @pytest.mark.parametrize("d_in", [64, 40, 60])
-def test_every_dtype_path_matches_a_float64_reference(dtype, d_in):
+def test_every_dtype_path_matches_a_float64_reference(monkeypatch, dtype, d_in, native_bf16):
     """Forward and input gradient in each dtype (bf16 through the packed int8 kernel where it applies, fp16
-    with the scale applied before the GEMM) against float64 arithmetic on the same int8 weights."""
+    with the scale applied before the GEMM) against float64 arithmetic on the same int8 weights. Both bf16
+    paths run on every CPU: the one for CPUs that emulate bf16 and the one for CPUs with native bf16."""
+    import peft_dist.quant.int8 as int8
+
+    monkeypatch.setattr(int8, "native_bf16_cpu", lambda: native_bf16)
     torch.manual_seed(4)
     layer = Int8Linear.from_weight(torch.randn(48, d_in), torch.randn(48), dtype=dtype)
     w = layer.dequantized_weight().double()
@@ -154,11 +162,15 @@ def test_fp16_is_as_range_safe_as_a_plain_fp16_linear():
     assert torch.isfinite(x.grad).all()
 
 
-def test_the_packed_kernel_applies_only_where_measured_faster():
+def test_the_packed_kernel_applies_only_where_measured_faster(monkeypatch):
+    import peft_dist.quant.int8 as int8
     from peft_dist.quant.int8 import packed_kernel_applies
 
     w8 = torch.zeros(64, 128, dtype=torch.int8)
-    assert packed_kernel_applies(torch.zeros(2, 128, dtype=torch.bfloat16), w8)
+    for native_bf16 in (False, True):  # faster than the cast path only where bf16 is emulated
+        monkeypatch.setattr(int8, "native_bf16_cpu", lambda: native_bf16)
+        assert packed_kernel_applies(torch.zeros(2, 128, dtype=torch.bfloat16), w8) is not native_bf16
+    monkeypatch.setattr(int8, "native_bf16_cpu", lambda: False)
     for dtype in (torch.float32, torch.float16):
         assert not packed_kernel_applies(torch.zeros(2, 128, dtype=dtype), w8)
     for d_in in (60, 40):
