@@ -258,6 +258,8 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     if quant_cfg.enabled:
         quantize_model(model, quant_cfg.target_modules, dtype, quant_cfg)
     model.requires_grad_(False)
+    if quant_cfg.enabled and quant_cfg.bits == 4:
+        import bitsandbytes  # noqa: F401  (quant/nf4.py imports it on first use; here, so the line below counts it)
     rss_before, private_before = resident_bytes()  # after the imports and the meta skeleton: what follows is weights
     began = time.perf_counter()
     names_of: dict[int, list[str]] = {}

@@ -192,7 +192,8 @@ BLOCK_ALIGNED_PROJECTIONS = [name for name in PROJECTIONS if name != "down_proj"
 
 
 def to_bitsandbytes_4bit(model: nn.Module, quant_type: str, double_quant: bool) -> nn.Module:
-    for name, module in find_modules(model, BLOCK_ALIGNED_PROJECTIONS, lambda m: isinstance(m, nn.Linear), "linear", "test"):
+    linears = find_modules(model, BLOCK_ALIGNED_PROJECTIONS, lambda m: isinstance(m, nn.Linear), "linear", "test")
+    for name, module in linears:
         replace_module(model, name, bnb_linear4bit(module.weight, module.bias, quant_type, double_quant))
     model.is_loaded_in_4bit = True  # what peft reads to dispatch its bitsandbytes 4-bit LoRA layer
     return model

@@ -1,5 +1,5 @@
 """The peak-resident-set reader that bench/ and the planner's memory test measure runs with, and the allocator
-setting that lets freed buffers leave the resident set."""
+setting that lets freed buffers leave the resident set; and what an int8 rank leaves unimported."""
 import subprocess
 import sys
 
@@ -54,7 +54,6 @@ def test_freed_buffers_leave_the_resident_set_once_the_trainer_has_set_the_alloc
 
     assert retained_mib("default") >= 200  # of the 256 MiB freed
     assert retained_mib("returned") <= 16  # the 4 MiB of small tensors still held
-
 
 
 BUILD_AND_LIST_IMPORTS = """
