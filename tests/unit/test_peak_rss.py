@@ -58,7 +58,7 @@ def test_freed_buffers_leave_the_resident_set_once_the_trainer_has_set_the_alloc
 
 BUILD_AND_LIST_IMPORTS = """
 import sys
-from launcher.train import main
+import peft_dist.train.trainer  # what launcher/train.py's main imports on every rank
 from peft_dist.adapters.inject import inject_adapters
 from peft_dist.quant.loader import load_quantized_base
 from peft_dist.train.config import load_config
