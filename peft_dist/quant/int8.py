@@ -8,7 +8,7 @@ backward; it never saves a dequantized weight and never forms a weight gradient.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,23 +17,39 @@ from torch import nn
 from peft_dist.targets import float_linear
 
 
-# Quantization, its error report and the matmuls' cast or transposed copies work through a weight this many
-# elements at a time (64 MiB of float32), so that a large output head (Llama-2's: 131M elements) adds tens of
-# MiB of temporaries, not copies of the whole tensor.
+# The matmuls' cast or transposed copies work through a weight this many elements at a time (64 MiB of
+# float32), so that a large output head (Llama-2's: 131M elements) adds tens of MiB of temporaries, not copies
+# of the whole tensor.
 BLOCK_ELEMENTS = 1 << 24
+# Quantization and its error report, elementwise passes over every weight at load time, go through one reused
+# float32 block of this many elements (4 MiB, cache-sized): fresh 64 MiB temporaries cost more in page faults
+# than in arithmetic (measured on a 4096 x 11008 bf16 weight, one thread: 0.93 s -> 0.42 s; docs/BENCHMARKS.md).
+SCRATCH_ELEMENTS = 1 << 20
 
 
-def index_blocks(count: int, elements_per_index: int) -> list[slice]:
-    """Consecutive ranges of ``count`` indices, each range about ``BLOCK_ELEMENTS`` elements (at least one) and
-    a multiple of 8 indices where it can be: the packed int8 kernel takes only such widths."""
-    step = max(1, BLOCK_ELEMENTS // max(1, elements_per_index))
+def index_blocks(count: int, elements_per_index: int, block_elements: int | None = None) -> list[slice]:
+    """Consecutive ranges of ``count`` indices, each range about ``block_elements`` (``BLOCK_ELEMENTS``)
+    elements (at least one index) and a multiple of 8 indices where it can be: the packed int8 kernel takes
+    only such widths."""
+    step = max(1, (block_elements or BLOCK_ELEMENTS) // max(1, elements_per_index))
     step -= step % 8 if step >= 8 else 0
     return [slice(start, start + step) for start in range(0, count, step)]
 
 
-def row_blocks(weight: torch.Tensor) -> list[slice]:
+def row_blocks(weight: torch.Tensor, block_elements: int | None = None) -> list[slice]:
     """``index_blocks`` over the rows of a ``(d_out, d_in)`` weight."""
-    return index_blocks(weight.shape[0], weight.shape[1])
+    return index_blocks(weight.shape[0], weight.shape[1], block_elements)
+
+
+def float32_row_blocks(*weights: torch.Tensor) -> Iterator[tuple[slice, ...]]:
+    """``(rows, weights[0][rows], weights[1][rows], ...)`` in float32, for blocks of about ``SCRATCH_ELEMENTS``
+    of weights of one shape, each copied into the same scratch buffer every block: a block is valid (and may
+    be changed in place) until the next one is drawn. Inside, only in-place operations and row-sized
+    reductions avoid fresh weight-block temporaries (``w.abs()`` alone costs 40x ``w.abs_()`` in page faults)."""
+    blocks = row_blocks(weights[0], SCRATCH_ELEMENTS)
+    scratch = [torch.empty(w[blocks[0]].shape, dtype=torch.float32, device=w.device) for w in weights]
+    for rows in blocks:
+        yield rows, *(buffer[: w[rows].shape[0]].copy_(w[rows]) for buffer, w in zip(scratch, weights))
 
 
 def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,20 +60,21 @@ def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bitsandbytes' ``int8_vectorwise_quant`` is this scheme but rounds ``127 / absmax * w`` in the weight's own
     dtype (on 1M Gaussian weights, CPU: 3 codes differ by one in fp32, 320 in bf16) and divides by zero on
     an all-zero row, so we keep ours (``tests/unit/test_int8.py`` holds the two within one code). Rows are
-    independent, so it runs over ``row_blocks``: float32 temporaries of one block, not of the weight.
+    independent, so it runs over ``float32_row_blocks``: one small float32 block, not a copy of the weight.
     """
     w8 = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
-    for rows in row_blocks(weight):
-        w = weight[rows].detach().to(torch.float32, copy=True)  # divided in place below
-        absmax = w.abs().amax(dim=1)
+    if weight.is_meta:  # a skeleton's layer (the streaming loader, the planner): shapes only, no block loop
+        return w8, scale
+    for rows, w in float32_row_blocks(weight.detach()):
+        absmax = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_())
         scale[rows] = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
         w8[rows] = w.div_(scale[rows, None]).round_().clamp_(-127, 127)
     return w8, scale
 
 
 def dequantize_rowwise(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return w8.to(dtype) * scale.to(dtype)[:, None]
+    return w8.to(dtype).mul_(scale.to(dtype)[:, None])  # in place: one weight-sized tensor, not two
 
 
 @functools.cache

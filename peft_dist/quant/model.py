@@ -11,7 +11,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peft_dist.config.schema import ConfigError, QuantizationConfig
-from peft_dist.quant.int8 import Int8Embedding, Int8Linear, row_blocks
+from peft_dist.quant.int8 import Int8Embedding, Int8Linear, float32_row_blocks
 from peft_dist.quant.nf4 import FourBitLinear
 from peft_dist.targets import QuantizedLinear, find_modules, replace_module
 
@@ -31,15 +31,14 @@ class QuantReport:
 @torch.no_grad()
 def quantization_error(name: str, dense: torch.Tensor, layer: QuantizedLinear) -> QuantReport:
     """How far ``layer``'s dequantized weight (in the dtype the layer keeps) is from ``dense``; the float32
-    differences are formed one block of rows at a time (``row_blocks``)."""
+    differences are formed one small block of rows at a time, in place (``float32_row_blocks``)."""
     dequantized = layer.dequantized_weight()
     error_sq = dense_sq = max_abs = 0.0
-    for rows in row_blocks(dense):
-        block = dense[rows].float()
-        error = block - dequantized[rows].float()
-        error_sq += error.square().sum().item()
-        dense_sq += block.square().sum().item()
-        max_abs = max(max_abs, error.abs().max().item())
+    for _, exact, error in float32_row_blocks(dense.detach(), dequantized):
+        error.sub_(exact)
+        dense_sq += torch.linalg.vector_norm(exact).item() ** 2
+        error_sq += torch.linalg.vector_norm(error).item() ** 2
+        max_abs = max(max_abs, error.amax().item(), -error.amin().item())
     return QuantReport(name, tuple(dense.shape), math.sqrt(error_sq) / max(math.sqrt(dense_sq), 1e-12), max_abs)
 
 
