@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 CHECKED = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter",
-           "reduce_scatter_tensor", "reduce")
+           "reduce_scatter_tensor", "reduce", "send", "recv")
 
 
 def _tensors(value) -> list[torch.Tensor]:

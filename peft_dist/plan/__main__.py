@@ -56,7 +56,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host-mem-gib", type=float, default=256.0,
                    help="CPU memory per node (the ranks' runtime and any CPU offload)")
     p.add_argument("--disk-gbs", type=float, default=2.0,
-                   help="GB/s at which rank 0 reads the checkpoint when a job starts or is requeued")
+                   help="GB/s at which each node reads the checkpoint when a job starts or is requeued")
     p.add_argument("--reserve-gib", type=float, default=4.0,
                    help="per-GPU memory for the CUDA context, NCCL buffers and fragmentation")
     p.add_argument("--runtime-gib", type=float, default=1.5,

@@ -38,7 +38,7 @@ class Hardware:
     reserve_gib: float = 4.0  # CUDA context, NCCL buffers, allocator fragmentation
     pcie_gbs: float = 25.0  # host <-> GPU per GPU (PCIe 4.0 x16 achieves about 25 of its 32 GB/s)
     host_mem_gib: float = 256.0  # CPU memory per node for what is offloaded
-    disk_gbs: float = 2.0  # what rank 0 reads the checkpoint at (a parallel file system or local NVMe)
+    disk_gbs: float = 2.0  # what each node reads the checkpoint at (a parallel file system or local NVMe)
     runtime_gib: float = 1.5  # host memory of each rank's Python, torch, DeepSpeed and transformers
 
     @property
@@ -290,23 +290,26 @@ def choose(shape: ModelShape, held: RankBytes, hw: Hardware, work: Workload) -> 
 class LoadCost:
     """What every job start, and so every requeue, reads and moves before its first step.
 
-    The loader (``quant/loader.py``) has global rank 0 read each stored tensor of the checkpoint once and
-    quantize it, and ``zero.Init`` broadcasts the result: every other rank receives the base as stored,
-    whole, and keeps its 1/N. A requeued job then also reads its newest checkpoint: each rank its own
-    optimizer partition (fp32 master and Adam moments) and the adapter.
+    The loader (``quant/loader.py``) has the ranks take turns: of every N modules, rank i reads and
+    quantizes the i-th, so the job reads each stored tensor once and each rank about 1/N of the checkpoint.
+    Rank 0 receives what the others quantized, and ``zero.Init`` broadcasts it: every other rank receives
+    the base as stored, whole, and keeps its 1/N. A requeued job then also reads its newest checkpoint: each
+    rank its own optimizer partition (fp32 master and Adam moments) and the adapter.
     """
 
-    checkpoint_bytes: int  # read from disk by rank 0 alone; the other ranks read none of the base
+    checkpoint_bytes: int  # read from disk once in all, about 1/N by each rank
+    to_rank_0_bytes: int  # received by rank 0: what the other ranks read and quantized
     broadcast_bytes: int  # received by each other rank
     resume_bytes: int  # read by each rank at a requeue
-    read_s: float
+    read_s: float  # each node reads its ranks' share
+    to_rank_0_s: float
     broadcast_s: float
 
     @property
     def seconds(self) -> float:
-        """Reading and broadcasting run one module after the other, so their times add up (rank 0's
-        quantization, once per tensor, is not modelled)."""
-        return self.read_s + self.broadcast_s
+        """Reading, sending to rank 0 and broadcasting run one turn of modules after the other, so their times
+        add up (quantizing, each rank its own share of the tensors, is not modelled)."""
+        return self.read_s + self.to_rank_0_s + self.broadcast_s
 
 
 def load_cost(shape: ModelShape, held: RankBytes, hw: Hardware, checkpoint_itemsize: int = 2,
@@ -315,8 +318,10 @@ def load_cost(shape: ModelShape, held: RankBytes, hw: Hardware, checkpoint_items
     saved in ``adapter_itemsize``-byte elements."""
     checkpoint = shape.total_params() * checkpoint_itemsize
     broadcast = held.frozen_stored if hw.world > 1 else 0
+    to_rank_0 = broadcast * (hw.world - 1) // hw.world
     resume = held.trainable_owned * MASTER_AND_ADAM_BYTES + held.trainable_numel * adapter_itemsize
-    return LoadCost(checkpoint, broadcast, resume, checkpoint / (hw.disk_gbs * 1e9), broadcast / (hw.link_gbs * 1e9))
+    return LoadCost(checkpoint, to_rank_0, broadcast, resume, checkpoint / hw.nodes / (hw.disk_gbs * 1e9),
+                    to_rank_0 / (hw.link_gbs * 1e9), broadcast / (hw.link_gbs * 1e9))
 
 
 def steps_for(work: Workload) -> int:

@@ -159,14 +159,17 @@ def load_lines(plan: Plan) -> list[str]:
     """What each job start (and so each requeue) reads and moves before its first step (``LoadCost``)."""
     load, hw, w = plan.load, plan.hardware, plan.work
     lines = ["", "job start (again at every requeue)",
-             f"  checkpoint read       {load.checkpoint_bytes / 1e9:10.2f} GB by rank 0 alone (bf16 safetensors), "
-             f"none by the others -> {load.read_s:8.2f} s at {hw.disk_gbs:g} GB/s"]
+             f"  checkpoint read       {load.checkpoint_bytes / 1e9:10.2f} GB once in all (bf16 safetensors), about "
+             f"1/{hw.world} by each rank -> {load.read_s:8.2f} s at {hw.disk_gbs:g} GB/s a node"]
     if hw.world > 1:
-        lines.append(f"  broadcast             {load.broadcast_bytes / 1e9:10.2f} GB received by each other rank (the "
-                     f"{base_name(w.base, w.itemsize)} base, whole; it keeps 1/{hw.world}) -> {load.broadcast_s:8.2f} s")
+        base = base_name(w.base, w.itemsize)
+        lines += [f"  to rank 0             {load.to_rank_0_bytes / 1e9:10.2f} GB received by rank 0 (the {base} tensors "
+                  f"the others read) -> {load.to_rank_0_s:8.2f} s",
+                  f"  broadcast             {load.broadcast_bytes / 1e9:10.2f} GB received by each other rank (the "
+                  f"{base} base, whole; it keeps 1/{hw.world}) -> {load.broadcast_s:8.2f} s"]
     return lines + [f"  resume (estimate)     {load.resume_bytes / 1e9:10.2f} GB read by each rank at a requeue (its "
                     "optimizer partition and the adapter)",
-                    f"  load time             {load.seconds:10.2f} s, plus rank 0 quantizing each tensor once "
+                    f"  load time             {load.seconds:10.2f} s, plus each rank quantizing the tensors it reads "
                     "(not modelled)"]
 
 

@@ -5,8 +5,10 @@ for quantized linears there (``Int8Linear``, or ``FourBitLinear`` with ``quantiz
 module, innermost first, gets real tensors: read one tensor at a time from the safetensors checkpoint (or
 initialised the way transformers initialises that module, for a config-only model), quantized when it
 belongs to a quantized linear, and, under ZeRO-3, immediately handed to ``deepspeed.zero.Init(module=...)``,
-which broadcasts rank 0's values and keeps 1/N on each rank. Peak host memory per rank is therefore about
-(quantized model / N) + one module, measured and reported.
+which broadcasts rank 0's values and keeps 1/N on each rank. Under ZeRO-3 the ranks take turns: of every N
+consecutive modules, rank i reads and quantizes the i-th (all N at once), then sends it to rank 0 for
+``zero.Init`` to broadcast, so the job reads and quantizes each tensor once, N ranks at a time. Peak host
+memory per rank is therefore about (quantized model / N) + one module, measured and reported.
 """
 from __future__ import annotations
 
@@ -49,8 +51,8 @@ class LoadReport:
     peak_private: int
     local_param_bytes: int  # this rank's share after loading (the ds_tensor partitions under ZeRO-3)
     full_param_bytes: int  # the whole (quantized + float) model
-    bytes_read: int  # checkpoint tensor bytes this rank read (0 on ZeRO-3 ranks other than 0)
-    seconds: float  # wall time of the streaming loop (read, quantize, partition)
+    bytes_read: int  # checkpoint tensor bytes this rank read (about 1/N of them under ZeRO-3)
+    seconds: float  # wall time of the streaming loop (read, quantize, send to rank 0, partition)
     quantization: tuple[QuantReport, ...]  # one per linear quantized on this rank, in load order
 
     def line(self) -> str:
@@ -184,14 +186,14 @@ def _zero3_dtype(ds_config: dict) -> torch.dtype:
 @torch.no_grad()
 def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointReader | None, reads: bool,
           transposed: set[str], names_of: dict[int, list[str]], done: dict[int, nn.Parameter],
-          errors: list[QuantReport]) -> None:
-    """Give ``module``'s own parameters and buffers real CPU tensors holding checkpoint (or init) values;
-    a quantized linear's quantization error goes to ``errors``.
+          errors: list[QuantReport]) -> list[nn.Parameter]:
+    """Give ``module``'s own parameters and buffers real CPU tensors holding checkpoint (or init) values and
+    return the parameters created (not those tied to one already loaded); a quantized linear's quantization
+    error goes to ``errors``.
 
-    Without ``reads`` (ZeRO-3 ranks other than 0) parameters stay uninitialised: ``zero.Init`` broadcasts
-    rank 0's values, so only rank 0 reads the checkpoint, quantizes and draws init values. Buffers are
-    not broadcast: every rank computes (or reads) its own, and only they run transformers' init here when
-    a checkpoint gives the parameters.
+    Without ``reads`` (under ZeRO-3, the ranks that do not read this module) parameters stay uninitialised
+    until the reading rank's values arrive. Buffers are not broadcast: every rank computes (or reads) its
+    own, and only they run transformers' init here when a checkpoint gives the parameters.
     """
     prefix = f"{name}." if name else ""
     needs_buffers = any(b is not None and b.is_meta for b in module.buffers(recurse=False))
@@ -207,9 +209,10 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
         param = nn.Parameter(torch.empty_like(meta, device="cpu"), requires_grad=meta.requires_grad)
         module._parameters[key] = done[id(meta)] = param
         fresh[key] = (param, names_of.get(id(meta), [prefix + key]))
+    created = [param for param, _ in fresh.values()]
     if isinstance(module, QUANTIZED_TYPES):
         if not reads:
-            return
+            return created
         if reader is None:  # config-only: the float module transformers would have built, then quantized
             # Built on meta so that only _init_weights draws random numbers, exactly as for an unquantized
             # base: the builtin model has the same values with and without quantization.
@@ -224,16 +227,29 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
         errors.append(quantization_error(name, weight, module))
         if bias is not None:
             module.bias.copy_(bias)
-        return
+        return created
     if (reader is None and reads) or needs_buffers:  # also computes non-persistent buffers (rotary inv_freq)
         model._init_weights(module)
     if reader is None:
-        return
+        return created
     for key, (param, candidates) in fresh.items() if reads else ():
         param.copy_(reader.get(next((n for n in candidates if n in reader), prefix + key)))
     for key, buf in module.named_buffers(recurse=False):
         if buf is not None and prefix + key in reader:
             buf.copy_(reader.get(prefix + key))
+    return created
+
+
+def _send_to_rank_0(params: list[nn.Parameter], reader_rank: int, device: torch.device) -> None:
+    """Rank 0 receives the parameters ``reader_rank`` filled: ``zero.Init`` always broadcasts rank 0's
+    values. Each goes to ``device`` (where ``zero.Init`` puts it anyway) first, so that NCCL can carry it."""
+    rank = dist.get_rank()
+    for param in params:
+        param.data = param.data.to(device)
+        if rank == reader_rank:
+            dist.send(param.data, dst=0)
+        elif rank == 0:
+            dist.recv(param.data, src=reader_rank)
 
 
 def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
@@ -268,19 +284,30 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     done: dict[int, nn.Parameter] = {}
     errors: list[QuantReport] = []
     peak, peak_private = rss_before, private_before
-    reads = not zero3 or dist.get_rank() == 0
+    modules = [(name, module) for name, module in reversed(list(model.named_modules()))  # children first
+               if any(True for _ in module.parameters(recurse=False))
+               or any(b is not None and b.is_meta for b in module.buffers(recurse=False))]
+    rank = dist.get_rank() if zero3 else 0
+    # Config-only, rank 0 draws every init value, in the order a single process draws them.
+    readers = dist.get_world_size() if zero3 and reader is not None else 1
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        for name, module in reversed(list(model.named_modules())):  # children before their parents
-            if not any(True for _ in module.parameters(recurse=False)) and not any(
-                    b is not None and b.is_meta for b in module.buffers(recurse=False)):
-                continue
-            _fill(model, name, module, reader, reads, transposed, names_of, done, errors)
+        for start in range(0, len(modules), readers):
+            turn = modules[start:start + readers]  # rank i reads the i-th module of the turn
+            created = [_fill(model, name, module, reader, i == rank, transposed, names_of, done, errors)
+                       for i, (name, module) in enumerate(turn)]
             rss, private = resident_bytes()
             peak, peak_private = max(peak, rss), max(peak_private, private)
-            if zero3:
-                import deepspeed
+            if not zero3:
+                continue
+            import deepspeed
+            from deepspeed.accelerator import get_accelerator
 
+            for i, ((_, module), params) in enumerate(zip(turn, created)):
+                if i != 0:
+                    _send_to_rank_0(params, i, torch.device(get_accelerator().current_device_name()))
+                    rss, private = resident_bytes()
+                    peak, peak_private = max(peak, rss), max(peak_private, private)
                 deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
     model.config.use_cache = False
     if model_cfg.gradient_checkpointing:

@@ -323,8 +323,8 @@ def log_load_report(log: logging.Logger, report: LoadReport, world_size: int, bi
     reports: list = [None] * world_size
     torch.distributed.all_gather_object(reports, report)
     log.info("base loaded\n%s", "\n".join(r.line() for r in reports))
-    if report.quantization:
-        errors = report.quantization
+    errors = [error for r in reports for error in r.quantization]  # each rank quantized the layers it read
+    if errors:
         worst = max(errors, key=lambda r: r.rel_error)
         log.info("%d-bit base: %d layers quantized, relative error mean %.4f, worst %.4f (%s)", bits, len(errors),
                  sum(r.rel_error for r in errors) / len(errors), worst.rel_error, worst.name)

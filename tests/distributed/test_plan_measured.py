@@ -133,11 +133,12 @@ def test_a_planned_run_logs_the_memory_the_plan_predicts(model_dir, tmp_path, ca
         peaks[name] = [max(m.value for m in client.get_metric_history(logged.info.run_id,
                                                                       f"memory/peak_rss_gib/rank{rank}")) * 2**30
                        for rank in (0, 1)]
-        if name == "model":  # the job start the plan states: rank 0 reads the checkpoint once, rank 1 none of it
+        if name == "model":  # the job start the plan states: the checkpoint read once in all, half by each rank
             read = [client.get_metric_history(logged.info.run_id, f"load/checkpoint_read_gib/rank{rank}")[0].value
                     for rank in (0, 1)]
             stored = (model_dir / "model.safetensors").stat().st_size
-            assert read[0] * 2**30 == pytest.approx(stored, rel=1e-3) and read[1] == 0
+            assert sum(read) * 2**30 == pytest.approx(stored, rel=1e-3)
+            assert read[0] == pytest.approx(read[1], rel=0.1)
             assert client.get_metric_history(logged.info.run_id, "load/seconds")[0].value > 0
         plan = make_plan(shape_from_hf(load_model_config(model), name), cfg,
                          Hardware(1, 2, gpu_mem_gib=24, peak_tflops=989), Workload(SEQ, 2, tokens=10**6))
