@@ -2,9 +2,11 @@
 
     python bench/seven_b.py                 # writes the checkpoint once (~13.5 GB), then about 30 minutes
     python bench/seven_b.py --steps 3 --block 64
+    python bench/seven_b.py --shape 13b     # Llama-2-13B's shape (~26 GB checkpoint, ~12 GiB of int8)
 
-1. A Llama-2-7B-shaped checkpoint (hidden 4096, 32 layers, FFN 11008, vocabulary 32000): random bf16
-   weights in 2 GB safetensors shards with an index, written once under ``--work`` and reused.
+1. A Llama-2-7B-shaped checkpoint (hidden 4096, 32 layers, FFN 11008, vocabulary 32000; ``--shape 13b``:
+   hidden 5120, 40 layers, FFN 13824): random bf16 weights in 2 GB safetensors shards with an index, written
+   once under ``--work`` and reused.
 2. ``torchrun --nproc_per_node 2 launcher/train.py --config 7b.yaml`` (written next to it): streams the base
    in as int8 under ZeRO-3, prepares the 100M-token corpus of bench/data.py once, trains LoRA (q, v) in bf16
    and stops after ``--steps - 1`` steps with a checkpoint (``checkpoint.exit_interval``, as a preemption
@@ -40,23 +42,29 @@ EXPORT = ("import sys; from peft_dist.export import main; from peft_dist.distrib
           "code = main(sys.argv[1:]); print('export peak RSS', peak_rss_bytes()); sys.exit(code)")
 
 
-def llama_7b_config():
+SHAPES = {  # Llama-2's published shapes (hidden, layers, FFN)
+    "7b": {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008},
+    "13b": {"hidden_size": 5120, "num_hidden_layers": 40, "intermediate_size": 13824},
+}
+
+
+def llama_config(shape: str):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
-                       tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
-                       torch_dtype="bfloat16")
+    heads = SHAPES[shape]["hidden_size"] // 128
+    return LlamaConfig(vocab_size=32000, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+                       pad_token_id=0, torch_dtype="bfloat16", **SHAPES[shape])
 
 
-def write_checkpoint(directory: Path) -> None:
+def write_checkpoint(directory: Path, shape: str) -> None:
     """Random bf16 weights (N(0, 0.02), norms 1) named as transformers names them, sharded, with an index."""
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
     from peft_dist.model import TINY_TOKENIZER
 
-    config = llama_7b_config()
+    config = llama_config(shape)
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in AutoModelForCausalLM.from_config(config).named_parameters()}
     partial = directory.with_name(directory.name + ".partial")
@@ -99,12 +107,12 @@ def write_checkpoint(directory: Path) -> None:
     print(f"\ncheckpoint: {total / GIB:.1f} GiB in {count} shards at {directory}")
 
 
-def bench_inputs(work: Path, runs: str) -> tuple[Path, Path, Path]:
-    """The checkpoint and the 100M-token corpus cached under ``work`` (written on first use), and an empty
-    ``work/runs`` for this bench's runs."""
-    model, corpus, out = work / "llama-7b-random", work / "stdlib-1e+08.jsonl", work / runs
+def bench_inputs(work: Path, runs: str, shape: str = "7b") -> tuple[Path, Path, Path]:
+    """The checkpoint of ``shape`` and the 100M-token corpus cached under ``work`` (written on first use), and an
+    empty ``work/runs`` for this bench's runs."""
+    model, corpus, out = work / f"llama-{shape}-random", work / "stdlib-1e+08.jsonl", work / runs
     if not model.is_dir():
-        write_checkpoint(model)
+        write_checkpoint(model, shape)
     if not corpus.exists():
         write_corpus(corpus, 1e8)
     shutil.rmtree(out, ignore_errors=True)
@@ -159,11 +167,12 @@ def main() -> None:
     parser.add_argument("--work", default=os.path.expanduser("~/.cache/peft-dist/bench"))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--shape", choices=SHAPES, default="7b")
     args = parser.parse_args()
-    model, corpus, runs = bench_inputs(Path(args.work), "7b-runs")
+    model, corpus, runs = bench_inputs(Path(args.work), f"{args.shape}-runs", args.shape)
     stored = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     print(machine())
-    print(f"model: Llama-2-7B shape, {stored / GIB:.1f} GiB of bf16 safetensors; 2 ranks, ZeRO-3, int8 base, "
+    print(f"model: Llama-2-{args.shape.upper()} shape, {stored / GIB:.1f} GiB of bf16 safetensors; 2 ranks, ZeRO-3, int8 base, "
           f"LoRA r=8 on q,v, bf16, block {args.block}, micro-batch 1\n")
     config = run_config(runs, model, corpus, args.steps, args.block)
     first, first_s = launch(config, runs / "first.log")

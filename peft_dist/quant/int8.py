@@ -23,7 +23,7 @@ from peft_dist.targets import float_linear
 BLOCK_ELEMENTS = 1 << 24
 # Quantization and its error report, elementwise passes over every weight at load time, go through one reused
 # float32 block of this many elements (4 MiB, cache-sized): fresh 64 MiB temporaries cost more in page faults
-# than in arithmetic (measured on a 4096 x 11008 bf16 weight, one thread: 0.93 s -> 0.42 s; docs/BENCHMARKS.md).
+# than in arithmetic (a 4096 x 11008 bf16 weight on one thread: 0.92 s -> 0.15 s for both; docs/BENCHMARKS.md).
 SCRATCH_ELEMENTS = 1 << 20
 
 
