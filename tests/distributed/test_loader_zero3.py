@@ -123,3 +123,24 @@ def test_the_planners_load_cost_is_what_the_loader_read_and_holds(zero3_run):
     assert cost.checkpoint_bytes == sum(rank["report"]["bytes_read"] for rank in ranks) == stored_bytes(directory)
     assert cost.to_rank_0_bytes == pytest.approx(ranks[1]["report"]["full_param_bytes"] / 2, rel=0.05)
     assert cost.broadcast_bytes == ranks[1]["report"]["full_param_bytes"]
+
+
+@pytest.mark.slow
+def test_a_tied_conv1d_model_loads_in_turns(tmp_path):
+    """GPT-2 in turns: its head shares the embedding's tensor (read once, by whichever rank's turn reaches it
+    first) and its linears are Conv1D (stored transposed). Every gathered tensor equals ``from_pretrained`` +
+    ``quantize_model``, the logits equal the single-process loader's, and the checkpoint is read once."""
+    from tests.architectures import write_checkpoint
+
+    directory = write_checkpoint("gpt2", tmp_path / "gpt2")
+    out = tmp_path / "out"
+    out.mkdir()
+    run_distributed([WORKER, "--checkpoint", str(directory), "--out", str(out)], 2, timeout=300)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    model, _ = load_quantized_base(ModelConfig(name_or_path=str(directory)), QuantizationConfig())
+    want = model(input_ids=torch.arange(40).reshape(2, 20) * 7 % 512).logits  # the worker's batch
+    for result in ranks:
+        assert all(result["identical"].values()), [n for n, ok in result["identical"].items() if not ok]
+        torch.testing.assert_close(torch.tensor(result["logits"]), want, atol=LOGITS_ATOL, rtol=0)
+    assert sum(rank["report"]["bytes_read"] for rank in ranks) == stored_bytes(directory)
+    assert all(rank["report"]["bytes_read"] > 0 for rank in ranks)
