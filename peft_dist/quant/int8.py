@@ -95,6 +95,22 @@ def packed_kernel_applies(x: torch.Tensor, w8: torch.Tensor) -> bool:
             and w8.shape[0] % 8 == 0 and w8.shape[1] % 16 == 0)
 
 
+class BlockCopies:
+    """Contiguous copies of one product's weight blocks (cast, or transposed as int8), in one buffer per dtype
+    reused from block to block: on the CPU a fresh copy per block is a fresh mapping that the kernel zeroes
+    first, which cost more than the cast itself (docs/BENCHMARKS.md). A copy is valid until the next one in its
+    dtype."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def __call__(self, block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get(dtype)
+        if buffer is None or buffer.numel() < block.numel():
+            buffer = self.buffers[dtype] = torch.empty(block.numel(), dtype=dtype, device=block.device)
+        return buffer[: block.numel()].view(block.shape).copy_(block)
+
+
 def _by_output_blocks(x: torch.Tensor, width: int, blocks: list[slice],
                       compute: Callable[[slice], torch.Tensor]) -> torch.Tensor:
     """The ``(..., width)`` product ``compute`` gives block by block of its last dimension, in ``x``'s dtype
@@ -113,17 +129,20 @@ def int8_matmul(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch
     if packed_kernel_applies(x, w8):
         return torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), w8, scale.to(x.dtype)).reshape(
             *x.shape[:-1], w8.shape[0])
-    return _by_output_blocks(x, w8.shape[0], row_blocks(w8), lambda rows: _product_rows(x, w8[rows], scale[rows]))
+    copies = BlockCopies()
+    return _by_output_blocks(x, w8.shape[0], row_blocks(w8),
+                             lambda rows: _product_rows(x, w8[rows], scale[rows], copies))
 
 
-def _product_rows(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _product_rows(x: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor, copies: BlockCopies) -> torch.Tensor:
     """``x W^T`` through a cast of ``w8``. fp16: the scale goes on the weight before the GEMM: ``x w8^T`` alone is
     ``127 / absmax`` times the true output and overflows fp16's range where a plain fp16 linear does not.
     Other dtypes scale the ``(tokens, d_out)`` product (one pass, no weight-sized temporary besides the cast).
     """
+    cast = copies(w8, x.dtype)
     if x.dtype == torch.float16:
-        return x @ (w8.to(x.dtype) * scale.to(x.dtype)[:, None]).t()
-    return (x @ w8.to(x.dtype).t()).mul_(scale.to(x.dtype))  # in place: one (tokens, d_out) pass
+        return x @ cast.mul_(scale.to(x.dtype)[:, None]).t()
+    return (x @ cast.t()).mul_(scale.to(x.dtype))  # in place: one (tokens, d_out) pass
 
 
 def int8_matmul_input_grad(grad_y: torch.Tensor, w8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -131,11 +150,12 @@ def int8_matmul_input_grad(grad_y: torch.Tensor, w8: torch.Tensor, scale: torch.
     sums are those of the true product). Computed for a block of input columns at a time, so the weight's
     transposed or cast copy is one block's (each output element is still one whole dot product)."""
     scaled = grad_y * scale.to(grad_y.dtype)
+    copies = BlockCopies()
     return _by_output_blocks(grad_y, w8.shape[1], index_blocks(w8.shape[1], w8.shape[0]),
-                             lambda cols: _input_grad_columns(scaled, w8[:, cols]))
+                             lambda cols: _input_grad_columns(scaled, w8[:, cols], copies))
 
 
-def _input_grad_columns(scaled: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
+def _input_grad_columns(scaled: torch.Tensor, w8: torch.Tensor, copies: BlockCopies) -> torch.Tensor:
     """``scaled @ w8`` in ``scaled``'s dtype. In 16-bit the weight is transposed as int8 first, so that the
     GEMM reads it in the forward's layout: CPUs without native bf16/fp16 run the untransposed 16-bit GEMM
     about 30x slower (measured, docs/BENCHMARKS.md); fp32, and bf16 on a CPU with native bf16, keep the
@@ -143,13 +163,13 @@ def _input_grad_columns(scaled: torch.Tensor, w8: torch.Tensor) -> torch.Tensor:
     plain_is_fast = scaled.dtype == torch.float32 or (
         scaled.dtype == torch.bfloat16 and scaled.device.type == "cpu" and native_bf16_cpu())
     if plain_is_fast:
-        return scaled @ w8.to(scaled.dtype)
-    w8_t = w8.t().contiguous()  # (d_in, d_out), one byte an element
+        return scaled @ copies(w8, scaled.dtype)
+    w8_t = copies(w8.t(), torch.int8)  # (d_in, d_out), one byte an element
     if packed_kernel_applies(scaled, w8_t):
         ones = torch.ones(w8_t.shape[0], dtype=scaled.dtype, device=scaled.device)
         return torch._weight_int8pack_mm(scaled.reshape(-1, scaled.shape[-1]), w8_t, ones).reshape(
             *scaled.shape[:-1], w8_t.shape[0])
-    return scaled @ w8_t.to(scaled.dtype).t()
+    return scaled @ copies(w8_t, scaled.dtype).t()
 
 
 class Int8MatmulFunction(torch.autograd.Function):

@@ -44,6 +44,23 @@ def test_quantizing_in_row_blocks_changes_nothing_but_the_temporaries(monkeypatc
     assert error.max_abs_error == direct.abs().max().item()
 
 
+def test_block_copies_reuse_one_buffer_per_dtype():
+    """A product casts each weight block into the buffer its first (largest) block made, and transposes into one
+    int8 buffer: a fresh copy per block had cost more in page faults than the cast (docs/BENCHMARKS.md)."""
+    import peft_dist.quant.int8 as int8
+
+    copies = int8.BlockCopies()
+    w8 = torch.randint(-127, 128, (20, 16), dtype=torch.int8)
+    first = copies(w8[:8], torch.bfloat16)
+    assert torch.equal(first, w8[:8].to(torch.bfloat16))
+    pointer = first.data_ptr()
+    last = copies(w8[16:], torch.bfloat16)
+    assert last.data_ptr() == pointer and torch.equal(last, w8[16:].to(torch.bfloat16))
+    transposed = copies(w8[:, :8].t(), torch.int8)
+    assert transposed.is_contiguous() and torch.equal(transposed, w8[:, :8].t())
+    assert transposed.data_ptr() != pointer
+
+
 def test_quantizing_a_skeleton_layer_runs_no_block_loop(monkeypatch):
     """The loader and the planner quantize layers of a model built on the meta device: shapes only. The block
     loop there cost a 7B load 9 s of meta operations on every rank (4 MiB blocks: 43 a 4096 x 11008 weight)."""
