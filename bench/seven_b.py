@@ -172,8 +172,8 @@ def main() -> None:
     model, corpus, runs = bench_inputs(Path(args.work), f"{args.shape}-runs", args.shape)
     stored = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     print(machine())
-    print(f"model: Llama-2-{args.shape.upper()} shape, {stored / GIB:.1f} GiB of bf16 safetensors; 2 ranks, ZeRO-3, int8 base, "
-          f"LoRA r=8 on q,v, bf16, block {args.block}, micro-batch 1\n")
+    print(f"model: Llama-2-{args.shape.upper()} shape, {stored / GIB:.1f} GiB of bf16 safetensors; 2 ranks, "
+          f"ZeRO-3, int8 base, LoRA r=8 on q,v, bf16, block {args.block}, micro-batch 1\n")
     config = run_config(runs, model, corpus, args.steps, args.block)
     first, first_s = launch(config, runs / "first.log")
     second, second_s = launch(config, runs / "second.log", "checkpoint.resume=true")

@@ -163,8 +163,8 @@ def load_lines(plan: Plan) -> list[str]:
              f"1/{hw.world} by each rank -> {load.read_s:8.2f} s at {hw.disk_gbs:g} GB/s a node"]
     if hw.world > 1:
         base = base_name(w.base, w.itemsize)
-        lines += [f"  to rank 0             {load.to_rank_0_bytes / 1e9:10.2f} GB received by rank 0 (the {base} tensors "
-                  f"the others read) -> {load.to_rank_0_s:8.2f} s",
+        lines += [f"  to rank 0             {load.to_rank_0_bytes / 1e9:10.2f} GB received by rank 0 (the {base} "
+                  f"tensors the others read) -> {load.to_rank_0_s:8.2f} s",
                   f"  broadcast             {load.broadcast_bytes / 1e9:10.2f} GB received by each other rank (the "
                   f"{base} base, whole; it keeps 1/{hw.world}) -> {load.broadcast_s:8.2f} s"]
     return lines + [f"  resume (estimate)     {load.resume_bytes / 1e9:10.2f} GB read by each rank at a requeue (its "

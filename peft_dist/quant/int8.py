@@ -41,15 +41,30 @@ def row_blocks(weight: torch.Tensor, block_elements: int | None = None) -> list[
     return index_blocks(weight.shape[0], weight.shape[1], block_elements)
 
 
+class BlockCopies:
+    """Contiguous copies of one product's weight blocks (cast, or transposed as int8), in one buffer per dtype
+    reused from block to block: on the CPU a fresh copy per block is a fresh mapping that the kernel zeroes
+    first, which cost more than the cast itself (docs/BENCHMARKS.md). A copy is valid until the next one in its
+    dtype."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def __call__(self, block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self.buffers.get(dtype)
+        if buffer is None or buffer.numel() < block.numel():
+            buffer = self.buffers[dtype] = torch.empty(block.numel(), dtype=dtype, device=block.device)
+        return buffer[: block.numel()].view(block.shape).copy_(block)
+
+
 def float32_row_blocks(*weights: torch.Tensor) -> Iterator[tuple[slice, ...]]:
     """``(rows, weights[0][rows], weights[1][rows], ...)`` in float32, for blocks of about ``SCRATCH_ELEMENTS``
-    of weights of one shape, each copied into the same scratch buffer every block: a block is valid (and may
-    be changed in place) until the next one is drawn. Inside, only in-place operations and row-sized
+    of weights of one shape, each weight's block copied into its own ``BlockCopies`` buffer: a block is valid
+    (and may be changed in place) until the next one is drawn. Inside, only in-place operations and row-sized
     reductions avoid fresh weight-block temporaries (``w.abs()`` alone costs 40x ``w.abs_()`` in page faults)."""
-    blocks = row_blocks(weights[0], SCRATCH_ELEMENTS)
-    scratch = [torch.empty(w[blocks[0]].shape, dtype=torch.float32, device=w.device) for w in weights]
-    for rows in blocks:
-        yield rows, *(buffer[: w[rows].shape[0]].copy_(w[rows]) for buffer, w in zip(scratch, weights))
+    copies = [BlockCopies() for _ in weights]
+    for rows in row_blocks(weights[0], SCRATCH_ELEMENTS):
+        yield rows, *(copy(w[rows], torch.float32) for copy, w in zip(copies, weights))
 
 
 def quantize_rowwise(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,22 +108,6 @@ def packed_kernel_applies(x: torch.Tensor, w8: torch.Tensor) -> bool:
     with native bf16, and in fp32 or fp16 many times slower than a dense GEMM, so those keep the cast path."""
     return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and not native_bf16_cpu()
             and w8.shape[0] % 8 == 0 and w8.shape[1] % 16 == 0)
-
-
-class BlockCopies:
-    """Contiguous copies of one product's weight blocks (cast, or transposed as int8), in one buffer per dtype
-    reused from block to block: on the CPU a fresh copy per block is a fresh mapping that the kernel zeroes
-    first, which cost more than the cast itself (docs/BENCHMARKS.md). A copy is valid until the next one in its
-    dtype."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[torch.dtype, torch.Tensor] = {}
-
-    def __call__(self, block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        buffer = self.buffers.get(dtype)
-        if buffer is None or buffer.numel() < block.numel():
-            buffer = self.buffers[dtype] = torch.empty(block.numel(), dtype=dtype, device=block.device)
-        return buffer[: block.numel()].view(block.shape).copy_(block)
 
 
 def _by_output_blocks(x: torch.Tensor, width: int, blocks: list[slice],

@@ -240,10 +240,9 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
     return created
 
 
-def _send_to_rank_0(params: list[nn.Parameter], reader_rank: int, device: torch.device) -> None:
+def _send_to_rank_0(params: list[nn.Parameter], reader_rank: int, rank: int, device: torch.device) -> None:
     """Rank 0 receives the parameters ``reader_rank`` filled: ``zero.Init`` always broadcasts rank 0's
     values. Each goes to ``device`` (where ``zero.Init`` puts it anyway) first, so that NCCL can carry it."""
-    rank = dist.get_rank()
     for param in params:
         param.data = param.data.to(device)
         if rank == reader_rank:
@@ -290,6 +289,11 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     rank = dist.get_rank() if zero3 else 0
     # Config-only, rank 0 draws every init value, in the order a single process draws them.
     readers = dist.get_world_size() if zero3 and reader is not None else 1
+    if zero3:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        device = torch.device(get_accelerator().current_device_name())
     with torch.random.fork_rng():
         torch.manual_seed(0)
         for start in range(0, len(modules), readers):
@@ -300,12 +304,9 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
             peak, peak_private = max(peak, rss), max(peak_private, private)
             if not zero3:
                 continue
-            import deepspeed
-            from deepspeed.accelerator import get_accelerator
-
             for i, ((_, module), params) in enumerate(zip(turn, created)):
                 if i != 0:
-                    _send_to_rank_0(params, i, torch.device(get_accelerator().current_device_name()))
+                    _send_to_rank_0(params, i, rank, device)
                     rss, private = resident_bytes()
                     peak, peak_private = max(peak, rss), max(peak_private, private)
                 deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
