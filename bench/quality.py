@@ -1,9 +1,10 @@
 """Adaptation quality at CPU size: every method at matched parameter budgets (0.1% and 1%), 5 seeds each.
 
-    python bench/quality.py --write docs/RESULTS.md   # the table (150 runs, about 55 minutes on 2 cores)
+    python bench/quality.py --write docs/RESULTS.md   # the table (170 runs, about an hour on 2 cores)
     python bench/quality.py --quick                   # 2 seeds, 0.1%, 6 methods, short runs (a few minutes)
     python bench/quality.py --sweep                   # LEARNING_RATES, ADALORA_SCHEDULES (~170 runs, ~90 min)
     python bench/quality.py --sweep --only lora krona  # the sweep of some methods' rows only (a sweep in parts)
+    python bench/quality.py --sweep --missing          # the sweep of the rows LEARNING_RATES has no entry for
     python bench/quality.py --bases --write docs/RESULTS.md  # LoRA on fp32, bf16, int8 and NF4 bases (~30 min)
     python bench/quality.py --make-base               # pretrain the shipped base anew, print its sha256 (~10 min)
 
@@ -48,7 +49,7 @@ Budgets: each method's size knob (rank, bottleneck width, prefix length, Kroneck
 ``match_budgets``, counted on the real injected model: the methods a claim compares share an anchor count
 within a factor 2 of 0.1% or 1% of the base, chosen so that as many compared pairs as possible have kept
 parameters (what the adapter checkpoint stores) within 2% of each other, then as near the target as possible;
-the table's "% of base" column shows where each landed.
+the table's "% of base" column shows where each landed (pairs left apart get rows of their own: Placement).
 Kept equals trained except for AdaLoRA, matched on its final budget (``target_r``; the schedule changes only
 what it trains), and for the reparameterized prefix, matched on its vectors as the prefix-tuning papers count
 it (its training MLP is discarded). Plain prefix tuning trains its vectors directly; the gated prefix
@@ -63,9 +64,12 @@ FFN linears (gate, up, down) and on all linears, and the claims compare one meth
 q,v vs FFN vs all; KronA likewise) and two methods at one placement (KronA^B vs KronA on the FFN, the parallel
 adapter vs LoRA on the FFN, KronA vs LoRA on the FFN and on all linears), so that the placement effect and the
 method effect are told apart. The controls exist at 1% only: at 0.1% their smallest configuration is 2.9 to
-5.6 times the budget (``reachable``). Some compared pairs cannot be matched within 2%, alone or together with
-the rest (KronA's Kronecker shapes give few counts; at 1% LoRA on q,v meets KronA at r = 8 or 16, both its
-placement controls at r = 15): they are reported "not compared" with both counts.
+5.6 times the budget (``reachable``). Some compared pairs are more than 2% apart in their methods' rows, because
+one row serves several claims (at 1% LoRA on q,v meets KronA at r = 8 or 16, both its placement controls at
+r = 15). Such a pair gets rows sized for it (``resized``; "sized for" in the table): one side re-sized to the
+other's row where a configuration matches, else both re-sized within the window; each such row has its own
+learning rate from the sweep. Pairs that no two configurations in the window match (KronA's Kronecker shapes
+give few counts) are reported "not compared" with both counts.
 
 Bases (``--bases``, QLoRA's claim that NF4 + LoRA matches LoRA on a 16-bit base): the LoRA rows of the table
 (same configurations, learning rates, seeds and data order) adapt copies of the same pretrained base whose
@@ -92,6 +96,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -138,7 +143,7 @@ NAMES = {"full": "full fine-tuning", "bitfit": "BitFit (norms)", "lora": "LoRA o
 # lora_ffn lora_all adalora adalora_paper krona krona_ffn krona_all prefix prefix_gated` (43 min), then `--sweep
 # --only full bitfit krona_block krona_block_res parallel scaled_parallel prefix_reparam mam` (44 min, other work
 # running alongside).
-LEARNING_RATES: dict[tuple[str, float | None], float] = {
+LEARNING_RATES: dict[tuple, float] = {  # by Row.key
     ('lora', 0.001): 0.03,  # 0.003: 3.890, 0.01: 3.866, 0.03: 3.853, 0.1: 4.126, 0.3: 6.264
     ('lora', 0.01): 0.01,  # 0.003: 3.828, 0.01: 3.816, 0.03: 4.207, 0.1: 5.682, 0.3: 5.705
     ('lora_ffn', 0.01): 0.01,  # 0.003: 3.764, 0.01: 3.720, 0.03: 3.729, 0.1: 4.778, 0.3: 4.939
@@ -169,6 +174,11 @@ LEARNING_RATES: dict[tuple[str, float | None], float] = {
     ('prefix_reparam', 0.01): 0.03,  # 0.003: 3.933, 0.01: 3.902, 0.03: 3.884, 0.1: 3.946, 0.3: 5.082
     ('mam', 0.001): 0.1,  # 0.003: 3.892, 0.01: 3.842, 0.03: 3.821, 0.1: 3.810, 0.3: 3.852
     ('mam', 0.01): 0.03,  # 0.003: 3.824, 0.01: 3.788, 0.03: 3.773, 0.1: 3.789, 0.3: 3.878
+    # The rows sized for one claim, from `python bench/quality.py --sweep --missing` (2026-12-01, 14 min)
+    ('lora', 0.01, 'krona'): 0.01,  # 0.003: 3.828, 0.01: 3.809, 0.03: 4.702, 0.1: 5.909, 0.3: 6.256
+    ('lora_ffn', 0.01, 'krona_ffn'): 0.01,  # 0.003: 3.772, 0.01: 3.736, 0.03: 3.747, 0.1: 4.768, 0.3: 5.031
+    ('lora_all', 0.01, 'krona_all'): 0.01,  # 0.003: 3.792, 0.01: 3.751, 0.03: 3.754, 0.1: 5.236, 0.3: 5.296
+    ('krona_all', 0.01, 'lora_all'): 0.03,  # 0.003: 3.839, 0.01: 3.763, 0.03: 3.711, 0.1: 3.965, 0.3: 5.014
 }
 # AdaLoRA's schedules. ADALORA_PAPER is the paper's own setting (init_r = 1.5 x target_r, the final budget for the
 # last third of training), the "adalora_paper" row. The "adalora" row's schedule is the best of ADALORA_GRID on
@@ -444,6 +454,34 @@ Counter = Callable[[list[dict]], tuple[int, int]]
 Option = tuple[list[dict], int, int]  # (adapters, kept, trained)
 
 
+class Row(NamedTuple):
+    """One row of the table. ``against`` is set on a row that serves one claim: its method re-sized to match the
+    claim's other method where the two methods' own rows at this budget are more than BUDGET_TOLERANCE apart."""
+
+    method: str
+    budget: float | None
+    adapters: list[dict]
+    kept: int
+    trained: int
+    against: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        """What LEARNING_RATES and the results are keyed by: (method, budget), or (method, budget, against)."""
+        return (self.method, self.budget) if self.against is None else (self.method, self.budget, self.against)
+
+
+def row_name(key: tuple) -> str:
+    """The table's name of the row with ``key`` (``Row.key``)."""
+    return NAMES[key[0]] + (f" (sized for {NAMES[key[2]]})" if len(key) == 3 else "")
+
+
+def compared_keys(x: str, y: str, budget: float, keys) -> tuple[tuple, tuple]:
+    """The rows the claim "x beats y at budget" compares, among ``keys``: each side's row sized for this claim if
+    there is one, else its method's row."""
+    return tuple((m, budget, other) if (m, budget, other) in keys else (m, budget) for m, other in ((x, y), (y, x)))
+
+
 def counted(method: str, count: Counter) -> list[Option]:
     """Every configuration of ``method`` with its counts. MAM pairs a prefix with a scaled FFN adapter, each part
     at most twice the other (an even split of its budget, loose enough to match a compared pair within 2%)."""
@@ -502,6 +540,26 @@ def match_budgets(methods: tuple[str, ...], budget: float, pairs: list[tuple[str
     return chosen
 
 
+def resized(x: str, y: str, rows: dict[str, Option], options: dict[str, list[Option]],
+            target: float) -> dict[str, Option]:
+    """New configurations for a compared pair whose rows (``rows``) are more than BUDGET_TOLERANCE apart: one side
+    re-sized to the other's row where a configuration within the window matches it, else both sides re-sized to
+    the closest match in the window (then near ``target``). Only the re-sized sides are returned; {} when no two
+    configurations match (the claim then says "not compared")."""
+    def near(m: str) -> list[Option]:
+        return [o for o in options[m] if 1 / BUDGET_WINDOW <= o[1] / target <= BUDGET_WINDOW] + [rows[m]]
+
+    def changed(m: str, o: Option) -> bool:
+        return o[0] != rows[m][0]
+
+    fits = [(ox, oy) for ox in near(x) for oy in near(y) if mismatch(ox[1], oy[1]) <= BUDGET_TOLERANCE]
+    if not fits:
+        return {}
+    ox, oy = min(fits, key=lambda p: (changed(x, p[0]) + changed(y, p[1]), mismatch(p[0][1], p[1][1]),
+                                      abs(math.log(p[0][1] * p[1][1] / target ** 2))))
+    return {m: o for m, o in ((x, ox), (y, oy)) if changed(m, o)}
+
+
 def describe(adapters: list[dict]) -> str:
     """A short config string for the table: the keys that set the size."""
     a = dict(adapters[0])
@@ -542,45 +600,58 @@ def adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: 
     return {"test": math.fsum(documents) / corpora.b_test[:, 1:].numel(), "documents": documents, "step_s": step_s}
 
 
-def plan(methods: tuple[str, ...], budgets: tuple[float, ...],
-         count: Counter = parameter_counts) -> list[tuple[str, float | None, list[dict], int, int]]:
-    """(method, budget, adapters, kept, trained) of every row: full fine-tuning and BitFit have one size; the
-    others are matched per budget by ``match_budgets`` over the pairs the claims compare, at the budgets they
-    can reach (``reachable``)."""
+def plan(methods: tuple[str, ...], budgets: tuple[float, ...], count: Counter = parameter_counts) -> list[Row]:
+    """Every row: full fine-tuning and BitFit have one size; the others are matched per budget by
+    ``match_budgets`` over the pairs the claims compare, at the budgets they can reach (``reachable``). A compared
+    pair that the methods' rows leave unmatched gets rows sized for it (``resized``), each after its method's row."""
     sized = tuple(m for m in methods if m not in ("full", "bitfit"))
     pairs = compared_pairs(budgets)
     at = {b: tuple(m for m in sized if reachable(m, b, count)) for b in budgets}
-    matched = {b: match_budgets(at[b], b, [(x, y) for x, y, c in pairs if c == b and {x, y} <= set(at[b])], count)
-               for b in budgets}
+    links = {b: [(x, y) for x, y, c in pairs if c == b and {x, y} <= set(at[b])] for b in budgets}
+    matched = {b: match_budgets(at[b], b, links[b], count) for b in budgets}
+    for_claims = {}  # (method, budget) -> [(against, option)]
+    for b in budgets:
+        options = {m: counted(m, count) for m in at[b]}
+        for x, y in links[b]:
+            if mismatch(matched[b][x][1], matched[b][y][1]) > BUDGET_TOLERANCE:
+                found = resized(x, y, matched[b], options, b * SHAPE.total_params())
+                for m, option in found.items():
+                    for_claims.setdefault((m, b), []).append((y if m == x else x, option))
+
+    def row(method: str, budget: float, option: Option, against: str | None = None) -> Row:
+        adapters, kept, trained = option
+        if method == "adalora" and budget in ADALORA_SCHEDULES:  # the schedule --sweep chose (kept is the same)
+            adapters = adalora_adapters(method, adapters[0]["target_r"], ADALORA_SCHEDULES[budget])
+            kept, trained = count(adapters)
+        return Row(method, budget, adapters, kept, trained, against)
+
     rows = []
     for method in methods:
         if method == "full":
-            rows.append((method, None, [], SHAPE.total_params(), SHAPE.total_params()))
+            rows.append(Row(method, None, [], SHAPE.total_params(), SHAPE.total_params()))
         elif method == "bitfit":
             (adapters,) = candidates("bitfit")
-            rows.append((method, None, adapters, *count(adapters)))
+            rows.append(Row(method, None, adapters, *count(adapters)))
         else:
             for b in (b for b in budgets if method in matched[b]):
-                adapters, kept, trained = matched[b][method]
-                if method == "adalora" and b in ADALORA_SCHEDULES:  # the schedule --sweep chose (kept is the same)
-                    adapters = adalora_adapters(method, adapters[0]["target_r"], ADALORA_SCHEDULES[b])
-                    kept, trained = count(adapters)
-                rows.append((method, b, adapters, kept, trained))
+                rows.append(row(method, b, matched[b][method]))
+                rows += [row(method, b, option, against) for against, option in for_claims.get((method, b), [])]
     return rows
 
 
-def learning_rates(rows: list, quick: bool) -> dict[tuple[str, float | None], float]:
-    """Each row's learning rate from LEARNING_RATES; with ``quick`` (a check that the script runs, not a
-    measurement) the middle of the sweep's starting grid, so that --quick needs nothing recorded. Stops, naming
-    each, when --sweep has not recorded a row's rate or the "adalora" row's schedule."""
+def learning_rates(rows: list[Row], quick: bool) -> dict[tuple, float]:
+    """Each row's learning rate from LEARNING_RATES, by ``Row.key``; with ``quick`` (a check that the script runs,
+    not a measurement) the middle of the sweep's starting grid, so that --quick needs nothing recorded. Stops,
+    naming each, when --sweep has not recorded a row's rate or the "adalora" row's schedule."""
     if quick:
-        return {(m, b): initial_grid(m)[len(initial_grid(m)) // 2] for m, b, *_ in rows}
-    missing = [f"LEARNING_RATES[{m!r}, {b}]" for m, b, *_ in rows if (m, b) not in LEARNING_RATES]
-    missing += [f"ADALORA_SCHEDULES[{b}]" for m, b, *_ in rows if m == "adalora" and b not in ADALORA_SCHEDULES]
+        return {r.key: initial_grid(r.method)[len(initial_grid(r.method)) // 2] for r in rows}
+    missing = [f"LEARNING_RATES[{', '.join(map(repr, r.key))}]" for r in rows if r.key not in LEARNING_RATES]
+    missing += [f"ADALORA_SCHEDULES[{r.budget}]" for r in rows
+                if r.method == "adalora" and r.budget not in ADALORA_SCHEDULES]
     if missing:
         raise SystemExit(f"nothing recorded for {', '.join(missing)}: run python bench/quality.py --sweep and paste "
                          "the entries it prints into LEARNING_RATES and ADALORA_SCHEDULES (bench/quality.py)")
-    return {(m, b): LEARNING_RATES[m, b] for m, b, *_ in rows}
+    return {r.key: LEARNING_RATES[r.key] for r in rows}
 
 
 def best_learning_rate(score: Callable[[float], float], grid: tuple[float, ...],
@@ -614,7 +685,7 @@ def initial_grid(method: str) -> tuple[float, ...]:
     return 3e-3, 1e-2, 3e-2, 1e-1, 3e-1
 
 
-def sweep(rows: list, state: dict, corpora: Corpora) -> None:
+def sweep(rows: list[Row], state: dict, corpora: Corpora) -> None:
     """Each row's validation loss over a widening learning-rate grid (seed SWEEP_SEED, never a reported seed).
     The "adalora" row first gets its schedule: the best of ADALORA_GRID at the learning rate chosen for the paper's
     schedule ("adalora_paper"), then its own learning rate at that schedule. Prints the LEARNING_RATES and
@@ -632,18 +703,19 @@ def sweep(rows: list, state: dict, corpora: Corpora) -> None:
         return best_learning_rate(lambda lr: validation(method, adapters, lr), initial_grid(method))
 
     rates, schedules = [], []
-    for method, budget, adapters, *_ in rows:
-        if method == "adalora":
+    for row in rows:
+        method, adapters = row.method, row.adapters
+        if method == "adalora" and row.against is None:
             target_r = adapters[0]["target_r"]
             paper_lr, _ = tuned("adalora_paper", adalora_adapters("adalora_paper", target_r, ADALORA_PAPER))
             losses = [validation(method, adalora_adapters(method, target_r, s), paper_lr) for s in ADALORA_GRID]
             schedule = ADALORA_GRID[losses.index(min(losses))]
             adapters = adalora_adapters(method, target_r, schedule)
-            schedules.append(f"    {budget}: {schedule},  # at lr {paper_lr:g}: " + ", ".join(
+            schedules.append(f"    {row.budget}: {schedule},  # at lr {paper_lr:g}: " + ", ".join(
                 f"init_r {s['init_ratio']:g} x, tfinal {s['tfinal']}: {v:.3f}" for s, v in zip(ADALORA_GRID, losses)))
             print(schedules[-1], flush=True)
         best, scores = tuned(method, adapters)
-        rates.append(f"    ({method!r}, {budget}): {best:g},  # "
+        rates.append(f"    {row.key!r}: {best:g},  # "
                      + ", ".join(f"{lr:g}: {scores[lr]:.3f}" for lr in sorted(scores)))
         print(rates[-1], flush=True)
     print("\nLEARNING_RATES entries:", *rates, "ADALORA_SCHEDULES entries:", *schedules, sep="\n")
@@ -675,22 +747,26 @@ def seed_averaged(documents: list[list[float]]) -> list[float]:
 def claims(results: dict, budgets: tuple[float, ...], tokens: list[int]) -> list[str]:
     """Each claim judged by bench/stats.py's rule, Holm-adjusted over the claims whose budgets match.
 
-    ``results[method, budget]`` holds ``kept`` (parameters), ``seeds`` (test loss per seed, in SEEDS order: runs
+    ``results[key]`` (``Row.key``) holds ``kept`` (parameters), ``seeds`` (test loss per seed, in SEEDS order: runs
     of one seed share data order, so they are paired by seed) and ``documents`` (each test document's summed loss,
-    per seed); ``tokens``: each test document's tokens (``document_tokens``)."""
+    per seed); ``tokens``: each test document's tokens (``document_tokens``). A claim compares the rows sized for it
+    where there are some (``compared_keys``)."""
     pairs = [(x, y, b) for x, y, b in compared_pairs(budgets) if (x, b) in results and (y, b) in results]
     tests = {}
     for x, y, b in pairs:
-        rx, ry = results[x, b], results[y, b]
+        rx, ry = (results[k] for k in compared_keys(x, y, b, results))
         if mismatch(rx["kept"], ry["kept"]) <= BUDGET_TOLERANCE and len(rx["seeds"]) > 1:
             tests[x, y, b] = (stats.paired_t(rx["seeds"], ry["seeds"]), stats.document_bootstrap(
                 seed_averaged(rx["documents"]), seed_averaged(ry["documents"]), tokens))
     adjusted = dict(zip(tests, stats.holm([t.p for t, _ in tests.values()])))
     lines = []
     for x, y, b in pairs:
-        rx, ry = results[x, b], results[y, b]
-        head = (f"{NAMES[x]} vs {NAMES[y]} at {b:.1%}: {statistics.fmean(rx['seeds']):.3f} vs "
-                f"{statistics.fmean(ry['seeds']):.3f}")
+        kx, ky = compared_keys(x, y, b, results)
+        rx, ry = results[kx], results[ky]
+        sized = [f"{NAMES[k[0]]} at {results[k]['kept']:,}" for k in (kx, ky) if len(k) == 3]
+        head = (f"{NAMES[x]} vs {NAMES[y]} at {b:.1%}" + (f" ({' and '.join(sized)}, sized for this claim)" if sized
+                                                          else "")
+                + f": {statistics.fmean(rx['seeds']):.3f} vs {statistics.fmean(ry['seeds']):.3f}")
         if (x, y, b) not in tests:
             why = (f"budgets not matched within {BUDGET_TOLERANCE:.0%} ({rx['kept']:,} vs {ry['kept']:,})"
                    if mismatch(rx["kept"], ry["kept"]) > BUDGET_TOLERANCE else "one seed, nothing to pair")
@@ -804,6 +880,8 @@ def main() -> None:
                         help="learning rates (and AdaLoRA's schedule) on B's validation split, to paste")
     parser.add_argument("--only", nargs="+", choices=METHODS, metavar="METHOD",
                         help="with --sweep: only these methods' rows, sized as in the full table (a sweep in parts)")
+    parser.add_argument("--missing", action="store_true",
+                        help="with --sweep: only the rows LEARNING_RATES has no entry for")
     parser.add_argument("--bases", action="store_true",
                         help="LoRA on fp32, bf16, int8 and NF4 bases instead of the methods table")
     parser.add_argument("--make-base", action="store_true",
@@ -828,10 +906,11 @@ def main() -> None:
     state, base_loss, path = pretrained_base(corpora)
     rows = plan(methods, budgets)
     if args.sweep:
-        sweep([r for r in rows if not args.only or r[0] in args.only], state, corpora)
+        sweep([r for r in rows if (not args.only or r.method in args.only)
+               and not (args.missing and r.key in LEARNING_RATES)], state, corpora)
         return
     if args.bases:
-        lora = [r for r in rows if r[0] == "lora"]
+        lora = [r for r in rows if r.method == "lora" and r.against is None]
         lines = bases_study(lora, learning_rates(lora, args.quick), state, corpora, seeds, steps)
         minutes = (time.perf_counter() - began) / 60
         print(f"\ntotal {minutes:.0f} min")
@@ -857,15 +936,16 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     results = {}
-    for method, budget, adapters, kept, trained in rows:
-        lr = rates[method, budget]
-        runs = [adapt(method, adapters, state, corpora, lr, seed, steps) for seed in seeds]
+    for row in rows:
+        lr = rates[row.key]
+        runs = [adapt(row.method, row.adapters, state, corpora, lr, seed, steps) for seed in seeds]
         losses = [r["test"] for r in runs]
         spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
-        results[method, budget] = {"kept": kept, "seeds": losses, "documents": [r["documents"] for r in runs]}
+        results[row.key] = {"kept": row.kept, "seeds": losses, "documents": [r["documents"] for r in runs]}
         step_ms = 1e3 * statistics.mean(r["step_s"] for r in runs)
-        line = (f"| {NAMES[method]} | {'-' if budget is None else f'{budget:.1%}'} | {describe(adapters) if adapters else 'all'} "
-                f"| {kept:,} | {100 * kept / SHAPE.total_params():.3f}% | {trained:,} | {lr:g} | "
+        budget = "-" if row.budget is None else f"{row.budget:.1%}"
+        line = (f"| {row_name(row.key)} | {budget} | {describe(row.adapters) if row.adapters else 'all'} "
+                f"| {row.kept:,} | {100 * row.kept / SHAPE.total_params():.3f}% | {row.trained:,} | {lr:g} | "
                 f"{statistics.mean(losses):.3f} ± {spread:.3f} | {step_ms:.0f} |")
         lines.append(line)
         print(line, flush=True)

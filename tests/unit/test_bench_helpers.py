@@ -86,7 +86,8 @@ UNMATCHABLE = {("krona_block", "krona", 0.001), ("mam", "prefix", 0.001), ("pref
                ("krona_ffn", "krona", 0.01), ("krona_all", "krona", 0.01), ("krona_block", "krona_ffn", 0.01)}
 # Pairs each matchable alone, not together with the rest: LoRA on q,v is 4,096 r, so it meets KronA (r = 8 or 16),
 # LoRA on the FFN (12,288 r: r a multiple of 3) and on all linears (20,480 r: a multiple of 5) at no common r.
-# At r = 15 it meets both placement controls, whose 61,440 neither KronA on the FFN nor on all linears can meet.
+# At r = 15 it meets both placement controls, whose 61,440 neither KronA on the FFN nor on all linears can meet:
+# these claims get rows sized for them (LoRA r=16 on q,v; LoRA r=4 on the FFN; both at 20,480 on all linears).
 CONFLICTING = {("krona", "lora", 0.01), ("krona_ffn", "lora_ffn", 0.01), ("krona_all", "lora_all", 0.01)}
 PLACEMENT_CONTROLS = ("lora_ffn", "lora_all", "krona_ffn", "krona_all")
 
@@ -121,31 +122,41 @@ def fewest_unmatched(budget: float) -> int:
 
 def test_planned_pairs_are_matched_within_two_percent():
     rows = quality.plan(quality.METHODS, quality.BUDGETS, by_formula)
-    kept = {(method, budget): k for method, budget, _, k, _ in rows}
+    kept = {row.key: row.kept for row in rows}
     assert not any((m, 0.001) in kept for m in PLACEMENT_CONTROLS)  # their smallest configuration is over 2x
     assert all((m, 0.01) in kept for m in PLACEMENT_CONTROLS)
     planned = [(x, y, b) for x, y, b in quality.compared_pairs(quality.BUDGETS) if (x, b) in kept and (y, b) in kept]
-    for x, y, b in planned:
-        target = b * quality.SHAPE.total_params()
-        assert 0.5 <= kept[x, b] / target <= 2.0 and 0.5 <= kept[y, b] / target <= 2.0
-    unmatched = {p for p in planned if quality.mismatch(kept[p[0], p[2]], kept[p[1], p[2]]) > quality.BUDGET_TOLERANCE}
+    for key in kept:
+        if key[1] is not None:
+            target = key[1] * quality.SHAPE.total_params()
+            assert 0.5 <= kept[key] / target <= 2.0, key
+    unmatched = {(x, y, b) for x, y, b in planned if quality.mismatch(kept[x, b], kept[y, b]) > quality.BUDGET_TOLERANCE}
     assert unmatched == UNMATCHABLE | CONFLICTING
+    for b in quality.BUDGETS:  # the methods' own rows leave as few unmatched as any choice of configurations
+        assert sum(p[2] == b for p in unmatched) == fewest_unmatched(b)
     for x, y, b in UNMATCHABLE:  # no two configurations in the window match
         target = b * quality.SHAPE.total_params()
         near = {m: [k for _, k, _ in quality.counted(m, by_formula) if 0.5 <= k / target <= 2.0] for m in (x, y)}
         assert min(quality.mismatch(i, j) for i in near[x] for j in near[y]) > quality.BUDGET_TOLERANCE
-    for b in quality.BUDGETS:  # the planner is not lazy: no choice of configurations leaves fewer unmatched
-        assert sum(p[2] == b for p in unmatched) == fewest_unmatched(b)
+    # Rows sized for a claim exist only for the conflicting pairs, and they match them.
+    sized = {(key[0], key[2], key[1]) for key in kept if len(key) == 3}
+    assert {(x, y, b) for x, y, b in CONFLICTING} == {p for p in planned if p in sized or (p[1], p[0], p[2]) in sized}
+    for x, y, b in planned:
+        kx, ky = quality.compared_keys(x, y, b, kept)
+        assert ((x, y, b) in UNMATCHABLE) == (quality.mismatch(kept[kx], kept[ky]) > quality.BUDGET_TOLERANCE)
+    # One side re-sized where that suffices (LoRA on q,v to KronA's 65,600; on the FFN to KronA's 49,728).
+    assert (kept["lora", 0.01, "krona"], kept["lora_ffn", 0.01, "krona_ffn"]) == (65_536, 49_152)
+    assert ("krona", 0.01, "lora") not in kept and kept["krona_all", 0.01, "lora_all"] == kept["lora_all", 0.01, "krona_all"]
 
 
 def test_adalora_rows_take_the_recorded_schedule(monkeypatch):
     monkeypatch.delitem(quality.ADALORA_SCHEDULES, 0.01, raising=False)
-    paper = {m: o for m, b, *o in quality.plan(("adalora", "adalora_paper"), (0.01,), by_formula)}
-    assert paper["adalora"] == paper["adalora_paper"]  # before --sweep records a schedule: the paper's
+    paper = {r.method: r for r in quality.plan(("adalora", "adalora_paper"), (0.01,), by_formula)}
+    assert paper["adalora"][2:] == paper["adalora_paper"][2:]  # before --sweep records a schedule: the paper's
     monkeypatch.setitem(quality.ADALORA_SCHEDULES, 0.01, {"init_ratio": 4.0, "tfinal": 12})
-    rows = {m: o for m, b, *o in quality.plan(("adalora", "adalora_paper"), (0.01,), by_formula)}
-    (tuned,), kept, _ = rows["adalora"]
-    (fixed,), paper_kept, _ = rows["adalora_paper"]
+    rows = {r.method: r for r in quality.plan(("adalora", "adalora_paper"), (0.01,), by_formula)}
+    (tuned,), kept = rows["adalora"].adapters, rows["adalora"].kept
+    (fixed,), paper_kept = rows["adalora_paper"].adapters, rows["adalora_paper"].kept
     assert (tuned["init_r"], tuned["tfinal"]) == (4 * tuned["target_r"], 12) and kept == paper_kept
     assert (fixed["init_r"], fixed["tfinal"]) == (math.ceil(1.5 * fixed["target_r"]), quality.ADAPT_STEPS // 3)
 
@@ -206,6 +217,18 @@ def test_claims_skip_unmatched_budgets_and_correct_for_the_family():
     assert matched.endswith("holds")
 
 
+def test_claims_compare_the_rows_sized_for_them():
+    """KronA vs LoRA compares LoRA's row sized for KronA (better than KronA); AdaLoRA vs LoRA, LoRA's own (worse)."""
+    results = {("krona", 0.01): result(65_600, LORA), ("lora", 0.01): result(61_440, [v + 0.1 for v in LORA]),
+               ("lora", 0.01, "krona"): result(65_536, [v - 0.05 for v in LORA]),
+               ("adalora", 0.01): result(61_560, LORA)}
+    lines = {line.split(" vs ")[0]: line for line in quality.claims(results, (0.01,), TOKENS)}
+    assert lines["KronA on q,v"].startswith(
+        "KronA on q,v vs LoRA on q,v at 1.0% (LoRA on q,v at 65,536, sized for this claim): 4.008 vs 3.958;")
+    assert lines["KronA on q,v"].endswith("reversed")
+    assert "sized" not in lines["AdaLoRA on q,v (schedule tuned)"] and lines["AdaLoRA on q,v (schedule tuned)"].endswith("holds")
+
+
 def test_sweep_widens_the_grid_until_the_optimum_is_inside():
     def loss(lr: float) -> float:  # lowest at lr = 1 (log10 0), beyond the grid's top
         return math.log10(lr) ** 2
@@ -230,7 +253,7 @@ def test_sweep_chooses_adalora_schedule_at_the_paper_rate(monkeypatch, capsys):
         return {"val": math.log10(lr / 0.03) ** 2 + (0.0 if best else 0.1)}
 
     monkeypatch.setattr(quality, "adapt", adapt)
-    rows = [(m, 0.01, quality.adalora_adapters(m, 9, quality.ADALORA_PAPER), 0, 0)
+    rows = [quality.Row(m, 0.01, quality.adalora_adapters(m, 9, quality.ADALORA_PAPER), 0, 0)
             for m in ("adalora", "adalora_paper")]
     quality.sweep(rows, {}, None)
     rates, schedules = capsys.readouterr().out.split("LEARNING_RATES entries:")[1].split("ADALORA_SCHEDULES entries:")
@@ -241,7 +264,8 @@ def test_sweep_chooses_adalora_schedule_at_the_paper_rate(monkeypatch, capsys):
 
 
 def test_missing_records_stop_the_run_and_name_each(monkeypatch):
-    rows = [("lora", 0.001, [], 4096, 4096), ("lora_ffn", 0.01, [], 36864, 36864), ("adalora", 0.01, [], 1, 1)]
+    rows = [quality.Row("lora", 0.001, [], 4096, 4096), quality.Row("lora_ffn", 0.01, [], 36864, 36864),
+            quality.Row("adalora", 0.01, [], 1, 1)]
     monkeypatch.setitem(quality.LEARNING_RATES, ("lora", 0.001), 0.05)
     monkeypatch.setitem(quality.LEARNING_RATES, ("adalora", 0.01), 0.1)  # a rate, but no schedule
     monkeypatch.delitem(quality.LEARNING_RATES, ("lora_ffn", 0.01), raising=False)
@@ -251,7 +275,7 @@ def test_missing_records_stop_the_run_and_name_each(monkeypatch):
         quality.learning_rates(rows, quick=False)
     assert quality.learning_rates(rows[:1], quick=False) == {("lora", 0.001): 0.05}
     # --quick needs nothing recorded: the middle of each method's starting grid
-    assert quality.learning_rates(rows + [("prefix_gated", 0.001, [], 0, 0)], quick=True) == {
+    assert quality.learning_rates(rows + [quality.Row("prefix_gated", 0.001, [], 0, 0)], quick=True) == {
         ("lora", 0.001): 0.03, ("lora_ffn", 0.01): 0.03, ("adalora", 0.01): 0.03, ("prefix_gated", 0.001): 0.3}
 
 
