@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import datasets
+import pyarrow as pa
 
 from peft_dist.config.schema import DataConfig, DataSource
 from peft_dist.data.cache import Blocks, Split, build_blocks
@@ -63,13 +63,13 @@ def naming_source(sources: list[DataSource], index: int) -> Iterator[None]:
         raise DataError(f"data.sources.{index} ({sources[index].name}): {err}") from None
 
 
-def build_mixture(cfg: DataConfig, tokenizer, max_positions: int | None = None) -> Mixture:
-    """Every source of ``cfg`` prepared if no process has yet, memory-mapped."""
+def build_mixture(cfg: DataConfig, tokenizer, max_positions: int | None = None, progress: bool = True) -> Mixture:
+    """Every source of ``cfg`` prepared if no process has yet (``cache.build_blocks``), memory-mapped."""
     sources = cfg.mixture()
     parts = []
     for index, source in enumerate(sources):
         with naming_source(sources, index):
-            parts.append(build_blocks(source.data, tokenizer, max_positions))
+            parts.append(build_blocks(source.data, tokenizer, max_positions, progress))
     if len(parts) == 1:
         return Mixture(sources, parts, parts[0].train)
-    return Mixture(sources, parts, Split(datasets.concatenate_datasets([part.train.rows for part in parts])))
+    return Mixture(sources, parts, Split(pa.concat_tables([part.train.table for part in parts])))

@@ -1,7 +1,9 @@
 """Where documents come from: local files (text, jsonl, parquet), a directory written by
-``Dataset.save_to_disk``, a Hugging Face dataset id already in the local datasets cache, or a builtin corpus,
-read into a ``datasets.Dataset`` with a ``text`` column, ``prompt``/``response`` columns or a ``messages`` column
-(``formats``), and their checks."""
+``Dataset.save_to_disk``, a Hugging Face dataset id already in the local datasets cache, or a builtin corpus; their
+layout (``formats``) and the checks that run before anything is read (``prepare`` reads them).
+
+Every rank locates its sources (the cache key needs them), so this module does not import ``datasets`` (with
+pandas, about 80 MiB resident per process): only a saved or hub source's lookup does, where it happens."""
 from __future__ import annotations
 
 import ast
@@ -11,16 +13,17 @@ import json
 import re
 import sysconfig
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import pyarrow.parquet
 
 from peft_dist.config.schema import DataConfig
-from peft_dist.data.formats import (CONVERSATIONS, LAYOUTS, check_record, detect_layout, required_fields,
-                                    standard_columns)
+from peft_dist.data.formats import CONVERSATIONS, LAYOUTS, check_record, detect_layout, required_fields
+
+if TYPE_CHECKING:
+    import datasets
 
 BUILTIN_STDLIB = "builtin:python-stdlib"
 BUILTIN_DOCSTRINGS = "builtin:python-docstrings"
@@ -125,8 +128,8 @@ def resolve_files(path: str, fmt: str) -> tuple[list[str], str]:
 
 
 def pick_split(path: str, loaded: datasets.Dataset | datasets.DatasetDict, split: str) -> datasets.Dataset:
-    """``loaded`` itself, or of a ``DatasetDict`` the split ``data.split``."""
-    if isinstance(loaded, datasets.DatasetDict):
+    """``loaded`` itself, or of a ``DatasetDict`` (a dict of splits) the split ``data.split``."""
+    if isinstance(loaded, dict):
         if split not in loaded:
             raise DataError(f"{path}: no split {split!r}; set data.split to one of {sorted(loaded)}")
         return loaded[split]
@@ -135,6 +138,8 @@ def pick_split(path: str, loaded: datasets.Dataset | datasets.DatasetDict, split
 
 def load_saved(path: str, split: str) -> datasets.Dataset:
     """A ``save_to_disk`` dataset, memory-mapped; of a ``DatasetDict``, the split ``data.split``."""
+    import datasets  # here, not at the top: only for a saved source (see the module's docstring)
+
     return pick_split(path, datasets.load_from_disk(path), split)
 
 
@@ -145,23 +150,16 @@ def is_hub_id(path: str) -> bool:
             and Path(path).suffix not in EXTENSIONS)
 
 
-@contextmanager
-def hub_offline() -> Iterator[None]:
-    """``datasets`` offline for the duration: ``load_dataset(id)`` then only looks in the local datasets cache.
-    (It reads HF_HUB_OFFLINE / HF_DATASETS_OFFLINE into ``datasets.config`` once, at import.)"""
+def load_hub(dataset_id: str, split: str) -> datasets.Dataset:
+    """The split ``data.split`` of a hub dataset from the local datasets cache, memory-mapped; never downloads:
+    ``datasets`` is offline for the call, so ``load_dataset(id)`` only looks in the local cache (it reads
+    HF_HUB_OFFLINE / HF_DATASETS_OFFLINE into ``datasets.config`` once, at import)."""
+    import datasets  # here, not at the top: only for a hub source (see the module's docstring)
+
     before = datasets.config.HF_HUB_OFFLINE
     datasets.config.HF_HUB_OFFLINE = True
     try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE = before
-
-
-def load_hub(dataset_id: str, split: str) -> datasets.Dataset:
-    """The split ``data.split`` of a hub dataset from the local datasets cache, memory-mapped; never downloads."""
-    try:
-        with hub_offline():
-            loaded = datasets.load_dataset(dataset_id)
+        loaded = datasets.load_dataset(dataset_id)
     except (ConnectionError, FileNotFoundError, ValueError) as err:
         raise DataError(
             f"data.path: {dataset_id!r} is no local file or directory, and no Hugging Face dataset of that id is "
@@ -169,6 +167,8 @@ def load_hub(dataset_id: str, split: str) -> datasets.Dataset:
             f"{str(err).splitlines()[0]}). Nothing is downloaded at run time: run datasets.load_dataset("
             f"{dataset_id!r}) once on a machine with network (with this HF_HOME / HF_DATASETS_CACHE), or save the "
             "dataset with Dataset.save_to_disk and set data.path to that directory") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
     return pick_split(dataset_id, loaded, split)
 
 
@@ -236,61 +236,6 @@ def check_jsonl(path: str, cfg: DataConfig, layout: str) -> None:
         problem = check_record(cfg, layout, record)
         if problem:
             raise DataError(f"{where}: {problem}")
-
-
-def check_rows(cfg: DataConfig, source: Source, dataset: datasets.Dataset) -> None:
-    """``check_record`` on every parquet, saved or hub row, naming the row (jsonl rows: ``check_jsonl``)."""
-    index = 0
-    for rows in dataset.iter(batch_size=1000):
-        for values in zip(*rows.values()):
-            problem = check_record(cfg, source.layout, dict(zip(rows, values)))
-            if problem:
-                raise DataError(f"{source.path}: row {index}: {problem}")
-            index += 1
-
-
-def load_rows(cfg: DataConfig, source: Source, cache_dir: str) -> datasets.Dataset:
-    """The raw rows of ``source``; ``datasets`` writes its Arrow copy of the files under ``cache_dir``."""
-    if source.kind == "saved":
-        return load_saved(source.path, cfg.split)
-    if source.kind == "hub":
-        return load_hub(source.path, cfg.split)
-    if source.kind == "jsonl":
-        for f in source.files:
-            check_jsonl(f, cfg, source.layout)
-        return datasets.load_dataset("json", data_files=source.files, split="train", cache_dir=cache_dir)
-    if source.kind == "parquet":
-        return datasets.load_dataset("parquet", data_files=source.files, split="train", cache_dir=cache_dir)
-    return datasets.load_dataset("text", data_files=source.files, split="train", sample_by="paragraph",
-                                 cache_dir=cache_dir)
-
-
-def read_documents(cfg: DataConfig, path: str, cache_dir: str) -> datasets.Dataset:
-    """Documents as a dataset with a ``text`` column, ``prompt`` and ``response`` columns or a ``messages``
-    column, empty ones dropped. Whatever ``datasets`` writes goes under ``cache_dir``, never next to a saved
-    dataset."""
-    if path in BUILTIN_CORPORA:
-        dataset = datasets.Dataset.from_dict({"text": BUILTIN_CORPORA[path](cfg.max_documents)})
-    else:
-        source = locate(cfg, path)
-        dataset = load_rows(cfg, source, cache_dir)
-        if cfg.max_documents:
-            dataset = dataset.select(range(min(cfg.max_documents, len(dataset))))
-        if source.kind != "text":  # text files are read into a "text" column already
-            missing = [k for k in required_fields(cfg, source.layout) if k not in dataset.column_names]
-            if missing:
-                raise DataError(f"{source.path}: no column {missing[0]!r}; columns are {dataset.column_names}")
-            if source.kind in ("parquet", "saved", "hub") and source.layout in LAYOUTS:  # text, pairs: nothing to check
-                check_rows(cfg, source, dataset)
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            dataset = dataset.map(standard_columns, batched=True, remove_columns=dataset.column_names,
-                                  fn_kwargs={"cfg": cfg, "layout": source.layout}, desc="reading",
-                                  cache_file_name=str(Path(cache_dir) / "documents.arrow"))
-    dataset = dataset.filter(lambda rows: [any(str(v).strip() for v in row) for row in zip(*rows.values())],
-                             batched=True)
-    if len(dataset) == 0:
-        raise DataError(f"data.path: {path!r} holds no non-empty documents")
-    return dataset
 
 
 def chat_template(cfg: DataConfig, tokenizer) -> str:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 import yaml
 from tqdm import tqdm
@@ -278,10 +277,10 @@ def setup(cfg: RunConfig) -> Run:
     if dist.is_main:
         start_run_dir(run_dir, cfg)
     # Tokenized once per source (by the first rank to get there; the others wait, then reuse it), memory-mapped.
-    if not dist.is_main:  # the rank that prepares the data may be another: only rank 0 shows progress bars
-        datasets.disable_progress_bars()
+    # The rank that prepares the data may be another than 0: only rank 0 shows progress bars.
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    data = build_mixture(cfg.data, tokenizer, max_positions(load_model_config(cfg.model.name_or_path)))
+    data = build_mixture(cfg.data, tokenizer, max_positions(load_model_config(cfg.model.name_or_path)),
+                         progress=dist.is_main)
     prepared_by_rank: list = [None] * dist.world_size
     torch.distributed.all_gather_object(prepared_by_rank, [part.prepared_here for part in data.parts])
     for line in data.lines(prepared_by_rank):
