@@ -21,6 +21,7 @@ INT8_BASE = QuantizationConfig()  # what callers that say nothing plan for: the 
 # in order of PCIe traffic. NVMe is not an option for a quantized base: DeepSpeed's parameter swapper
 # (``swap_tensor/partitioned_param_swapper.py``) allocates its buffers in the model's float dtype.
 OFFLOADS = ("none", "optimizer", "param", "param+optimizer")
+REDUCE_BUCKET = 50_000_000  # elements: ds_configs/' reduce_bucket_size, the most a plan writes
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,27 @@ def backward_gather_bytes(shape: ModelShape, held: RankBytes, itemsize: int,
     return max(0, held.gathered - tail - embeddings * shape.hidden * itemsize)
 
 
+def zero_stage(world: int, offload: str, base: QuantizationConfig | None) -> int:
+    """2 on one GPU without CPU offload, else 3. One rank partitions nothing, yet ZeRO-3 still runs its
+    per-layer gather bookkeeping: the same CLI run on an H200 trained 2.1x faster under ZeRO-2 at the
+    same memory (docs/SCALING.md, "On a GPU"). CPU offload and a 4-bit base stay on ZeRO-3, the stage
+    they are tested under (docs/COMPATIBILITY.md)."""
+    four_bit = base is not None and base.bits == 4
+    return 2 if world == 1 and offload == "none" and not four_bit else 3
+
+
+def gradient_bucket_elements(trainable_numel: int) -> int:
+    """The ``reduce_bucket_size`` a plan writes: ds_configs/' 5e7 elements, or the trainable elements if fewer
+    (what the trainer caps it at, ``zero3.with_gradient_bucket``)."""
+    return min(REDUCE_BUCKET, trainable_numel)
+
+
+def gradient_bucket_bytes(trainable_numel: int, itemsize: int, stage: int) -> int:
+    """DeepSpeed's gradient buckets, allocated whole on the device in the training dtype: one under ZeRO-3,
+    two under ZeRO-2 with ``overlap_comm``."""
+    return gradient_bucket_elements(trainable_numel) * itemsize * (2 if stage == 2 else 1)
+
+
 def step_flops(shape: ModelShape, adapter_params: int, tokens: int, seq: int, checkpointing: bool) -> float:
     """FLOPs of one optimizer step over ``tokens`` tokens (one GPU's share).
 
@@ -248,6 +270,8 @@ def evaluate(shape: ModelShape, held: RankBytes, hw: Hardware, work: Workload, m
         "activations": activation_bytes(shape, micro, work.seq_len, work.itemsize, checkpointing),
         "logits": logits_bytes(shape, micro, work.seq_len, work.itemsize),
         "all-gather working set": gather_working_set(shape, work.itemsize, hw.world, work.base, "param" in offload),
+        "gradient bucket": gradient_bucket_bytes(held.trainable_numel, work.itemsize,
+                                                 zero_stage(hw.world, offload, work.base)),
         "reserved": int(hw.reserve_gib * GIB),
     }
     tokens = per_gpu * work.seq_len

@@ -7,7 +7,7 @@ from typing import Any
 from peft_dist.config.schema import RunConfig
 from peft_dist.plan.dryrun import build_meta_model, meta_inventory
 from peft_dist.plan.estimate import (GIB, OFFLOADS, Choice, Hardware, LoadCost, Workload, activation_bytes, base_name,
-                                     choose, load_cost, steps_for)
+                                     choose, load_cost, steps_for, zero_stage)
 from peft_dist.plan.inventory import RankBytes, analytic_inventory, embedding_targeted, head_targeted, per_rank
 from peft_dist.plan.models import ModelShape
 
@@ -36,12 +36,7 @@ class Plan:
 
     @property
     def zero_stage(self) -> int:
-        """2 on one GPU without CPU offload, else 3. One rank partitions nothing, yet ZeRO-3 still runs its
-        per-layer gather bookkeeping: the same CLI run on an H200 trained 2.1x faster under ZeRO-2 at the
-        same memory (docs/SCALING.md, "On a GPU"). CPU offload and a 4-bit base stay on ZeRO-3, the stage
-        they are tested under (docs/COMPATIBILITY.md)."""
-        four_bit = self.work.base is not None and self.work.base.bits == 4
-        return 2 if self.hardware.world == 1 and self.choice.offload == "none" and not four_bit else 3
+        return zero_stage(self.hardware.world, self.choice.offload, self.work.base)
 
     @property
     def gpu_hours(self) -> float:

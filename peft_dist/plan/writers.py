@@ -17,7 +17,7 @@ from peft_dist.config.load import config_to_dict
 from peft_dist.config.schema import RunConfig
 from peft_dist.data import BUILTIN_CORPORA
 from peft_dist.distributed.zero3 import REPO_ROOT, resolve_ds_config_path
-from peft_dist.plan.estimate import largest_layer
+from peft_dist.plan.estimate import gradient_bucket_elements, largest_layer
 from peft_dist.plan.planner import Plan
 
 # A planned run's data: the job stops before its process group with "matches no data file" until set.
@@ -25,7 +25,8 @@ DATA_PLACEHOLDER = "/data/SET-data.path-TO-YOUR-CORPUS.jsonl"
 
 
 def ds_config(plan: Plan, base_path: str) -> dict:
-    """``base_path``'s DeepSpeed config at the plan's ZeRO stage, with ZeRO-3 buckets sized for this model.
+    """``base_path``'s DeepSpeed config at the plan's ZeRO stage, with ZeRO-3 buckets sized for this model and
+    the gradient bucket the plan counts (``gradient_bucket_elements``).
 
     Prefetch one decoder layer ahead and keep at most two whole (the working set the plan counts):
     DeepSpeed keeps a used parameter gathered if it is reused within ``stage3_max_reuse_distance``
@@ -42,7 +43,8 @@ def ds_config(plan: Plan, base_path: str) -> dict:
     zero = config.setdefault("zero_optimization", {})
     for key in [k for k in zero if k.startswith("offload_") or (plan.zero_stage == 2 and k.startswith("stage3_"))]:
         del zero[key]
-    zero.update({"stage": plan.zero_stage, "overlap_comm": True})
+    zero.update({"stage": plan.zero_stage, "overlap_comm": True,
+                 "reduce_bucket_size": gradient_bucket_elements(plan.held.trainable_numel)})
     if plan.zero_stage == 3:
         layer, _ = largest_layer(plan.shape, plan.work.base, plan.work.itemsize)
         zero.update({"stage3_prefetch_bucket_size": layer, "stage3_max_live_parameters": 2 * layer,

@@ -31,7 +31,7 @@ from peft_dist.data import GlobalBatchSampler, Mixture, MixtureSampler, build_mi
 from peft_dist.distributed.env import DistEnv, init_distributed, resolve_env, setup_logging, watch_launchers
 from peft_dist.distributed.hooks import TrainHook, make_hooks
 from peft_dist.distributed.memory import return_freed_buffers_to_the_os
-from peft_dist.distributed.zero3 import build_ds_config, scalars_as_vectors
+from peft_dist.distributed.zero3 import build_ds_config, full_numel, scalars_as_vectors, with_gradient_bucket
 from peft_dist.model import base_identity, load_model_config, load_tokenizer, max_positions
 from peft_dist.quant.loader import LoadReport, load_quantized_base
 from peft_dist.train import checkpoint as ckpt
@@ -364,11 +364,13 @@ def adapted_model(cfg: RunConfig, ds_config: dict) -> tuple[torch.nn.Module, Loa
 
 
 def build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict):
-    """Wrap the model in a DeepSpeed engine whose optimizer sees only the adapter parameters."""
+    """Wrap the model in a DeepSpeed engine whose optimizer sees only the adapter parameters, and whose gradient
+    bucket holds only their elements (``with_gradient_bucket``)."""
     import deepspeed
 
     scalars_as_vectors(model)
     params = trainable_parameters(model)
+    ds_config = with_gradient_bucket(ds_config, sum(full_numel(p) for p in params))
     optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     train = cfg.train
 

@@ -95,6 +95,7 @@ def run_variant(precision: str, ds_file: str, threshold: int | None, world: int,
         "fp32_partition_numel": sum(t.numel() for t in opt.fp32_partitioned_groups_flat),
         "fp32_partition_dtypes": sorted({str(t.dtype) for t in opt.fp32_partitioned_groups_flat}),
         "grad_partition_numel": opt.grad_partitions_flat_buffer.numel(),
+        "gradient_bucket_numel": [bucket.buffer.numel() for bucket in opt.ipg_buckets.values()],
         "adam_state_on_fp32_partitions_only": state_keys <= {id(t) for t in opt.fp32_partitioned_groups_flat},
         "adam_state_numel": sum(v.numel() for s in opt.optimizer.state.values() for v in s.values()
                                 if torch.is_tensor(v) and v.dim() > 0),

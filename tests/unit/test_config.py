@@ -7,7 +7,7 @@ from peft_dist.config import ConfigError, config_to_dict
 from peft_dist.train.config import load_config
 from peft_dist.config.load import default_config_dict
 from peft_dist.data import BUILTIN_DOCSTRINGS
-from peft_dist.distributed.zero3 import build_ds_config
+from peft_dist.distributed.zero3 import build_ds_config, with_gradient_bucket
 from peft_dist.model import BUILTIN_STDLIB_LLAMA, STDLIB_LLAMA, load_model_config, load_tokenizer, local_path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,6 +87,16 @@ def test_deepspeed_config_takes_batch_and_precision_from_train_and_merges_overri
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     with pytest.raises(ConfigError, match="deepspeed.config: no such file"):
         build_ds_config(load_config(None, ["deepspeed.config=ds_configs/nope.json"]), 1)
+
+
+def test_the_gradient_bucket_holds_at_most_the_trainable_elements():
+    """DeepSpeed allocates reduce_bucket_size elements whole on the device (ds_configs/: 5e7, its default 5e8)."""
+    ds = build_ds_config(load_config(None, []), world_size=2)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 5e7
+    assert with_gradient_bucket(ds, 44_032)["zero_optimization"]["reduce_bucket_size"] == 44_032
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 5e7  # the caller's config is not changed
+    assert with_gradient_bucket(ds, 10**9)["zero_optimization"]["reduce_bucket_size"] == 50_000_000
+    assert with_gradient_bucket({}, 10**9)["zero_optimization"]["reduce_bucket_size"] == 500_000_000
 
 
 def test_negative_peak_tflops_is_refused():
