@@ -7,7 +7,7 @@ decides the blocks: the files of ``data.path`` and ``data.eval_path`` (path, siz
 Arrow files in the datasets cache), their layout, the tokenizer and the chat template, every data setting but
 where the cache is and how many processes tokenize, and the code that reads and packs. Each rank then
 memory-maps the Arrow files through pyarrow: the blocks cost page cache, not private memory, however large the
-corpus, and a rank that did not prepare them never imports ``datasets``.
+corpus, and a rank that did not prepare them imports ``datasets`` only to locate a saved or hub source.
 """
 from __future__ import annotations
 
