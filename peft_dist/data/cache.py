@@ -37,16 +37,23 @@ CODE = ("formats.py", "packing.py", "sources.py", "prepare.py")  # this package'
 
 @dataclass
 class Split:
-    """The packed blocks of one split: Arrow columns of equal-length lists, memory-mapped."""
+    """The packed blocks of one split: Arrow record batches of equal-length lists, memory-mapped."""
 
-    table: pa.Table
+    batches: list[pa.RecordBatch]
+
+    def __post_init__(self) -> None:
+        self.starts = np.cumsum([0] + [b.num_rows for b in self.batches])  # first block of each record batch
 
     def __len__(self) -> int:
-        return self.table.num_rows
+        return int(self.starts[-1])
 
     def batch(self, indices: torch.Tensor | list[int]) -> dict[str, torch.Tensor]:
-        """``input_ids``, ``labels`` and ``position_ids`` of the blocks at ``indices``, ``(len, block)`` longs."""
-        rows = self.table.take(pa.array([int(i) for i in indices], pa.int64()))
+        """``input_ids``, ``labels`` and ``position_ids`` of the blocks at ``indices``, ``(len, block)`` longs.
+        Each block is sliced from its own record batch: ``Table.take`` would first join all of a column's
+        batches, reading the whole split into private memory."""
+        indices = [int(i) for i in indices]
+        where = np.searchsorted(self.starts, indices, side="right") - 1
+        rows = pa.Table.from_batches([self.batches[b].slice(i - self.starts[b], 1) for i, b in zip(indices, where)])
         return {name: torch.from_numpy(rows.column(name).combine_chunks().flatten().to_numpy().astype(np.int64))
                 .view(len(indices), -1) for name in COLUMNS}
 
@@ -54,8 +61,7 @@ class Split:
 def read_split(directory: Path) -> Split:
     """A split that ``Dataset.save_to_disk`` wrote: its Arrow stream files, in order, memory-mapped by pyarrow."""
     files = json.loads((directory / "state.json").read_text())["_data_files"]
-    return Split(pa.concat_tables(pa.ipc.open_stream(pa.memory_map(str(directory / f["filename"]))).read_all()
-                                  for f in files))
+    return Split([batch for f in files for batch in pa.ipc.open_stream(pa.memory_map(str(directory / f["filename"])))])
 
 
 @dataclass

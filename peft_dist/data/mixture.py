@@ -7,8 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import pyarrow as pa
-
 from peft_dist.config.schema import DataConfig, DataSource
 from peft_dist.data.cache import Blocks, Split, build_blocks
 from peft_dist.data.sampler import GlobalBatchSampler, MixtureSampler
@@ -72,4 +70,4 @@ def build_mixture(cfg: DataConfig, tokenizer, max_positions: int | None = None, 
             parts.append(build_blocks(source.data, tokenizer, max_positions, progress))
     if len(parts) == 1:
         return Mixture(sources, parts, parts[0].train)
-    return Mixture(sources, parts, Split(pa.concat_tables([part.train.table for part in parts])))
+    return Mixture(sources, parts, Split([batch for part in parts for batch in part.train.batches]))
