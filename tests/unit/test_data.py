@@ -162,12 +162,14 @@ def _prepare_in_a_process(cache: str, path: str, queue) -> None:
     import sys
 
     blocks = build_blocks(DataConfig(path=path, block_size=16, cache_dir=cache), load_tokenizer("builtin:tiny-llama"))
-    queue.put((blocks.prepared_here, "datasets" in sys.modules, ids(blocks.train).tolist(), str(blocks.directory)))
+    imported = ("datasets" in sys.modules, "pandas" in sys.modules)
+    queue.put((blocks.prepared_here, imported, ids(blocks.train).tolist(), str(blocks.directory)))
 
 
 def test_a_corpus_is_prepared_once_and_every_process_reads_the_same_blocks(tmp_path, tokenizer):
     """Three processes start at once on one cache: one tokenizes, the others wait and memory-map its blocks
-    without importing ``datasets`` (about 30 MiB resident that a rank which only reads does not need)."""
+    without importing ``datasets`` or pandas (about 30 and 24 MiB resident that a rank which only reads does not
+    need)."""
     import multiprocessing
 
     path = write_jsonl(tmp_path / "docs.jsonl", [{"text": f"document {i} " * (i % 7 + 1)} for i in range(300)])
@@ -181,7 +183,7 @@ def test_a_corpus_is_prepared_once_and_every_process_reads_the_same_blocks(tmp_p
     for worker in workers:
         worker.join(timeout=30)
         assert worker.exitcode == 0
-    assert sorted(r[:2] for r in results) == [(False, False), (False, False), (True, True)]
+    assert sorted(r[:2] for r in results) == [(False, (False, False)), (False, (False, False)), (True, (True, True))]
     assert results[0][2:] == results[1][2:] == results[2][2:]
     assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [Path(results[0][3]).name]
 
