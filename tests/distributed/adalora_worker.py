@@ -13,7 +13,7 @@ import argparse
 import hashlib
 import json
 
-import datasets
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 
@@ -125,8 +125,8 @@ def main() -> None:
     records = []
     for step in range(1, args.steps + 1):
         rows = data[step - 1].tolist()
-        blocks = Split(datasets.Dataset.from_dict(
-            {"input_ids": rows, "labels": rows, "position_ids": [list(range(SEQ))] * len(rows)}).with_format("torch"))
+        blocks = Split([pa.RecordBatch.from_pydict(
+            {"input_ids": rows, "labels": rows, "position_ids": [list(range(SEQ))] * len(rows)})])
         micro_batches = [torch.arange((i * world + env.rank) * args.micro, (i * world + env.rank + 1) * args.micro)
                          for i in range(args.gas)]
         loss = torch.tensor(train_step(engine, blocks, micro_batches, [hook], step, env.rank))
