@@ -540,14 +540,13 @@ def match_budgets(methods: tuple[str, ...], budget: float, pairs: list[tuple[str
     return chosen
 
 
-def resized(x: str, y: str, rows: dict[str, Option], options: dict[str, list[Option]],
-            target: float) -> dict[str, Option]:
+def resized(x: str, y: str, rows: dict[str, Option], target: float, count: Counter) -> dict[str, Option]:
     """New configurations for a compared pair whose rows (``rows``) are more than BUDGET_TOLERANCE apart: one side
     re-sized to the other's row where a configuration within the window matches it, else both sides re-sized to
     the closest match in the window (then near ``target``). Only the re-sized sides are returned; {} when no two
     configurations match (the claim then says "not compared")."""
     def near(m: str) -> list[Option]:
-        return [o for o in options[m] if 1 / BUDGET_WINDOW <= o[1] / target <= BUDGET_WINDOW] + [rows[m]]
+        return [o for o in counted(m, count) if 1 / BUDGET_WINDOW <= o[1] / target <= BUDGET_WINDOW] + [rows[m]]
 
     def changed(m: str, o: Option) -> bool:
         return o[0] != rows[m][0]
@@ -611,10 +610,9 @@ def plan(methods: tuple[str, ...], budgets: tuple[float, ...], count: Counter = 
     matched = {b: match_budgets(at[b], b, links[b], count) for b in budgets}
     for_claims = {}  # (method, budget) -> [(against, option)]
     for b in budgets:
-        options = {m: counted(m, count) for m in at[b]}
         for x, y in links[b]:
             if mismatch(matched[b][x][1], matched[b][y][1]) > BUDGET_TOLERANCE:
-                found = resized(x, y, matched[b], options, b * SHAPE.total_params())
+                found = resized(x, y, matched[b], b * SHAPE.total_params(), count)
                 for m, option in found.items():
                     for_claims.setdefault((m, b), []).append((y if m == x else x, option))
 

@@ -194,7 +194,7 @@ def backward_gather_bytes(shape: ModelShape, held: RankBytes, itemsize: int,
     return max(0, held.gathered - tail - embeddings * shape.hidden * itemsize)
 
 
-def zero_stage(world: int, offload: str, base: QuantizationConfig | None) -> int:
+def planned_zero_stage(world: int, offload: str, base: QuantizationConfig | None) -> int:
     """2 on one GPU without CPU offload, else 3. One rank partitions nothing, yet ZeRO-3 still runs its
     per-layer gather bookkeeping: the same CLI run on an H200 trained 2.1x faster under ZeRO-2 at the
     same memory (docs/SCALING.md, "On a GPU"). CPU offload and a 4-bit base stay on ZeRO-3, the stage
@@ -271,7 +271,7 @@ def evaluate(shape: ModelShape, held: RankBytes, hw: Hardware, work: Workload, m
         "logits": logits_bytes(shape, micro, work.seq_len, work.itemsize),
         "all-gather working set": gather_working_set(shape, work.itemsize, hw.world, work.base, "param" in offload),
         "gradient bucket": gradient_bucket_bytes(held.trainable_numel, work.itemsize,
-                                                 zero_stage(hw.world, offload, work.base)),
+                                                 planned_zero_stage(hw.world, offload, work.base)),
         "reserved": int(hw.reserve_gib * GIB),
     }
     tokens = per_gpu * work.seq_len

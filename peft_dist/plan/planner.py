@@ -7,7 +7,7 @@ from typing import Any
 from peft_dist.config.schema import RunConfig
 from peft_dist.plan.dryrun import build_meta_model, meta_inventory
 from peft_dist.plan.estimate import (GIB, OFFLOADS, Choice, Hardware, LoadCost, Workload, activation_bytes, base_name,
-                                     choose, load_cost, steps_for, zero_stage)
+                                     choose, load_cost, planned_zero_stage, steps_for)
 from peft_dist.plan.inventory import RankBytes, analytic_inventory, embedding_targeted, head_targeted, per_rank
 from peft_dist.plan.models import ModelShape
 
@@ -36,7 +36,7 @@ class Plan:
 
     @property
     def zero_stage(self) -> int:
-        return zero_stage(self.hardware.world, self.choice.offload, self.work.base)
+        return planned_zero_stage(self.hardware.world, self.choice.offload, self.work.base)
 
     @property
     def gpu_hours(self) -> float:
