@@ -3,7 +3,8 @@ documents of its sources, split them by document, tokenize and pack them through
 blocks as Arrow with one atomic rename.
 
 ``datasets`` is imported inside the functions that read with it, not at the top (about 30 MiB resident per
-process): the ranks that reuse a prepared corpus of files never load it.
+process, and pandas with it where nothing else has imported pandas): the ranks that reuse a prepared corpus of
+files never load it.
 """
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 ``Dataset.save_to_disk``, a Hugging Face dataset id already in the local datasets cache, or a builtin corpus; their
 layout (``formats``) and the checks that run before anything is read (``prepare`` reads them).
 
-Every rank locates its sources (the cache key needs them), so this module does not import ``datasets`` (with
-pandas, about 80 MiB resident per process): only a saved or hub source's lookup does, where it happens."""
+Every rank locates its sources (the cache key needs them), so this module does not import ``datasets`` (about
+30 MiB resident per process, and pandas with it where nothing else has imported pandas): only a saved or hub
+source's lookup does, where it happens."""
 from __future__ import annotations
 
 import ast
