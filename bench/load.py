@@ -1,17 +1,20 @@
 """Loading the int8 base under ZeRO-3 at N = 1, 2, 4 ranks: bytes each rank reads, load wall time, memory.
 
     python bench/load.py            # a 12-layer hidden-1024 Llama (~700 MB in fp32), N = 1, 2, 4 CPU ranks
+    python bench/load.py --bits 4   # the same as an NF4 base
 
 Each rank calls the trainer's loader (``load_quantized_base``) on the same safetensors checkpoint and
-reports what its ``LoadReport`` measured: checkpoint bytes read, the loop's wall time, private memory
-growth and the parameter bytes it holds. Targets: bytes read over all ranks <= 1.1x the checkpoint,
-per-rank private growth about the rank's int8 shard plus one layer.
+reports what its ``LoadReport`` measured: checkpoint bytes read, the loop's wall time and of it the
+quantizing (with the rate: the planner's ``QUANTIZE_GWS``), private memory growth and the parameter bytes it
+holds. Targets: bytes read over all ranks <= 1.1x the checkpoint, per-rank private growth about the rank's
+quantized shard plus one layer.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +41,7 @@ def write_model(directory: Path) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def worker(checkpoint: str, out: str) -> None:
+def worker(checkpoint: str, out: str, bits: str) -> None:
     """One rank: DeepSpeed's one-time setup first (so the load line is the model's own cost), then load."""
     import deepspeed
 
@@ -48,14 +51,15 @@ def worker(checkpoint: str, out: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo")
     deepspeed.zero.Init(module=torch.nn.Linear(2, 2), config_dict_or_path=DS_CONFIG)
-    _, report = load_quantized_base(ModelConfig(name_or_path=checkpoint), QuantizationConfig(), DS_CONFIG)
+    _, report = load_quantized_base(ModelConfig(name_or_path=checkpoint), QuantizationConfig(bits=int(bits)), DS_CONFIG)
     Path(out, f"rank{report.rank}.json").write_text(json.dumps(dataclasses.asdict(report)))
     exit_process(0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=8, help="int8 (default) or NF4 base")
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(*args.worker)
@@ -63,18 +67,24 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         stored = write_model(Path(tmp) / "model")
-        print(f"checkpoint: {stored / MIB:,.0f} MiB of fp32 tensors; int8 base about {stored / 4 / MIB:,.0f} MiB\n")
-        print("| N | rank | read (MiB) | load (s) | private growth (MiB) | parameters held (MiB) |")
-        print("|---|---|---|---|---|---|")
+        print(f"checkpoint: {stored / MIB:,.0f} MiB of fp32 tensors, loaded as a {args.bits}-bit base; "
+              "one torch thread a rank (OMP_NUM_THREADS=1, as torchrun sets it)\n")
+        print("| N | rank | read (MiB) | load (s) | quantizing (s) | G weights/s | private growth (MiB) "
+              "| parameters held (MiB) |")
+        print("|---|---|---|---|---|---|---|---|")
         totals = {}
         for world in (1, 2, 4):
             out = Path(tmp) / f"n{world}"
             out.mkdir()
-            run_distributed([__file__, "--worker", str(Path(tmp) / "model"), str(out)], world, timeout=900,
+            run_distributed([__file__, "--worker", str(Path(tmp) / "model"), str(out), str(args.bits)], world,
+                            timeout=900,
                             env={"MALLOC_MMAP_THRESHOLD_": "65536"})
             reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
             for r in reports:
+                quantizing = math.fsum(q["seconds"] for q in r["quantization"])
+                weights = sum(math.prod(q["shape"]) for q in r["quantization"])
                 print(f"| {world} | {r['rank']} | {r['bytes_read'] / MIB:,.1f} | {r['seconds']:.1f} | "
+                      f"{quantizing:.1f} | {weights / quantizing / 1e9:.3f} | "
                       f"{(r['peak_private'] - r['private_before']) / MIB:,.1f} | {r['local_param_bytes'] / MIB:,.1f} |")
             totals[world] = sum(r["bytes_read"] for r in reports)
         print()

@@ -13,6 +13,7 @@ from torch import nn
 from peft_dist.config.schema import QuantizationConfig
 from peft_dist.plan.inventory import TensorInfo
 from peft_dist.plan.models import ModelShape, hf_config
+from peft_dist.quant.model import QUANTIZED_TYPES, dense_numel
 from peft_dist.train.preflight import meta_model
 
 
@@ -24,6 +25,8 @@ def build_meta_model(shape: ModelShape, adapters: list, quant_targets: Any | Non
 
 
 def meta_inventory(model: nn.Module) -> list[TensorInfo]:
-    """Every (deduplicated) parameter of ``model``: what ZeRO-3 would partition."""
-    return [TensorInfo(name, p.numel(), p.element_size(), p.requires_grad)
+    """Every (deduplicated) parameter of ``model``: what ZeRO-3 would partition; a quantized layer's ``weight``
+    counts the dense weights it encodes."""
+    encoded = {id(m.weight): dense_numel(m) for m in model.modules() if isinstance(m, QUANTIZED_TYPES)}
+    return [TensorInfo(name, p.numel(), p.element_size(), p.requires_grad, encoded.get(id(p), 0))
             for name, p in model.named_parameters()]

@@ -36,6 +36,7 @@ class TensorInfo:
     numel: int
     itemsize: int
     trainable: bool
+    quantized: int = 0  # the dense weights this tensor holds as quantized codes (what the loader quantizes)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class RankBytes:
     gathered: int  # bytes one forward pass all-gathers: the non-persistent tensors, whole
     gathered_numel: int  # their elements
     frozen_stored: int  # the base as stored, whole (what zero.Init broadcasts from rank 0 when it loads)
+    quantized_numel: int  # dense weights of the whole model that loading quantizes
 
     @property
     def params(self) -> int:
@@ -62,8 +64,9 @@ class RankBytes:
 def per_rank(inventory: list[TensorInfo], world: int, persistence_threshold: int) -> RankBytes:
     """Bytes one of ``world`` ZeRO-3 ranks holds for ``inventory`` (DeepSpeed's layout, see above)."""
     frozen = trainable = optimizer = trainable_numel = total = gathered = gathered_numel = 0
-    frozen_persistent = trainable_persistent = owned = frozen_stored = 0
+    frozen_persistent = trainable_persistent = owned = frozen_stored = quantized = 0
     for t in inventory:
+        quantized += t.quantized
         shard = math.ceil(t.numel / world)
         persistent = t.numel * t.itemsize if t.numel <= persistence_threshold else 0
         if t.numel > persistence_threshold:
@@ -81,7 +84,7 @@ def per_rank(inventory: list[TensorInfo], world: int, persistence_threshold: int
             frozen_persistent += persistent
             frozen_stored += t.numel * t.itemsize
     return RankBytes(frozen, trainable, optimizer, frozen_persistent, trainable_persistent, owned, trainable_numel,
-                     total, gathered, gathered_numel, frozen_stored)
+                     total, gathered, gathered_numel, frozen_stored, quantized)
 
 
 EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "wpe.weight")  # token and position tables (models.py)
@@ -118,10 +121,10 @@ def weight_tensors(name: str, d_out: int, d_in: int, quant: QuantizationConfig |
     if quant is None:
         return [TensorInfo(f"{name}.weight", numel, itemsize, False)]
     if quant.bits == 8:
-        return [TensorInfo(f"{name}.weight", numel, INT8, False),
+        return [TensorInfo(f"{name}.weight", numel, INT8, False, numel),
                 TensorInfo(f"{name}.weight_scale", d_out, itemsize, False)]
     blocks = math.ceil(numel / quant.blocksize)
-    out = [TensorInfo(f"{name}.weight", math.ceil(numel / 2), INT8, False),
+    out = [TensorInfo(f"{name}.weight", math.ceil(numel / 2), INT8, False, numel),
            TensorInfo(f"{name}.absmax", blocks, INT8 if quant.double_quant else FP32, False)]
     if quant.double_quant:
         out += [TensorInfo(f"{name}.nested_absmax", math.ceil(blocks / NESTED_BLOCKSIZE), FP32, False),

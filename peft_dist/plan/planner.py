@@ -6,8 +6,8 @@ from typing import Any
 
 from peft_dist.config.schema import RunConfig
 from peft_dist.plan.dryrun import build_meta_model, meta_inventory
-from peft_dist.plan.estimate import (GIB, OFFLOADS, Choice, Hardware, LoadCost, Workload, activation_bytes, base_name,
-                                     choose, load_cost, planned_zero_stage, steps_for)
+from peft_dist.plan.estimate import (GIB, OFFLOADS, QUANTIZE_GWS, Choice, Hardware, LoadCost, Workload,
+                                     activation_bytes, base_name, choose, load_cost, planned_zero_stage, steps_for)
 from peft_dist.plan.inventory import RankBytes, analytic_inventory, embedding_targeted, head_targeted, per_rank
 from peft_dist.plan.models import ModelShape
 
@@ -62,7 +62,7 @@ def make_plan(shape: ModelShape, cfg: RunConfig, hardware: Hardware, work: Workl
         held = held or meta
     work = replace(work, base=quant)
     choice, candidates = choose(shape, held, hardware, work)
-    load = load_cost(shape, held, hardware, adapter_itemsize=work.itemsize)
+    load = load_cost(shape, held, hardware, quant, adapter_itemsize=work.itemsize)
     plan = Plan(shape, hardware, work, held, choice, candidates, load, steps_for(work), persistence_threshold,
                 counted_by, argv, meta)
     if not plan.fits:
@@ -156,6 +156,9 @@ def load_lines(plan: Plan) -> list[str]:
     lines = ["", "job start (again at every requeue)",
              f"  checkpoint read       {load.checkpoint_bytes / 1e9:10.2f} GB once in all (bf16 safetensors), about "
              f"1/{hw.world} by each rank -> {load.read_s:8.2f} s at {hw.disk_gbs:g} GB/s a node"]
+    if w.base is not None:
+        lines.append(f"  quantize              {load.quantized_per_rank / 1e9:10.2f} G weights by each rank (its turns' "
+                     f"share, on the CPU) -> {load.quantize_s:8.2f} s at {QUANTIZE_GWS[w.base.bits]:g} G/s")
     if hw.world > 1:
         base = base_name(w.base, w.itemsize)
         lines += [f"  to rank 0             {load.to_rank_0_bytes / 1e9:10.2f} GB received by rank 0 (the {base} "
@@ -164,8 +167,7 @@ def load_lines(plan: Plan) -> list[str]:
                   f"{base} base, whole; it keeps 1/{hw.world}) -> {load.broadcast_s:8.2f} s"]
     return lines + [f"  resume (estimate)     {load.resume_bytes / 1e9:10.2f} GB read by each rank at a requeue (its "
                     "optimizer partition and the adapter)",
-                    f"  load time             {load.seconds:10.2f} s, plus each rank quantizing the tensors it reads "
-                    "(not modelled)"]
+                    f"  load time             {load.seconds:10.2f} s"]
 
 
 def format_plan(plan: Plan) -> str:

@@ -13,10 +13,11 @@ memory per rank is therefore about (quantized model / N) + one module, measured 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -55,13 +56,19 @@ class LoadReport:
     seconds: float  # wall time of the streaming loop (read, quantize, send to rank 0, partition)
     quantization: tuple[QuantReport, ...]  # one per linear quantized on this rank, in load order
 
+    @property
+    def quantize_seconds(self) -> float:
+        """Of ``seconds``, this rank's quantizing and error measurement."""
+        return math.fsum(q.seconds for q in self.quantization)
+
     def line(self) -> str:
         mib = 2 ** 20
         return (f"[rank {self.rank}/{self.world_size}] load_quantized_base zero3={self.zero3}: "
                 f"peak RSS {self.peak_rss / mib:.1f} MiB (+{(self.peak_rss - self.rss_before) / mib:.1f} MiB "
                 f"while loading; private +{(self.peak_private - self.private_before) / mib:.1f} MiB), "
                 f"parameters held {self.local_param_bytes / mib:.2f} MiB of {self.full_param_bytes / mib:.2f} MiB, "
-                f"checkpoint read {self.bytes_read / mib:.2f} MiB in {self.seconds:.1f} s")
+                f"checkpoint read {self.bytes_read / mib:.2f} MiB in {self.seconds:.1f} s "
+                f"({self.quantize_seconds:.1f} s quantizing)")
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -223,8 +230,10 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
             weight = reader.get(prefix + "weight")
             weight = weight.t() if name in transposed else weight
             bias = reader.get(prefix + "bias") if getattr(module, "bias", None) is not None else None
+        began = time.perf_counter()
         module.load_weight(weight)
-        errors.append(quantization_error(name, weight, module))
+        error = quantization_error(name, weight, module)
+        errors.append(replace(error, seconds=time.perf_counter() - began))
         if bias is not None:
             module.bias.copy_(bias)
         return created

@@ -26,6 +26,7 @@ class QuantReport:
     shape: tuple[int, int]
     rel_error: float
     max_abs_error: float
+    seconds: float = 0.0  # quantizing and measuring the layer, where the loader times it
 
 
 @torch.no_grad()
@@ -40,6 +41,11 @@ def quantization_error(name: str, dense: torch.Tensor, layer: QuantizedLinear) -
         error_sq += torch.linalg.vector_norm(error).item() ** 2
         max_abs = max(max_abs, error.amax().item(), -error.amin().item())
     return QuantReport(name, tuple(dense.shape), math.sqrt(error_sq) / max(math.sqrt(dense_sq), 1e-12), max_abs)
+
+
+def dense_numel(layer: QuantizedLinear | Int8Embedding) -> int:
+    """The dense weights a quantized layer encodes (a 4-bit layer packs two in a byte)."""
+    return math.prod(layer.form.shape) if isinstance(layer, FourBitLinear) else layer.weight.numel()
 
 
 def _is_float_linear(module: nn.Module) -> bool:

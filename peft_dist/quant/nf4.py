@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from peft_dist.quant.int8 import SCRATCH_ELEMENTS
 from peft_dist.targets import float_linear
 
 # quantize_4bit(compress_statistics=True) quantizes the block absmax (minus their mean, the offset) with
@@ -68,6 +69,32 @@ def _block_rows(form: FourBitFormat) -> torch.Size:
     if numel % form.blocksize:
         return torch.Size([numel])
     return torch.Size([numel // form.blocksize, form.blocksize])
+
+
+def quantize_4bit_in_chunks(weight: torch.Tensor, blocksize: int, quant_type: str,
+                            double_quant: bool) -> list[torch.Tensor]:
+    """bitsandbytes' ``quantize_4bit`` of ``weight``, as ``packed()`` orders the results, run over about
+    ``SCRATCH_ELEMENTS`` weights (whole blocks) at a time: the same bytes, since blocks are independent and
+    double quantization (the absmax minus their mean, in blocks of 256) runs once over all of them.
+
+    Whole, its CPU implementation made about six float32 copies of the weight (a 4096 x 11008 weight: 1 GiB of
+    temporaries on a loading rank) and ran 1.4x slower than in cache-sized chunks (docs/BENCHMARKS.md)."""
+    from bitsandbytes.functional import quantize_4bit, quantize_blockwise
+
+    flat = weight.reshape(-1)
+    chunk = max(1, SCRATCH_ELEMENTS // blocksize) * blocksize
+    packed, absmax = [], []
+    for start in range(0, flat.numel(), chunk):
+        codes, state = quantize_4bit(flat[start:start + chunk], blocksize=blocksize, compress_statistics=False,
+                                     quant_type=quant_type)
+        packed.append(codes)
+        absmax.append(state.absmax)
+    packed, absmax = torch.cat(packed), torch.cat(absmax)
+    if not double_quant:
+        return [packed, absmax]
+    offset = absmax.mean()  # quantize_4bit(compress_statistics=True)'s own steps
+    nested, state2 = quantize_blockwise(absmax - offset, blocksize=NESTED_BLOCKSIZE)
+    return [packed, nested, state2.absmax, state2.code, offset]
 
 
 class FourBitMatmulFunction(torch.autograd.Function):
@@ -139,15 +166,9 @@ class FourBitLinear(nn.Module):
     def load_weight(self, weight: torch.Tensor) -> None:
         """Quantize a dense ``(d_out, d_in)`` weight into this layer's parameters, in place (the streaming
         loader fills layers built on the meta device), in the weight's own dtype as bitsandbytes' Linear4bit
-        does."""
-        from bitsandbytes.functional import quantize_4bit
-
-        packed, state = quantize_4bit(weight.detach().contiguous(), blocksize=self.form.blocksize,
-                                      compress_statistics=self.nested_absmax is not None,
-                                      quant_type=self.form.quant_type)
-        values = [packed, state.absmax]
-        if state.nested:
-            values += [state.state2.absmax, state.state2.code, state.offset]
+        does, with the same bytes as its ``quantize_4bit`` (``quantize_4bit_in_chunks``)."""
+        values = quantize_4bit_in_chunks(weight.detach().contiguous(), self.form.blocksize, self.form.quant_type,
+                                         double_quant=self.nested_absmax is not None)
         for param, value in zip(self.packed(), values, strict=True):
             param.copy_(value.reshape(param.shape))  # reshape, not broadcast: a size mismatch raises
 

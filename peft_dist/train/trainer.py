@@ -331,9 +331,10 @@ def log_load_report(log: logging.Logger, report: LoadReport, world_size: int, bi
 
 
 def load_metrics(reports: list[LoadReport]) -> dict[str, float]:
-    """What this job start cost, as metrics to set against the plan's "job start" lines: the load time (the
-    slowest rank's) and the checkpoint bytes each rank read."""
-    metrics = {"load/seconds": max(r.seconds for r in reports)}
+    """What this job start cost, as metrics to set against the plan's "job start" lines: the load time and of
+    it the quantizing (the slowest rank's) and the checkpoint bytes each rank read."""
+    metrics = {"load/seconds": max(r.seconds for r in reports),
+               "load/quantize_seconds": max(r.quantize_seconds for r in reports)}
     metrics.update({f"load/checkpoint_read_gib/rank{r.rank}": r.bytes_read / 2**30 for r in reports})
     return metrics
 

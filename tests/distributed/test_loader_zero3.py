@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from peft_dist.config.schema import ModelConfig, QuantizationConfig
 from peft_dist.model import tiny_llama_config
 from peft_dist.plan.dryrun import build_meta_model, meta_inventory
-from peft_dist.plan.estimate import Hardware, load_cost
+from peft_dist.plan.estimate import QUANTIZE_GWS, Hardware, load_cost
 from peft_dist.plan.inventory import per_rank
 from peft_dist.plan.models import shape_from_hf
 from peft_dist.quant.loader import load_quantized_base
@@ -114,15 +114,21 @@ def test_the_ranks_read_the_checkpoint_once_between_them(zero3_run):
 @pytest.mark.slow
 def test_the_planners_load_cost_is_what_the_loader_read_and_holds(zero3_run):
     """The plan's job-start lines: the job reads the checkpoint's bytes once, rank 0 receives rank 1's half of
-    the base, and the base as stored, whole (what zero.Init broadcasts to every other rank), is what the loader
-    reports for the model it built."""
+    the base, the base as stored, whole (what zero.Init broadcasts to every other rank), is what the loader
+    reports for the model it built, and each rank quantizes about half its weights, timing each layer."""
     directory, ranks, _, quant = zero3_run
     shape = shape_from_hf(AutoModelForCausalLM.from_pretrained(directory).config, "loader-test")
     held = per_rank(meta_inventory(build_meta_model(shape, [], "all-linear", "float32", quant)), 2, 0)
-    cost = load_cost(shape, held, Hardware(1, 2, gpu_mem_gib=80, peak_tflops=1), checkpoint_itemsize=4)
+    cost = load_cost(shape, held, Hardware(1, 2, gpu_mem_gib=80, peak_tflops=1), quant, checkpoint_itemsize=4)
     assert cost.checkpoint_bytes == sum(rank["report"]["bytes_read"] for rank in ranks) == stored_bytes(directory)
     assert cost.to_rank_0_bytes == pytest.approx(ranks[1]["report"]["full_param_bytes"] / 2, rel=0.05)
     assert cost.broadcast_bytes == ranks[1]["report"]["full_param_bytes"]
+    quantized = [sum(math.prod(q["shape"]) for q in rank["report"]["quantization"]) for rank in ranks]
+    assert sum(quantized) == held.quantized_numel == sum(o * i for layer in range(shape.layers)
+                                                         for _, o, i, _ in shape.linears(layer))
+    assert all(q == pytest.approx(cost.quantized_per_rank, rel=0.1) for q in quantized), quantized
+    assert cost.quantize_s == cost.quantized_per_rank / (QUANTIZE_GWS[quant.bits] * 1e9)
+    assert all(q["seconds"] > 0 for rank in ranks for q in rank["report"]["quantization"])
 
 
 @pytest.mark.slow

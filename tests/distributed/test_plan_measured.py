@@ -139,7 +139,9 @@ def test_a_planned_run_logs_the_memory_the_plan_predicts(model_dir, tmp_path, ca
             stored = (model_dir / "model.safetensors").stat().st_size
             assert sum(read) * 2**30 == pytest.approx(stored, rel=1e-3)
             assert read[0] == pytest.approx(read[1], rel=0.1)
-            assert client.get_metric_history(logged.info.run_id, "load/seconds")[0].value > 0
+            seconds, quantizing = (client.get_metric_history(logged.info.run_id, key)[0].value
+                                   for key in ("load/seconds", "load/quantize_seconds"))
+            assert 0 < quantizing < seconds
         plan = make_plan(shape_from_hf(load_model_config(model), name), cfg,
                          Hardware(1, 2, gpu_mem_gib=24, peak_tflops=989), Workload(SEQ, 2, tokens=10**6))
         predicted[name] = sum(v for k, v in plan.choice.memory.items() if k != "reserved")

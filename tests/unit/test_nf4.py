@@ -1,6 +1,9 @@
 """The frozen 4-bit linear against bitsandbytes' ``Linear4bit`` and QLoRA's NF4 levels; its bytes; the 4-bit
 base through the loader, the trainer's model path, peft's QLoRA and export."""
 import math
+import os
+import subprocess
+import sys
 
 import bitsandbytes as bnb
 import pytest
@@ -12,6 +15,7 @@ from peft_dist.adapters import inject_adapters
 from peft_dist.adapters.lora import LoraConfig, LoraDelta
 from peft_dist.config import ConfigError, ModelConfig
 from peft_dist.config.schema import QuantizationConfig
+from peft_dist.distributed.memory import MMAP_THRESHOLD_BYTES
 from peft_dist.export import export
 from peft_dist.inference import load_for_inference
 from peft_dist.model import load_model_config
@@ -89,11 +93,17 @@ def test_nf4_rounds_each_weight_to_the_nearest_qlora_level_of_its_block(shape, b
     torch.testing.assert_close(deq.float().reshape(-1, blocksize), want, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("chunk_blocks", [None, 2])
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("shape", [(48, 64), (7, 9), (300, 130)])
-def test_parameters_are_what_bitsandbytes_returns(shape, double_quant):
+def test_parameters_are_what_bitsandbytes_returns(shape, double_quant, chunk_blocks, monkeypatch):
     """The parameter shapes are computed without bitsandbytes (layers are built on the meta device); they
-    must hold its quantize_4bit output exactly, and dequantize as its own QuantState does."""
+    must hold its quantize_4bit output exactly, and dequantize as its own QuantState does, also when the
+    weight is quantized in chunks of 2 blocks (609 chunks and a partial block for 300 x 130)."""
+    import peft_dist.quant.nf4 as nf4
+
+    if chunk_blocks:
+        monkeypatch.setattr(nf4, "SCRATCH_ELEMENTS", chunk_blocks * 64)
     torch.manual_seed(3)
     weight = torch.randn(*shape)
     layer = FourBitLinear.from_weight(weight, None, "nf4", 64, double_quant)
@@ -103,6 +113,29 @@ def test_parameters_are_what_bitsandbytes_returns(shape, double_quant):
     assert [(p.shape, p.dtype) for p in layer.packed()] == [(t.shape, t.dtype) for t in want]
     assert all(torch.equal(p, t) for p, t in zip(layer.packed(), want))
     assert torch.equal(layer.dequantized_weight(), dequantize_4bit(packed, state))
+
+
+def test_quantizing_holds_chunks_not_float32_copies_of_the_weight():
+    """bitsandbytes' CPU quantize_4bit of a whole weight made about six float32 copies of it (a 4096 x 11008
+    bf16 weight: +604 MiB of peak resident memory on a loading rank); ``load_weight`` quantizes about
+    ``SCRATCH_ELEMENTS`` weights at a time (+48 MiB there). Here 4096 x 4096 (64 MiB per float32 copy), in a
+    fresh process with the trainer's malloc setting (freed buffers leave the resident set), as a rank loads."""
+    script = """if True:
+        import torch
+        from peft_dist.distributed.memory import peak_rss_bytes, reset_peak_rss, resident_bytes
+        from peft_dist.quant.nf4 import FourBitLinear
+        weight = torch.randn(4096, 4096, dtype=torch.bfloat16)
+        layer = FourBitLinear(4096, 4096, bias=False, double_quant=True, dtype=torch.bfloat16)
+        FourBitLinear.from_weight(weight[:64], None, double_quant=True)  # bitsandbytes' first use, not measured
+        reset_peak_rss()
+        before = resident_bytes()[0]
+        layer.load_weight(weight)
+        print((peak_rss_bytes() - before) / 2**20, flush=True)
+    """
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)})
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[-1]) < 64, done.stdout
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
