@@ -7,6 +7,12 @@
     python bench/quality.py --sweep --missing          # the sweep of the rows LEARNING_RATES has no entry for
     python bench/quality.py --bases --write docs/RESULTS.md  # LoRA on fp32, bf16, int8 and NF4 bases (~30 min)
     python bench/quality.py --make-base               # pretrain the shipped base anew, print its sha256 (~10 min)
+    python bench/quality.py --base-model large --make-base  # the second base (6 layers, hidden 384), ~1 hour
+    python bench/quality.py --base-model large --sweep      # its rates, from around the small base's (~2 hours)
+    python bench/quality.py --base-model large --write docs/RESULTS_LARGE.md  # its table (~3 hours)
+
+Every run's result is recorded (RUNS_DIR, one file per base's weights): a sweep or table that is stopped resumes
+where it stopped when started again, so the large base's hours can be spread over several sittings.
 
 Verdicts (bench/stats.py, fixed before the numbers): each claim "x beats y" is a paired comparison by seed (the
 two runs of a seed share data order and seed), judged by a paired t test with a 95% CI; the p-values of all
@@ -28,7 +34,10 @@ documents are split 80/10/10 into train, validation (for the learning-rate sweep
    tokenizer; 3.67M parameters) trained from scratch on A, 1,200 steps of 8 x 128 tokens on one thread (~10
    minutes; one thread gives the same bytes on every run with the same Python, torch and CPU). It ships as
    ``builtin:stdlib-llama`` (peft_dist/assets/stdlib_llama: what the default training job adapts), and every
-   other mode reads that file, its sha256 checked against the one recorded in peft_dist/model.py.
+   other mode reads that file, its sha256 checked against the one recorded in peft_dist/model.py. The second
+   base (``--base-model large``: 6 layers, hidden 384, FFN 1152; 11.9M parameters) is pretrained the same way
+   for 3,000 steps into LARGE_DIR, its sha256 recorded in LARGE_SHA256; both print their loss on held-out A
+   (the even-numbered modules after A's 300) as they train. Each claim is then judged on each base.
 2. Adaptation to B: each method from the same base, fp32, plain PyTorch in this process (the quality of a
    method does not depend on ZeRO sharding, and full fine-tuning needs a trainable base), 96 steps of
    8 x 128 tokens, AdamW with the trainer's warm-up/cosine schedule, gradient clipping 1.0. Each method's
@@ -111,6 +120,17 @@ SHAPE = ModelShape("quality-llama", "llama", hidden=256, layers=4, heads=4, kv_h
                    max_positions=512, tied_embeddings=False)
 SEQ, BATCH = 128, 8
 PRETRAIN = {"steps": 1200, "lr": 3e-3, "modules": 300, "seed": 0}
+# The second base (--base-model large): 1.5x deeper and wider, 3.2x the parameters and the compute per token of
+# the small one, pretrained on the same A for longer. It does not ship (48 MB); --make-base writes it here.
+LARGE_SHAPE = ModelShape("quality-llama-large", "llama", hidden=384, layers=6, heads=6, kv_heads=6, intermediate=1152,
+                         vocab=512, max_positions=512, tied_embeddings=False)
+LARGE_PRETRAIN = {"steps": 3000, "lr": 2e-3, "modules": 300, "seed": 0}
+LARGE_DIR = Path(os.path.expanduser("~/.cache/peft-dist/bench/quality-large"))
+LARGE_SHA256 = ""  # what --make-base --base-model large printed; "" until it has run
+# Every adaptation run's result, by its configuration, seed and learning rate, one file per pretrained base (its
+# weights' sha256): an interrupted sweep or table resumes where it stopped (``adapt``). None: not kept (tests).
+RUNS_DIR = Path(os.path.expanduser("~/.cache/peft-dist/bench/quality-runs"))
+RUNS: Path | None = None
 ADAPT_STEPS, WARMUP_STEPS, EVAL_BLOCKS = 96, 6, 96
 BUDGETS = (0.001, 0.01)
 SEEDS = (1, 2, 3, 4, 5)  # reported; the learning rates are chosen on SWEEP_SEED, which is not among them
@@ -192,6 +212,32 @@ ADALORA_SCHEDULES: dict[float, dict] = {
     0.01: {'init_ratio': 4.0, 'tfinal': 12},  # at lr 0.03: init_r 1.5 x, tfinal 12: 3.833, init_r 1.5 x, tfinal 32: 3.834, init_r 2 x, tfinal 12: 3.831, init_r 2 x, tfinal 32: 3.834, init_r 4 x, tfinal 12: 3.827, init_r 4 x, tfinal 32: 3.829
 }
 
+# The large base's, from its own sweep (``--base-model large --sweep``: each grid starts around the small base's
+# rate for the same row, ``initial_grid``); empty until it has run.
+LARGE_LEARNING_RATES: dict[tuple, float] = {}
+LARGE_ADALORA_SCHEDULES: dict[float, dict] = {}
+
+
+class PretrainedBase(NamedTuple):
+    """A base the study adapts: its shape, how --make-base pretrains it, and its recorded rates and schedules."""
+
+    shape: ModelShape
+    pretrain: dict
+    learning_rates: dict[tuple, float]
+    adalora_schedules: dict[float, dict]
+
+
+BASE_MODELS = {"small": PretrainedBase(SHAPE, PRETRAIN, LEARNING_RATES, ADALORA_SCHEDULES),
+               "large": PretrainedBase(LARGE_SHAPE, LARGE_PRETRAIN, LARGE_LEARNING_RATES, LARGE_ADALORA_SCHEDULES)}
+
+
+def use_base(name: str) -> None:
+    """Point the study at base ``name`` of BASE_MODELS: SHAPE, PRETRAIN, LEARNING_RATES and ADALORA_SCHEDULES,
+    which the functions below read, become that base's (the module starts on "small")."""
+    global SHAPE, PRETRAIN, LEARNING_RATES, ADALORA_SCHEDULES
+    SHAPE, PRETRAIN, LEARNING_RATES, ADALORA_SCHEDULES = BASE_MODELS[name]
+
+
 # --bases: how each base keeps its decoder linears; the quantized ones as QuantizationConfig fields.
 BASES = {"fp32": "fp32, as pretrained", "bf16": "rounded to bfloat16 (a 16-bit base)",
          "int8": "int8, one absmax per row", "nf4": "NF4, one absmax per 64 weights",
@@ -210,6 +256,7 @@ class Corpora:
     b_val: torch.Tensor
     b_test: torch.Tensor
     test_documents: torch.Tensor  # b_test's shape: the test document each token comes from (0, 1, ...)
+    a_held: torch.Tensor  # the even-numbered modules after A's: how far pretraining got on A's kind of text
 
 
 def pack_blocks(texts: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,13 +275,15 @@ def pack_blocks(texts: list[str], tokenizer) -> tuple[torch.Tensor, torch.Tensor
 def build_corpora(tokenizer) -> Corpora:
     from peft_dist.data import docstring_documents, stdlib_documents
 
-    a = stdlib_documents()[0::2][: PRETRAIN["modules"]]
+    even = stdlib_documents()[0::2]
+    a, a_held = even[: PRETRAIN["modules"]], even[PRETRAIN["modules"]:]
     b = docstring_documents()
     order = torch.randperm(len(b), generator=torch.Generator().manual_seed(0)).tolist()
     tenth = len(b) // 10
     split = {"test": order[:tenth], "val": order[tenth: 2 * tenth], "train": order[2 * tenth:]}
     blocks = {k: pack_blocks([b[i] for i in idx], tokenizer) for k, idx in split.items()}
-    return Corpora(pack_blocks(a, tokenizer)[0], blocks["train"][0], blocks["val"][0], *blocks["test"])
+    return Corpora(pack_blocks(a, tokenizer)[0], blocks["train"][0], blocks["val"][0], *blocks["test"],
+                   pack_blocks(a_held, tokenizer)[0][:EVAL_BLOCKS])
 
 
 def new_model() -> torch.nn.Module:
@@ -311,8 +360,10 @@ def document_tokens(documents: torch.Tensor) -> list[int]:
     return torch.bincount(documents[:, 1:].flatten()).tolist()
 
 
-def train(model: torch.nn.Module, blocks: torch.Tensor, steps: int, lr: float, seed: int, hooks: list) -> list[float]:
-    """AdamW over the trainable parameters, warm-up then cosine, clipping 1.0; returns each step's seconds."""
+def train(model: torch.nn.Module, blocks: torch.Tensor, steps: int, lr: float, seed: int, hooks: list,
+          progress: Callable[[int], None] | None = None) -> list[float]:
+    """AdamW over the trainable parameters, warm-up then cosine, clipping 1.0; returns each step's seconds.
+    ``progress`` is called with each step's number once it is done."""
     from peft_dist.adapters.inject import trainable_parameters
     from peft_dist.train.schedule import warmup_cosine
 
@@ -337,50 +388,70 @@ def train(model: torch.nn.Module, blocks: torch.Tensor, steps: int, lr: float, s
             hook.after_step(None, step)
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - began)
+        if progress is not None:
+            progress(step)
     return times
 
 
-def make_base(corpora: Corpora) -> None:
-    """Pretrain the base on A from PRETRAIN's seed and write it where the package ships it (builtin:stdlib-llama):
-    config, fp32 weights and the tokenizer it was trained on (a copy, so that rebuilding the tiny tokenizer never
-    changes what this base reads); print the weights' sha256 to record as peft_dist/model.py's STDLIB_LLAMA_SHA256."""
+def make_base(corpora: Corpora, name: str) -> None:
+    """Pretrain base ``name`` on A from its PRETRAIN seed, printing the loss on held-out A every tenth of the steps
+    with an ETA, and write it: "small" where the package ships it (builtin:stdlib-llama), "large" to LARGE_DIR.
+    Config, fp32 weights and the tokenizer it was trained on (a copy, so that rebuilding the tiny tokenizer never
+    changes what the base reads); prints the weights' sha256 to record (STDLIB_LLAMA_SHA256 in peft_dist/model.py,
+    LARGE_SHA256 here)."""
     from safetensors.torch import save_file
 
     from peft_dist.model import STDLIB_LLAMA, STDLIB_LLAMA_SHA256, TINY_TOKENIZER, file_sha256
 
+    directory, recorded, where = ((STDLIB_LLAMA, STDLIB_LLAMA_SHA256, "STDLIB_LLAMA_SHA256 in peft_dist/model.py")
+                                  if name == "small" else (LARGE_DIR, LARGE_SHA256, "LARGE_SHA256 in bench/quality.py"))
     torch.set_num_threads(1)  # whatever --threads says: one thread sums in a fixed order, the same bytes every time
     torch.manual_seed(PRETRAIN["seed"])
     model = new_model()
-    began = time.perf_counter()
-    train(model, corpora.a, PRETRAIN["steps"], PRETRAIN["lr"], PRETRAIN["seed"], [])
-    print(f"pretrained on A: {PRETRAIN['steps']} steps in {time.perf_counter() - began:.0f} s, "
+    steps, began = PRETRAIN["steps"], time.perf_counter()
+
+    def progress(step: int) -> None:
+        if step % (steps // 10) == 0 or step == steps:
+            elapsed = time.perf_counter() - began
+            print(f"step {step}/{steps}: loss on held-out A {mean_loss(model, corpora.a_held):.3f}, "
+                  f"{elapsed / 60:.1f} min, ETA {elapsed * (steps - step) / step / 60:.1f} min", flush=True)
+
+    train(model, corpora.a, steps, PRETRAIN["lr"], PRETRAIN["seed"], [], progress)
+    print(f"pretrained on A: {steps} steps in {time.perf_counter() - began:.0f} s, "
           f"loss on A's last blocks {mean_loss(model, corpora.a[-EVAL_BLOCKS:]):.3f}, "
+          f"on held-out A {mean_loss(model, corpora.a_held):.3f}, "
           f"on B's test blocks {mean_loss(model, corpora.b_test):.3f}", flush=True)
-    shutil.copytree(TINY_TOKENIZER, STDLIB_LLAMA, dirs_exist_ok=True)
-    weights = STDLIB_LLAMA / "model.safetensors"
+    shutil.copytree(TINY_TOKENIZER, directory, dirs_exist_ok=True)
+    weights = directory / "model.safetensors"
     save_file(model.state_dict(), str(weights))
     config = model.config
     config.bos_token_id = config.eos_token_id = config.pad_token_id = 0  # the tokenizer's <|endoftext|>
     config.architectures = [type(model).__name__]
-    config.save_pretrained(STDLIB_LLAMA)
+    config.save_pretrained(directory)
     digest = file_sha256(weights)
-    print(f"{weights.relative_to(REPO)}: sha256 {digest}")
-    print("the same as STDLIB_LLAMA_SHA256 in peft_dist/model.py" if digest == STDLIB_LLAMA_SHA256 else
-          f"differs from the recorded one; set in peft_dist/model.py: STDLIB_LLAMA_SHA256 = \"{digest}\"")
+    print(f"{weights}: sha256 {digest}")
+    print(f"the same as {where}" if digest == recorded else f"differs from the recorded one; set {where} to \"{digest}\"")
 
 
-def pretrained_base(corpora: Corpora) -> tuple[dict, float, Path]:
-    """The shipped base's state dict (its sha256 checked), its loss on B's test split, and its file (relative to
-    the repository: what RESULTS.md names)."""
+def pretrained_base(corpora: Corpora, name: str) -> tuple[dict, float, Path]:
+    """Base ``name``'s state dict (its sha256 checked), its loss on B's test split, and its file (relative to the
+    repository for the shipped base: what RESULTS.md names)."""
     from safetensors.torch import load_file
 
-    from peft_dist.model import BUILTIN_STDLIB_LLAMA, local_path
+    from peft_dist.model import BUILTIN_STDLIB_LLAMA, file_sha256, local_path
 
-    path = Path(local_path(BUILTIN_STDLIB_LLAMA)) / "model.safetensors"
-    state = load_file(str(path))
+    if name == "small":
+        path = (Path(local_path(BUILTIN_STDLIB_LLAMA)) / "model.safetensors").relative_to(REPO)
+    else:
+        path = LARGE_DIR / "model.safetensors"
+        actual = file_sha256(path) if path.is_file() else "(no such file)"
+        if actual != LARGE_SHA256:
+            raise SystemExit(f"{path}: sha256 {actual}, LARGE_SHA256 in bench/quality.py is {LARGE_SHA256!r}: make it "
+                             "with python bench/quality.py --make-base --base-model large and record what it prints")
+    state = load_file(str(REPO / path))
     model = new_model()
     model.load_state_dict(state)
-    return state, mean_loss(model, corpora.b_test), path.relative_to(REPO)
+    return state, mean_loss(model, corpora.b_test), path
 
 
 # ---- methods and budgets --------------------------------------------------------------------------
@@ -398,9 +469,11 @@ def adalora_adapters(method: str, target_r: int, schedule: dict) -> list[dict]:
 def candidates(method: str) -> list[list[dict]]:
     """Every configuration ``match_budgets`` may pick for a method: each is an ``adapters`` list. AdaLoRA's are
     listed with the paper's schedule: its kept count does not depend on the schedule (``plan`` sets the tuned one)."""
-    # Kronecker factors: a1, a2 divide 256 and 768, with a1/a2 in {1/2, 1, 2} so that A and B stay near square
-    # and kron(A, B) can reach (at least half of) full rank; 1 x n factors would make it a rank-1 update.
-    factors = [(2**i, 2**j) for i in range(9) for j in range(9) if abs(i - j) <= 1]
+    # Kronecker factors: powers of 2 that divide the hidden and FFN widths (256 and 768: up to 256), with a1/a2 in
+    # {1/2, 1, 2} so that A and B stay near square and kron(A, B) can reach (at least half of) full rank; 1 x n
+    # factors would make it a rank-1 update.
+    widest = math.gcd(SHAPE.hidden, SHAPE.intermediate) & -math.gcd(SHAPE.hidden, SHAPE.intermediate)
+    factors = [(2**i, 2**j) for i in range(widest.bit_length()) for j in range(widest.bit_length()) if abs(i - j) <= 1]
     if method in ("lora", "lora_ffn", "lora_all"):
         return [[{"method": "lora", "r": r, "alpha": 2 * r, "target_modules": PLACEMENT[method]}] for r in range(1, 33)]
     if method in ("adalora", "adalora_paper"):
@@ -424,15 +497,16 @@ def candidates(method: str) -> list[list[dict]]:
 
 
 @functools.cache
-def _counts(key: str) -> tuple[int, int]:
-    """``parameter_counts`` memoized by the configuration's JSON (the planner asks for the same parts many times)."""
+def _counts(shape: ModelShape, key: str) -> tuple[int, int]:
+    """``parameter_counts`` memoized by the base's shape and the configuration's JSON (the planner asks for the same
+    parts many times)."""
     from peft_dist.adapters.inject import adapter_state_dict
     from peft_dist.adapters.registry import build_adapter_config
     from peft_dist.plan.dryrun import build_meta_model
 
     adapters = json.loads(key)
     configs = [build_adapter_config(dict(a), f"adapters.{i}") for i, a in enumerate(adapters)]
-    model = build_meta_model(SHAPE, configs, None, "float32")
+    model = build_meta_model(shape, configs, None, "float32")
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if any(a["method"] == "adalora" for a in adapters):  # its compact export slices on values, not shapes
         (a,) = adapters
@@ -447,7 +521,7 @@ def parameter_counts(adapters: list[dict]) -> tuple[int, int]:
     for a reparameterized prefix only the vectors (the papers' count), for AdaLoRA its final budget
     (``target_r`` of every ``init_r`` triplets). trained: what the optimizer updates.
     """
-    return _counts(json.dumps(adapters, sort_keys=True))
+    return _counts(SHAPE, json.dumps(adapters, sort_keys=True))
 
 
 Counter = Callable[[list[dict]], tuple[int, int]]
@@ -573,11 +647,40 @@ def describe(adapters: list[dict]) -> str:
 
 # ---- runs -----------------------------------------------------------------------------------------
 
+@functools.cache
+def recorded_runs(path: Path) -> dict[str, dict]:
+    """The runs ``path`` (a RUNS file) holds, by ``run_key``; a run ``adapt`` finishes is added to both."""
+    if not path.is_file():
+        return {}
+    return {entry["key"]: entry["result"] for entry in map(json.loads, path.read_text().splitlines())}
+
+
+def run_key(method: str, adapters: list[dict], lr: float, seed: int, steps: int, validate: bool, base: str) -> str:
+    return json.dumps([method, adapters, lr, seed, steps, validate, base], sort_keys=True)
+
+
 def adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: float, seed: int, steps: int,
           validate: bool = False, base: str = "fp32") -> dict:
     """Adapt a fresh copy of the base (its decoder linears kept as ``base`` says) to B; B's test loss (the mean
     over every test token), each test document's summed loss and the median step time, or with ``validate`` (the
-    sweep) the validation loss instead of the test split's: choosing a rate never scores the test split."""
+    sweep) the validation loss instead of the test split's: choosing a rate never scores the test split.
+    With RUNS set, a run recorded there is not run again, and a new one is recorded with the CPU's flags."""
+    key = run_key(method, adapters, lr, seed, steps, validate, base)
+    if RUNS is not None and key in recorded_runs(RUNS):
+        return recorded_runs(RUNS)[key]
+    result = _adapt(method, adapters, state, corpora, lr, seed, steps, validate, base)
+    if RUNS is not None:
+        from nf4 import cpu_flags  # bench/nf4.py
+
+        RUNS.parent.mkdir(parents=True, exist_ok=True)
+        with open(RUNS, "a") as out:
+            out.write(json.dumps({"key": key, "result": result, "cpu": cpu_flags(), "torch": torch.__version__}) + "\n")
+        recorded_runs(RUNS)[key] = result
+    return result
+
+
+def _adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: float, seed: int, steps: int,
+           validate: bool, base: str) -> dict:
     from peft_dist.adapters.inject import inject_adapters
     from peft_dist.adapters.registry import build_adapter_config
     from peft_dist.distributed.hooks import make_hooks
@@ -673,9 +776,16 @@ def best_learning_rate(score: Callable[[float], float], grid: tuple[float, ...],
         scores[grown] = finite(grown)
 
 
-def initial_grid(method: str) -> tuple[float, ...]:
+def initial_grid(method: str, key: tuple | None = None) -> tuple[float, ...]:
     """The learning rates ``sweep`` starts from (``best_learning_rate`` widens them); plain prefix vectors, gated
-    or not, need far larger steps."""
+    or not, need far larger steps. On the large base, the row ``key``'s rate on the small base and its neighbours
+    on the grid's 1-3 ladder: three runs where the optimum did not move, more (widening) where it did."""
+    small = BASE_MODELS["small"].learning_rates
+    if SHAPE != BASE_MODELS["small"].shape and key in small:
+        rate = small[key]
+        ladder = sorted({float(f"{f * 10.0**e:.3g}") for f in (1, 3) for e in range(-5, 2)} | {rate})
+        i = ladder.index(rate)
+        return tuple(ladder[i - 1: i + 2])
     if method == "full":
         return 3e-4, 1e-3, 3e-3, 1e-2
     if method in ("prefix", "prefix_gated"):
@@ -697,22 +807,23 @@ def sweep(rows: list[Row], state: dict, corpora: Corpora) -> None:
             seen[key] = adapt(method, adapters, state, corpora, lr, SWEEP_SEED, ADAPT_STEPS, validate=True)["val"]
         return seen[key]
 
-    def tuned(method: str, adapters: list[dict]) -> tuple[float, dict[float, float]]:
-        return best_learning_rate(lambda lr: validation(method, adapters, lr), initial_grid(method))
+    def tuned(method: str, adapters: list[dict], key: tuple) -> tuple[float, dict[float, float]]:
+        return best_learning_rate(lambda lr: validation(method, adapters, lr), initial_grid(method, key))
 
     rates, schedules = [], []
     for row in rows:
         method, adapters = row.method, row.adapters
         if method == "adalora" and row.against is None:
             target_r = adapters[0]["target_r"]
-            paper_lr, _ = tuned("adalora_paper", adalora_adapters("adalora_paper", target_r, ADALORA_PAPER))
+            paper_lr, _ = tuned("adalora_paper", adalora_adapters("adalora_paper", target_r, ADALORA_PAPER),
+                                ("adalora_paper", row.budget))
             losses = [validation(method, adalora_adapters(method, target_r, s), paper_lr) for s in ADALORA_GRID]
             schedule = ADALORA_GRID[losses.index(min(losses))]
             adapters = adalora_adapters(method, target_r, schedule)
             schedules.append(f"    {row.budget}: {schedule},  # at lr {paper_lr:g}: " + ", ".join(
                 f"init_r {s['init_ratio']:g} x, tfinal {s['tfinal']}: {v:.3f}" for s, v in zip(ADALORA_GRID, losses)))
             print(schedules[-1], flush=True)
-        best, scores = tuned(method, adapters)
+        best, scores = tuned(method, adapters, row.key)
         rates.append(f"    {row.key!r}: {best:g},  # "
                      + ", ".join(f"{lr:g}: {scores[lr]:.3f}" for lr in sorted(scores)))
         print(rates[-1], flush=True)
@@ -883,25 +994,32 @@ def main() -> None:
     parser.add_argument("--bases", action="store_true",
                         help="LoRA on fp32, bf16, int8 and NF4 bases instead of the methods table")
     parser.add_argument("--make-base", action="store_true",
-                        help="pretrain the base on A, write it as builtin:stdlib-llama and print its sha256")
+                        help="pretrain the base on A, write it (small: as builtin:stdlib-llama) and print its sha256")
+    parser.add_argument("--base-model", choices=tuple(BASE_MODELS), default="small",
+                        help="the pretrained base every mode uses: small (shipped) or large (LARGE_DIR)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--write", type=Path, help="write the results as Markdown to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    use_base(args.base_model)
     methods, budgets, seeds, steps = METHODS, BUDGETS, SEEDS, ADAPT_STEPS
     if args.quick:
         methods = ("lora", "krona", "parallel", "scaled_parallel", "prefix", "prefix_gated")
         budgets, seeds = (0.001,), (1, 2)
         steps = 16
 
-    from peft_dist.model import load_tokenizer
+    from peft_dist.model import file_sha256, load_tokenizer
 
     began = time.perf_counter()
     corpora = build_corpora(load_tokenizer(str(REPO / "peft_dist" / "assets" / "tiny_tokenizer")))
     if args.make_base:
-        make_base(corpora)
+        make_base(corpora, args.base_model)
         return
-    state, base_loss, path = pretrained_base(corpora)
+    state, base_loss, path = pretrained_base(corpora, args.base_model)
+    if not args.quick:  # --quick checks that the script runs: nothing it measures is kept
+        global RUNS
+        RUNS = RUNS_DIR / f"{file_sha256(REPO / path)[:16]}.jsonl"
+        print(f"runs recorded in {RUNS} ({len(recorded_runs(RUNS))} so far): an interrupted run resumes", flush=True)
     rows = plan(methods, budgets)
     if args.sweep:
         sweep([r for r in rows if (not args.only or r.method in args.only)

@@ -279,6 +279,54 @@ def test_missing_records_stop_the_run_and_name_each(monkeypatch):
         ("lora", 0.001): 0.03, ("lora_ffn", 0.01): 0.03, ("adalora", 0.01): 0.03, ("prefix_gated", 0.001): 0.3}
 
 
+def test_runs_are_recorded_and_not_run_again(tmp_path, monkeypatch):
+    """``adapt`` keeps each finished run in RUNS: a second call, or a later process reading the file, gets the
+    recorded result instead of training again (an interrupted sweep or table resumes)."""
+    calls = []
+
+    def run(method, adapters, state, corpora, lr, seed, steps, validate, base):
+        calls.append((method, lr, seed))
+        return {"val": lr + seed}
+
+    monkeypatch.setattr(quality, "_adapt", run)
+    monkeypatch.setattr(quality, "RUNS", tmp_path / "runs.jsonl")
+    adapters = [{"method": "lora", "r": 1, "alpha": 2, "target_modules": quality.QV}]
+    first = quality.adapt("lora", adapters, {}, None, 0.01, 1, 96, validate=True)
+    assert quality.adapt("lora", adapters, {}, None, 0.01, 1, 96, validate=True) == first == {"val": 1.01}
+    quality.adapt("lora", adapters, {}, None, 0.03, 1, 96, validate=True)  # another rate: another run
+    assert calls == [("lora", 0.01, 1), ("lora", 0.03, 1)]
+    quality.recorded_runs.cache_clear()  # a new process
+    assert quality.adapt("lora", adapters, {}, None, 0.03, 1, 96, validate=True) == {"val": 1.03}
+    assert len(calls) == 2 and len((tmp_path / "runs.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.fixture
+def large_base():
+    quality.use_base("large")
+    yield
+    quality.use_base("small")
+
+
+def test_the_large_base_sweep_starts_around_the_small_base_rate(large_base):
+    """On the large base a row's grid is the small base's rate for that row and its neighbours on the 1-3 ladder
+    (``best_learning_rate`` widens it where the optimum moved); a row the small base has no rate for starts from
+    its method's full grid."""
+    assert quality.SHAPE.layers == 6 and quality.LEARNING_RATES is quality.LARGE_LEARNING_RATES
+    assert quality.initial_grid("lora", ("lora", 0.001)) == (0.01, 0.03, 0.1)
+    assert quality.initial_grid("prefix", ("prefix", 0.01)) == (0.3, 1.0, 3.0)
+    assert quality.initial_grid("krona_block", ("krona_block", 0.001)) == (0.1, 0.3, 1.0)
+    assert quality.initial_grid("lora", ("lora", 0.5)) == quality.initial_grid("lora")
+
+
+def test_kronecker_factors_divide_the_large_base(large_base):
+    """KronA's factors must divide each linear's widths (384 and 1152: powers of 2 up to 128 only)."""
+    for method in ("krona", "krona_block"):
+        for (adapter,) in quality.candidates(method):
+            assert all(width % adapter["a1"] == 0 and width % adapter["a2"] == 0
+                       for width in (quality.SHAPE.hidden, quality.SHAPE.intermediate)), adapter
+    assert max(a["a1"] for (a,) in quality.candidates("krona")) == 128
+
+
 def test_blocks_know_the_document_of_every_token():
     from peft_dist.data.packing import pack_documents, tokenize_documents
     from peft_dist.model import load_tokenizer
