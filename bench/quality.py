@@ -126,7 +126,8 @@ LARGE_SHAPE = ModelShape("quality-llama-large", "llama", hidden=384, layers=6, h
                          vocab=512, max_positions=512, tied_embeddings=False)
 LARGE_PRETRAIN = {"steps": 3000, "lr": 2e-3, "modules": 300, "seed": 0}
 LARGE_DIR = Path(os.path.expanduser("~/.cache/peft-dist/bench/quality-large"))
-LARGE_SHA256 = ""  # what --make-base --base-model large printed; "" until it has run
+# What --make-base --base-model large printed (2026-12-01, an AVX-512 CPU; another CPU kind makes another base).
+LARGE_SHA256 = "cd6f49a47c2f69e80a88c20638e718b5af90d9259e68b2e7b1f2736164709727"
 # Every adaptation run's result, by its configuration, seed and learning rate, one file per pretrained base (its
 # weights' sha256): an interrupted sweep or table resumes where it stopped (``adapt``). None: not kept (tests).
 RUNS_DIR = Path(os.path.expanduser("~/.cache/peft-dist/bench/quality-runs"))
@@ -430,7 +431,8 @@ def make_base(corpora: Corpora, name: str) -> None:
     config.save_pretrained(directory)
     digest = file_sha256(weights)
     print(f"{weights}: sha256 {digest}")
-    print(f"the same as {where}" if digest == recorded else f"differs from the recorded one; set {where} to \"{digest}\"")
+    print(f"the same as {where}" if digest == recorded
+          else f"differs from the recorded one; set {where} to \"{digest}\"")
 
 
 def pretrained_base(corpora: Corpora, name: str) -> tuple[dict, float, Path]:
@@ -472,7 +474,8 @@ def candidates(method: str) -> list[list[dict]]:
     # Kronecker factors: powers of 2 that divide the hidden and FFN widths (256 and 768: up to 256), with a1/a2 in
     # {1/2, 1, 2} so that A and B stay near square and kron(A, B) can reach (at least half of) full rank; 1 x n
     # factors would make it a rank-1 update.
-    widest = math.gcd(SHAPE.hidden, SHAPE.intermediate) & -math.gcd(SHAPE.hidden, SHAPE.intermediate)
+    common = math.gcd(SHAPE.hidden, SHAPE.intermediate)
+    widest = common & -common  # its largest power-of-2 divisor
     factors = [(2**i, 2**j) for i in range(widest.bit_length()) for j in range(widest.bit_length()) if abs(i - j) <= 1]
     if method in ("lora", "lora_ffn", "lora_all"):
         return [[{"method": "lora", "r": r, "alpha": 2 * r, "target_modules": PLACEMENT[method]}] for r in range(1, 33)]
@@ -751,7 +754,8 @@ def learning_rates(rows: list[Row], quick: bool) -> dict[tuple, float]:
                 if r.method == "adalora" and r.budget not in ADALORA_SCHEDULES]
     if missing:
         raise SystemExit(f"nothing recorded for {', '.join(missing)}: run python bench/quality.py --sweep and paste "
-                         "the entries it prints into LEARNING_RATES and ADALORA_SCHEDULES (bench/quality.py)")
+                         "the entries it prints into LEARNING_RATES and ADALORA_SCHEDULES (bench/quality.py; with "
+                         "--base-model large, LARGE_LEARNING_RATES and LARGE_ADALORA_SCHEDULES)")
     return {r.key: LEARNING_RATES[r.key] for r in rows}
 
 

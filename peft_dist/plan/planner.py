@@ -157,8 +157,8 @@ def load_lines(plan: Plan) -> list[str]:
              f"  checkpoint read       {load.checkpoint_bytes / 1e9:10.2f} GB once in all (bf16 safetensors), about "
              f"1/{hw.world} by each rank -> {load.read_s:8.2f} s at {hw.disk_gbs:g} GB/s a node"]
     if w.base is not None:
-        lines.append(f"  quantize              {load.quantized_per_rank / 1e9:10.2f} G weights by each rank (its turns' "
-                     f"share, on the CPU) -> {load.quantize_s:8.2f} s at {QUANTIZE_GWS[w.base.bits]:g} G/s")
+        lines.append(f"  quantize              {load.quantized_per_rank / 1e9:10.2f} G weights by each rank (its "
+                     f"turns' share, on the CPU) -> {load.quantize_s:8.2f} s at {QUANTIZE_GWS[w.base.bits]:g} G/s")
     if hw.world > 1:
         base = base_name(w.base, w.itemsize)
         lines += [f"  to rank 0             {load.to_rank_0_bytes / 1e9:10.2f} GB received by rank 0 (the {base} "
