@@ -10,9 +10,12 @@
     python bench/quality.py --base-model large --make-base  # the second base (6 layers, hidden 384), ~1 hour
     python bench/quality.py --base-model large --sweep      # its rates, from around the small base's (~2 hours)
     python bench/quality.py --base-model large --write docs/RESULTS_LARGE.md  # its table (~3 hours)
+    python bench/quality.py --across-bases --write docs/RESULTS.md  # each claim's verdict on both bases
 
 Every run's result is recorded (RUNS_DIR, one file per base's weights): a sweep or table that is stopped resumes
-where it stopped when started again, so the large base's hours can be spread over several sittings.
+where it stopped when started again, so the large base's hours can be spread over several sittings, and
+``--across-bases`` (both tables, then one row per claim with its verdict on each base, written between
+ACROSS_MARKS below the hand-written reading) reruns nothing that the two tables have recorded.
 
 Verdicts (bench/stats.py, fixed before the numbers): each claim "x beats y" is a paired comparison by seed (the
 two runs of a seed share data order and seed), judged by a paired t test with a 95% CI; the p-values of all
@@ -88,7 +91,7 @@ norms and lm_head stay fp32 in every base, and every base computes in fp32, so t
 the decoder linears' weights are stored (bf16 compute is emulated on CPUs without native bf16, and would add
 its own rounding of activations to the comparison). Each base is compared with the bf16 one by
 ``stats.equivalence``: the paired differences by seed must lie within +-MIN_EFFECT (TOST, Holm-adjusted over
-the section's claims) to "match". The section is written between BASES_BEGIN and BASES_END, below
+the section's claims) to "match". The section is written between BASES_MARKS, below
 HAND_WRITTEN, so that ``--write`` keeps it and ``--bases --write`` replaces only it.
 """
 from __future__ import annotations
@@ -139,8 +142,10 @@ SWEEP_SEED = 0
 BUDGET_TOLERANCE = 0.02  # compared pairs' kept parameters may differ by at most 2%
 BUDGET_WINDOW = 2.0  # a row's budget is met within this factor (the anchors ``match_budgets`` tries)
 HAND_WRITTEN = "<!-- written by hand from here on; bench/quality.py --write keeps it -->"
-BASES_BEGIN = "<!-- written by bench/quality.py --bases from here to the end mark -->"
-BASES_END = "<!-- end of bench/quality.py --bases -->"
+BASES_MARKS = ("<!-- written by bench/quality.py --bases from here to the end mark -->",
+               "<!-- end of bench/quality.py --bases -->")
+ACROSS_MARKS = ("<!-- written by bench/quality.py --across-bases from here to the end mark -->",
+                "<!-- end of bench/quality.py --across-bases -->")
 PREFIX_MLP = 64  # hidden width of the reparameterized prefix's training MLP
 QV = ["q_proj", "v_proj"]
 FFN = ["gate_proj", "up_proj", "down_proj"]
@@ -658,6 +663,17 @@ def recorded_runs(path: Path) -> dict[str, dict]:
     return {entry["key"]: entry["result"] for entry in map(json.loads, path.read_text().splitlines())}
 
 
+def record_runs(weights: Path, quick: bool) -> None:
+    """Record this base's runs (RUNS) in RUNS_DIR, by its weights' sha256; --quick (a check that the script runs,
+    not a measurement) keeps none."""
+    from peft_dist.model import file_sha256
+
+    global RUNS
+    RUNS = None if quick else RUNS_DIR / f"{file_sha256(REPO / weights)[:16]}.jsonl"
+    if RUNS is not None:
+        print(f"runs recorded in {RUNS} ({len(recorded_runs(RUNS))} so far): an interrupted run resumes", flush=True)
+
+
 def run_key(method: str, adapters: list[dict], lr: float, seed: int, steps: int, validate: bool, base: str) -> str:
     return json.dumps([method, adapters, lr, seed, steps, validate, base], sort_keys=True)
 
@@ -857,7 +873,17 @@ def seed_averaged(documents: list[list[float]]) -> list[float]:
     return [statistics.fmean(losses) for losses in zip(*documents)]
 
 
-def claims(results: dict, budgets: tuple[float, ...], tokens: list[int]) -> list[str]:
+class Claim(NamedTuple):
+    """One claim's verdict: ``pair`` is (x, y, budget) of ``compared_pairs``; ``outcome`` is "holds", "reversed",
+    "not shown" or "not compared"; ``difference`` the mean paired difference x - y (None when not compared)."""
+
+    pair: tuple[str, str, float]
+    line: str
+    outcome: str
+    difference: float | None
+
+
+def claims(results: dict, budgets: tuple[float, ...], tokens: list[int]) -> list[Claim]:
     """Each claim judged by bench/stats.py's rule, Holm-adjusted over the claims whose budgets match.
 
     ``results[key]`` (``Row.key``) holds ``kept`` (parameters), ``seeds`` (test loss per seed, in SEEDS order: runs
@@ -883,12 +909,13 @@ def claims(results: dict, budgets: tuple[float, ...], tokens: list[int]) -> list
         if (x, y, b) not in tests:
             why = (f"budgets not matched within {BUDGET_TOLERANCE:.0%} ({rx['kept']:,} vs {ry['kept']:,})"
                    if mismatch(rx["kept"], ry["kept"]) > BUDGET_TOLERANCE else "one seed, nothing to pair")
-            lines.append(f"{head}: not compared, {why}")
+            lines.append(Claim((x, y, b), f"{head}: not compared, {why}", "not compared", None))
             continue
         (test, (low, high)), p = tests[x, y, b], adjusted[x, y, b]
-        lines.append(f"{head}; paired difference {test.mean:+.3f} (95% CI {test.low:+.3f} to {test.high:+.3f}, "
-                     f"p {test.p:.3g}, Holm {p:.3g}; test-document bootstrap {low:+.3f} to {high:+.3f}): "
-                     f"{stats.outcome(test, p)}")
+        outcome = stats.outcome(test, p)
+        lines.append(Claim((x, y, b), f"{head}; paired difference {test.mean:+.3f} (95% CI {test.low:+.3f} to "
+                           f"{test.high:+.3f}, p {test.p:.3g}, Holm {p:.3g}; test-document bootstrap {low:+.3f} to "
+                           f"{high:+.3f}): {outcome}", outcome, test.mean))
     return lines
 
 
@@ -973,13 +1000,14 @@ def bases_header(argv: str, minutes: float, path: Path, seeds: tuple[int, ...], 
         "over test documents of its difference to bf16.", ""]
 
 
-def with_bases_section(previous: str, lines: list[str]) -> str:
-    """``previous`` with its part from BASES_BEGIN to BASES_END replaced by ``lines``; without one, ``lines`` go
-    at the end, below HAND_WRITTEN, where the table's ``--write`` keeps them."""
-    section = "\n".join([BASES_BEGIN, *lines, BASES_END])
-    if BASES_BEGIN in previous:
-        head, rest = previous.split(BASES_BEGIN, 1)
-        return head + section + rest.split(BASES_END, 1)[1]
+def with_section(previous: str, lines: list[str], marks: tuple[str, str]) -> str:
+    """``previous`` with its part between ``marks`` (BASES_MARKS or ACROSS_MARKS) replaced by ``lines``; without
+    one, ``lines`` go at the end, below HAND_WRITTEN, where the table's ``--write`` keeps them."""
+    begin, end = marks
+    section = "\n".join([begin, *lines, end])
+    if begin in previous:
+        head, rest = previous.split(begin, 1)
+        return head + section + rest.split(end, 1)[1]
     if HAND_WRITTEN not in previous:
         previous += ("\n" if previous else "") + HAND_WRITTEN
     return previous.rstrip("\n") + "\n\n" + section + "\n"
@@ -999,6 +1027,9 @@ def main() -> None:
                         help="LoRA on fp32, bf16, int8 and NF4 bases instead of the methods table")
     parser.add_argument("--make-base", action="store_true",
                         help="pretrain the base on A, write it (small: as builtin:stdlib-llama) and print its sha256")
+    parser.add_argument("--across-bases", action="store_true",
+                        help="the methods table on every base (recorded runs are reused), then each claim's verdict "
+                             "on each base: a section that --write puts below the hand-written reading")
     parser.add_argument("--base-model", choices=tuple(BASE_MODELS), default="small",
                         help="the pretrained base every mode uses: small (shipped) or large (LARGE_DIR)")
     parser.add_argument("--threads", type=int, default=2)
@@ -1012,18 +1043,32 @@ def main() -> None:
         budgets, seeds = (0.001,), (1, 2)
         steps = 16
 
-    from peft_dist.model import file_sha256, load_tokenizer
+    from peft_dist.model import load_tokenizer
 
     began = time.perf_counter()
     corpora = build_corpora(load_tokenizer(str(REPO / "peft_dist" / "assets" / "tiny_tokenizer")))
     if args.make_base:
         make_base(corpora, args.base_model)
         return
+    if args.across_bases:
+        verdicts = {}
+        for name in BASE_MODELS:
+            use_base(name)
+            state, base_loss, path = pretrained_base(corpora, name)
+            record_runs(path, args.quick)
+            _, verdicts[name] = table(methods, budgets, plan(methods, budgets), state, corpora, seeds, steps,
+                                      args.quick, base_loss, path)
+        lines = ["## Claims on both bases (bench/quality.py --across-bases)", "",
+                 f"Each claim's verdict (and its mean paired difference) on each base, by the rule above; "
+                 f"`python bench/quality.py {' '.join(sys.argv[1:])}`, {time.strftime('%Y-%m-%d')}.", "",
+                 *across_bases(verdicts)]
+        print("\n".join(lines), flush=True)
+        if args.write:
+            previous = args.write.read_text() if args.write.is_file() else ""
+            args.write.write_text(with_section(previous, lines, ACROSS_MARKS))
+        return
     state, base_loss, path = pretrained_base(corpora, args.base_model)
-    if not args.quick:  # --quick checks that the script runs: nothing it measures is kept
-        global RUNS
-        RUNS = RUNS_DIR / f"{file_sha256(REPO / path)[:16]}.jsonl"
-        print(f"runs recorded in {RUNS} ({len(recorded_runs(RUNS))} so far): an interrupted run resumes", flush=True)
+    record_runs(path, args.quick)
     rows = plan(methods, budgets)
     if args.sweep:
         sweep([r for r in rows if (not args.only or r.method in args.only)
@@ -1037,9 +1082,25 @@ def main() -> None:
         if args.write:
             previous = args.write.read_text() if args.write.is_file() else ""
             header = bases_header(" ".join(sys.argv[1:]), minutes, path, seeds, steps)
-            args.write.write_text(with_bases_section(previous, header + lines))
+            args.write.write_text(with_section(previous, header + lines, BASES_MARKS))
         return
-    rates, tokens = learning_rates(rows, args.quick), document_tokens(corpora.test_documents)
+    lines, verdicts = table(methods, budgets, rows, state, corpora, seeds, steps, args.quick, base_loss, path)
+    lines += ["", f"Claims (lower loss is better; paired by seed over {len(seeds)} seeds, Holm-adjusted over the "
+              f"compared claims; holds when Holm p < {stats.ALPHA}, the 95% CI excludes 0 and the difference is at "
+              f"least {stats.MIN_EFFECT} nats, see bench/stats.py):", ""]
+    lines += [f"- {v.line}" for v in verdicts]
+    print("\n".join(lines[-len(verdicts) - 2:]))
+    print(f"\ntotal {time.perf_counter() - began:.0f} s")
+    if args.write:
+        previous = args.write.read_text() if args.write.is_file() else ""
+        args.write.write_text(results_markdown(lines, " ".join(sys.argv[1:]), previous))
+
+
+def table(methods: tuple[str, ...], budgets: tuple[float, ...], rows: list[Row], state: dict, corpora: Corpora,
+          seeds: tuple[int, ...], steps: int, quick: bool, base_loss: float,
+          path: Path) -> tuple[list[str], list[Claim]]:
+    """The methods table of the current base (``use_base``), printed row by row, and its claims' verdicts."""
+    rates, tokens = learning_rates(rows, quick), document_tokens(corpora.test_documents)
     planned = {(m, b) for m, b, *_ in rows}
     unreachable = {b: [NAMES[m] for m in methods if m not in ("full", "bitfit") and (m, b) not in planned]
                    for b in budgets}
@@ -1069,16 +1130,24 @@ def main() -> None:
                 f"{statistics.mean(losses):.3f} ± {spread:.3f} | {step_ms:.0f} |")
         lines.append(line)
         print(line, flush=True)
-    verdicts = claims(results, budgets, tokens)
-    lines += ["", f"Claims (lower loss is better; paired by seed over {len(seeds)} seeds, Holm-adjusted over the "
-              f"compared claims; holds when Holm p < {stats.ALPHA}, the 95% CI excludes 0 and the difference is at "
-              f"least {stats.MIN_EFFECT} nats, see bench/stats.py):", ""]
-    lines += [f"- {v}" for v in verdicts]
-    print("\n".join(lines[-len(verdicts) - 2:]))
-    print(f"\ntotal {time.perf_counter() - began:.0f} s")
-    if args.write:
-        previous = args.write.read_text() if args.write.is_file() else ""
-        args.write.write_text(results_markdown(lines, " ".join(sys.argv[1:]), previous))
+    return lines, claims(results, budgets, tokens)
+
+
+def across_bases(verdicts: dict[str, list[Claim]]) -> list[str]:
+    """Each claim's verdict on every base (``verdicts[base]``, ``claims``' output), one row per claim: the
+    section "Claims on both bases" of RESULTS.md."""
+    by_pair = {name: {v.pair: v for v in found} for name, found in verdicts.items()}
+    pairs = list(dict.fromkeys(v.pair for found in verdicts.values() for v in found))
+    lines = [f"| claim | budget | {' | '.join(f'{name} base' for name in verdicts)} |",
+             "|---|---|" + "---|" * len(verdicts)]
+    for x, y, b in pairs:
+        cells = []
+        for name in verdicts:
+            v = by_pair[name].get((x, y, b))
+            cells.append("not run" if v is None else v.outcome if v.difference is None
+                         else f"{v.outcome} ({v.difference:+.3f})")
+        lines.append(f"| {NAMES[x]} vs {NAMES[y]} | {b:.1%} | {' | '.join(cells)} |")
+    return lines
 
 
 def results_markdown(lines: list[str], argv: str, previous: str) -> str:

@@ -203,16 +203,19 @@ LORA = [4.00, 4.03, 3.98, 4.01, 4.02]  # seed-to-seed spread larger than the eff
 @pytest.mark.parametrize("shift, outcome", [(-0.05, "holds"), (+0.05, "reversed"), (-0.002, "not shown")])
 def test_claims_pair_by_seed(shift, outcome):
     krona = [v + shift + e for v, e in zip(LORA, [0.001, -0.001, 0.002, 0.0, -0.002])]
-    (line,) = quality.claims({("krona", 0.001): result(4096, krona), ("lora", 0.001): result(4096, LORA)}, (0.001,),
-                             TOKENS)
-    assert line.endswith(outcome) and "Holm" in line and "test-document bootstrap" in line
+    (claim,) = quality.claims({("krona", 0.001): result(4096, krona), ("lora", 0.001): result(4096, LORA)}, (0.001,),
+                              TOKENS)
+    assert claim.line.endswith(outcome) and "Holm" in claim.line and "test-document bootstrap" in claim.line
+    assert claim.outcome == outcome and claim.pair == ("krona", "lora", 0.001)
+    assert claim.difference == pytest.approx(shift, abs=1e-9)
 
 
 def test_claims_skip_unmatched_budgets_and_correct_for_the_family():
     krona = [v - 0.05 for v in LORA]
     results = {("krona", 0.001): result(4096, krona), ("lora", 0.001): result(4096, LORA),
                ("krona_block", 0.001): result(4352, [v - 0.1 for v in LORA])}
-    unmatched, matched = sorted(quality.claims(results, (0.001,), TOKENS), key=lambda line: "not compared" not in line)
+    unmatched, matched = sorted((c.line for c in quality.claims(results, (0.001,), TOKENS)),
+                                key=lambda line: "not compared" not in line)
     assert unmatched.endswith("not compared, budgets not matched within 2% (4,352 vs 4,096)")
     assert matched.endswith("holds")
 
@@ -222,11 +225,23 @@ def test_claims_compare_the_rows_sized_for_them():
     results = {("krona", 0.01): result(65_600, LORA), ("lora", 0.01): result(61_440, [v + 0.1 for v in LORA]),
                ("lora", 0.01, "krona"): result(65_536, [v - 0.05 for v in LORA]),
                ("adalora", 0.01): result(61_560, LORA)}
-    lines = {line.split(" vs ")[0]: line for line in quality.claims(results, (0.01,), TOKENS)}
+    lines = {c.line.split(" vs ")[0]: c.line for c in quality.claims(results, (0.01,), TOKENS)}
     assert lines["KronA on q,v"].startswith(
         "KronA on q,v vs LoRA on q,v at 1.0% (LoRA on q,v at 65,536, sized for this claim): 4.008 vs 3.958;")
     assert lines["KronA on q,v"].endswith("reversed")
     assert "sized" not in lines["AdaLoRA on q,v (schedule tuned)"] and lines["AdaLoRA on q,v (schedule tuned)"].endswith("holds")
+
+
+def test_across_bases_shows_each_claims_verdict_on_each_base():
+    """One row per claim, a column per base: its outcome and mean difference, "not compared" as it is, and
+    "not run" where a base has no verdict for it (the large base's table lacks some rows)."""
+    held = quality.Claim(("krona", "lora", 0.001), "", "holds", -0.026)
+    small = [held, quality.Claim(("krona_block", "krona", 0.001), "", "not compared", None)]
+    large = [quality.Claim(("krona", "lora", 0.001), "", "not shown", -0.004)]
+    assert quality.across_bases({"small": small, "large": large}) == [
+        "| claim | budget | small base | large base |", "|---|---|---|---|",
+        "| KronA on q,v vs LoRA on q,v | 0.1% | holds (-0.026) | not shown (-0.004) |",
+        "| KronA^B vs KronA on q,v | 0.1% | not compared | not run |"]
 
 
 def test_sweep_widens_the_grid_until_the_optimum_is_inside():

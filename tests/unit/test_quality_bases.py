@@ -89,13 +89,14 @@ def test_base_claims_judge_equivalence_against_bf16():
 
 def test_bases_section_is_kept_by_the_tables_write_and_replaced_by_its_own():
     table = quality.results_markdown(["| table |"], "--write docs/RESULTS.md", "") + "\n## Reading the table\n"
-    first = quality.with_bases_section(table, ["| bases, first run |"])
-    assert first.startswith(table.rstrip("\n")) and first.endswith(quality.BASES_END + "\n")
+    first = quality.with_section(table, ["| bases, first run |"], quality.BASES_MARKS)
+    assert first.startswith(table.rstrip("\n")) and first.endswith(quality.BASES_MARKS[1] + "\n")
     assert first.index(quality.HAND_WRITTEN) < first.index("| bases, first run |")
     reread = first + "\nThe reading of the bases, by hand.\n"
-    second = quality.with_bases_section(reread, ["| bases, second run |"])
-    assert "first run" not in second and second.endswith(quality.BASES_END + "\n\nThe reading of the bases, by hand.\n")
+    second = quality.with_section(reread, ["| bases, second run |"], quality.BASES_MARKS)
+    assert "first run" not in second
+    assert second.endswith(quality.BASES_MARKS[1] + "\n\nThe reading of the bases, by hand.\n")
     rewritten = quality.results_markdown(["| new table |"], "--write docs/RESULTS.md", second)
     assert "| bases, second run |" in rewritten and "| table |" not in rewritten
-    fresh = quality.with_bases_section("", ["| bases |"])
+    fresh = quality.with_section("", ["| bases |"], quality.BASES_MARKS)
     assert "| bases |" in quality.results_markdown(["| table |"], "--write docs/RESULTS.md", fresh)
