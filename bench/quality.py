@@ -219,9 +219,32 @@ ADALORA_SCHEDULES: dict[float, dict] = {
 }
 
 # The large base's, from its own sweep (``--base-model large --sweep``: each grid starts around the small base's
-# rate for the same row, ``initial_grid``); empty until it has run.
-LARGE_LEARNING_RATES: dict[tuple, float] = {}
-LARGE_ADALORA_SCHEDULES: dict[float, dict] = {}
+# rate for the same row, ``initial_grid``). The sweep of 2026-12-01 (this AVX-512 CPU, 64 minutes alongside other
+# work) was stopped after these 18 rows; `--base-model large --sweep --missing` does the rest.
+LARGE_LEARNING_RATES: dict[tuple, float] = {  # by Row.key
+    ('full', None): 0.001,  # 0.000333333: 3.038, 0.001: 3.030, 0.003: 3.097, 0.01: 3.429
+    ('bitfit', None): 0.03,  # 0.009: 3.146, 0.03: 3.129, 0.1: 3.138, 0.3: 3.191
+    ('lora', 0.001): 0.01,  # 0.00333333: 3.157, 0.01: 3.139, 0.03: 3.189, 0.1: 5.445
+    ('lora', 0.01): 0.003,  # 0.0009: 3.164, 0.003: 3.141, 0.01: 3.192, 0.03: 5.256
+    ('lora', 0.01, 'krona'): 0.003,  # 0.0009: 3.170, 0.003: 3.136, 0.01: 3.145, 0.03: 5.194
+    ('lora_ffn', 0.01): 0.01,  # 0.003: 3.071, 0.01: 3.057, 0.03: 3.110
+    ('lora_all', 0.01): 0.003,  # 0.0009: 3.117, 0.003: 3.070, 0.01: 3.079, 0.03: 5.141
+    ('lora_all', 0.01, 'krona_all'): 0.01,  # 0.003: 3.075, 0.01: 3.057, 0.03: 3.798
+    ('adalora', 0.001): 0.03,  # 0.009: 3.202, 0.03: 3.159, 0.1: 3.160, 0.3: 4.873
+    ('adalora', 0.01): 0.03,  # 0.01: 3.171, 0.03: 3.141, 0.1: 3.162
+    ('adalora_paper', 0.001): 0.1,  # 0.03: 3.167, 0.1: 3.162, 0.3: 3.192
+    ('adalora_paper', 0.01): 0.03,  # 0.01: 3.177, 0.03: 3.145, 0.1: 3.162
+    ('krona', 0.001): 0.03,  # 0.01: 3.162, 0.03: 3.135, 0.1: 3.182
+    ('krona', 0.01): 0.03,  # 0.01: 3.142, 0.03: 3.135, 0.1: 3.188
+    ('krona_ffn', 0.01): 0.03,  # 0.01: 3.076, 0.03: 3.060, 0.1: 3.085
+    ('krona_all', 0.01): 0.03,  # 0.01: 3.054, 0.03: 3.052, 0.1: 3.870
+    ('krona_all', 0.01, 'lora_all'): 0.03,  # 0.01: 3.069, 0.03: 3.059, 0.1: 3.385
+    ('krona_block', 0.001): 0.1,  # 0.0333333: 3.123, 0.1: 3.105, 0.3: 3.108, 1: 3.145
+}
+LARGE_ADALORA_SCHEDULES: dict[float, dict] = {
+    0.001: {'init_ratio': 4.0, 'tfinal': 12},  # at lr 0.1: init_r 1.5 x, tfinal 12: 3.167, init_r 1.5 x, tfinal 32: 3.162, init_r 2 x, tfinal 12: 3.161, init_r 2 x, tfinal 32: 3.164, init_r 4 x, tfinal 12: 3.160, init_r 4 x, tfinal 32: 3.164
+    0.01: {'init_ratio': 4.0, 'tfinal': 32},  # at lr 0.03: init_r 1.5 x, tfinal 12: 3.148, init_r 1.5 x, tfinal 32: 3.145, init_r 2 x, tfinal 12: 3.144, init_r 2 x, tfinal 32: 3.143, init_r 4 x, tfinal 12: 3.151, init_r 4 x, tfinal 32: 3.141
+}
 
 
 class PretrainedBase(NamedTuple):
