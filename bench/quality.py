@@ -115,6 +115,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from peft_dist.model import STDLIB_LLAMA, STDLIB_LLAMA_SHA256  # noqa: E402
 from peft_dist.plan.models import ModelShape  # noqa: E402
 
 import stats  # noqa: E402  (bench/stats.py, on sys.path as this script's folder)
@@ -248,23 +249,31 @@ LARGE_ADALORA_SCHEDULES: dict[float, dict] = {
 
 
 class PretrainedBase(NamedTuple):
-    """A base the study adapts: its shape, how --make-base pretrains it, and its recorded rates and schedules."""
+    """A base the study adapts: its shape, how --make-base pretrains it, its recorded rates and schedules, where
+    --make-base writes it and the sha256 recorded from its output (``where``: the constant that holds it)."""
 
     shape: ModelShape
     pretrain: dict
     learning_rates: dict[tuple, float]
     adalora_schedules: dict[float, dict]
+    directory: Path
+    sha256: str
+    where: str
 
 
-BASE_MODELS = {"small": PretrainedBase(SHAPE, PRETRAIN, LEARNING_RATES, ADALORA_SCHEDULES),
-               "large": PretrainedBase(LARGE_SHAPE, LARGE_PRETRAIN, LARGE_LEARNING_RATES, LARGE_ADALORA_SCHEDULES)}
+BASE_MODELS = {"small": PretrainedBase(SHAPE, PRETRAIN, LEARNING_RATES, ADALORA_SCHEDULES, STDLIB_LLAMA,
+                                       STDLIB_LLAMA_SHA256, "STDLIB_LLAMA_SHA256 in peft_dist/model.py"),
+               "large": PretrainedBase(LARGE_SHAPE, LARGE_PRETRAIN, LARGE_LEARNING_RATES, LARGE_ADALORA_SCHEDULES,
+                                       LARGE_DIR, LARGE_SHA256, "LARGE_SHA256 in bench/quality.py")}
 
 
 def use_base(name: str) -> None:
     """Point the study at base ``name`` of BASE_MODELS: SHAPE, PRETRAIN, LEARNING_RATES and ADALORA_SCHEDULES,
     which the functions below read, become that base's (the module starts on "small")."""
     global SHAPE, PRETRAIN, LEARNING_RATES, ADALORA_SCHEDULES
-    SHAPE, PRETRAIN, LEARNING_RATES, ADALORA_SCHEDULES = BASE_MODELS[name]
+    base = BASE_MODELS[name]
+    SHAPE, PRETRAIN, LEARNING_RATES, ADALORA_SCHEDULES = (base.shape, base.pretrain, base.learning_rates,
+                                                          base.adalora_schedules)
 
 
 # --bases: how each base keeps its decoder linears; the quantized ones as QuantizationConfig fields.
@@ -430,10 +439,10 @@ def make_base(corpora: Corpora, name: str) -> None:
     LARGE_SHA256 here)."""
     from safetensors.torch import save_file
 
-    from peft_dist.model import STDLIB_LLAMA, STDLIB_LLAMA_SHA256, TINY_TOKENIZER, file_sha256
+    from peft_dist.model import TINY_TOKENIZER, file_sha256
 
-    directory, recorded, where = ((STDLIB_LLAMA, STDLIB_LLAMA_SHA256, "STDLIB_LLAMA_SHA256 in peft_dist/model.py")
-                                  if name == "small" else (LARGE_DIR, LARGE_SHA256, "LARGE_SHA256 in bench/quality.py"))
+    base = BASE_MODELS[name]
+    directory, recorded, where = base.directory, base.sha256, base.where
     torch.set_num_threads(1)  # whatever --threads says: one thread sums in a fixed order, the same bytes every time
     torch.manual_seed(PRETRAIN["seed"])
     model = new_model()
@@ -468,20 +477,19 @@ def pretrained_base(corpora: Corpora, name: str) -> tuple[dict, float, Path]:
     repository for the shipped base: what RESULTS.md names)."""
     from safetensors.torch import load_file
 
-    from peft_dist.model import BUILTIN_STDLIB_LLAMA, file_sha256, local_path
+    from peft_dist.model import file_sha256
 
-    if name == "small":
-        path = (Path(local_path(BUILTIN_STDLIB_LLAMA)) / "model.safetensors").relative_to(REPO)
-    else:
-        path = LARGE_DIR / "model.safetensors"
-        actual = file_sha256(path) if path.is_file() else "(no such file)"
-        if actual != LARGE_SHA256:
-            raise SystemExit(f"{path}: sha256 {actual}, LARGE_SHA256 in bench/quality.py is {LARGE_SHA256!r}: make it "
-                             "with python bench/quality.py --make-base --base-model large and record what it prints")
-    state = load_file(str(REPO / path))
+    base = BASE_MODELS[name]
+    directory, recorded, where = base.directory, base.sha256, base.where
+    path = directory / "model.safetensors"
+    actual = file_sha256(path) if path.is_file() else "(no such file)"
+    if actual != recorded:
+        raise SystemExit(f"{path}: sha256 {actual}, {where} is {recorded!r}: make it with python bench/quality.py "
+                         f"--make-base --base-model {name} and record what it prints")
+    state = load_file(str(path))
     model = new_model()
     model.load_state_dict(state)
-    return state, mean_loss(model, corpora.b_test), path
+    return state, mean_loss(model, corpora.b_test), path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
 # ---- methods and budgets --------------------------------------------------------------------------
