@@ -8,8 +8,8 @@
 #   bash bench/gpu_check.sh --cpu                # the same steps on the CPU, with this checkout's .venv
 #
 # Budget on an H100/H200: under 10 minutes; each step has a time limit (tests 270 s, default job 90 s,
-# layers 120 s, benchmark 260 s) so that a hung step still leaves a summary. The summary is the last block
-# of output; docs/BENCHMARKS.md records it.
+# layers 120 s, load 60 s, benchmark 260 s) so that a hung step still leaves a summary. The summary is the
+# last block of output; docs/BENCHMARKS.md records it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=gpu
@@ -53,9 +53,11 @@ fi
 step tests_gpu 270 "$python" -m pytest -q -p no:cacheprovider tests/gpu
 step default_job 90 "$python" launcher/train.py --set tracking.backend=none --set "checkpoint.output_dir=$work/default"
 grep -h "done:" "$work/default_job.log" | tail -1 | sed 's/^.*done: /default job: /' >> "$summary"
-if [ "$mode" = gpu ]; then  # the int8 / NF4 layers against bitsandbytes' kernels and a dense GEMM
+if [ "$mode" = gpu ]; then  # the int8 / NF4 layers against bitsandbytes' kernels; loading, quantizing on the GPU
   step layers 120 "$python" bench/nf4.py --device cuda
   grep -h "^ratio" "$work/layers.log" >> "$summary"
+  step load 60 "$python" bench/load.py --accelerator cuda --ranks 1 --bits 4
+  grep -h "^| N |\|^| 1 |" "$work/load.log" >> "$summary"  # the rate for plan/estimate.py's GPU_QUANTIZE_GWS
 fi
 step bench 260 "$python" bench/gpu_bench.py "${bench_args[@]}"
 grep -h "^ratio\|^| peft" "$work/bench.log" >> "$summary"

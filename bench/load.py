@@ -2,12 +2,13 @@
 
     python bench/load.py            # a 12-layer hidden-1024 Llama (~700 MB in fp32), N = 1, 2, 4 CPU ranks
     python bench/load.py --bits 4   # the same as an NF4 base
+    python bench/load.py --accelerator cuda --ranks 1   # one GPU rank: it quantizes on the GPU (bench/gpu_check.sh)
 
 Each rank calls the trainer's loader (``load_quantized_base``) on the same safetensors checkpoint and
 reports what its ``LoadReport`` measured: checkpoint bytes read, the loop's wall time and of it the
-quantizing (with the rate: the planner's ``QUANTIZE_GWS``), private memory growth and the parameter bytes it
-holds. Targets: bytes read over all ranks <= 1.1x the checkpoint, per-rank private growth about the rank's
-quantized shard plus one layer.
+quantizing (with the rate: the planner's ``CPU_QUANTIZE_GWS`` or ``GPU_QUANTIZE_GWS``), private memory growth
+and the parameter bytes it holds. Targets: bytes read over all ranks <= 1.1x the checkpoint, per-rank private
+growth about the rank's quantized shard plus one layer.
 """
 from __future__ import annotations
 
@@ -48,10 +49,16 @@ def worker(checkpoint: str, out: str, bits: str) -> None:
     from peft_dist.config.schema import ModelConfig, QuantizationConfig
     from peft_dist.distributed.env import exit_process
     from peft_dist.quant.loader import load_quantized_base
+    from peft_dist.quant.model import quantize_linear
 
-    deepspeed.init_distributed(dist_backend="gloo")
+    from deepspeed.accelerator import get_accelerator
+
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     deepspeed.zero.Init(module=torch.nn.Linear(2, 2), config_dict_or_path=DS_CONFIG)
     quant = QuantizationConfig(bits=int(bits))
+    # A device's first quantizing loads its kernels (bitsandbytes' library on a GPU): once here, so that the
+    # load's rate is the steady one.
+    quantize_linear(torch.nn.Linear(256, 256, device=get_accelerator().current_device_name()), torch.float32, quant)
     _, report = load_quantized_base(ModelConfig(name_or_path=checkpoint), quant, DS_CONFIG)
     Path(out, f"rank{report.rank}.json").write_text(json.dumps({**dataclasses.asdict(report),
                                                                 "quantize_seconds": report.quantize_seconds}))
@@ -61,6 +68,8 @@ def worker(checkpoint: str, out: str, bits: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, choices=(4, 8), default=8, help="int8 (default) or NF4 base")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="the N to load at")
+    parser.add_argument("--accelerator", default="cpu", help="DS_ACCELERATOR of the ranks (cpu, cuda)")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -69,22 +78,23 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         stored = write_model(Path(tmp) / "model")
-        print(f"checkpoint: {stored / MIB:,.0f} MiB of fp32 tensors, loaded as a {args.bits}-bit base; "
-              "one torch thread a rank (OMP_NUM_THREADS=1, as torchrun sets it)\n")
+        print(f"checkpoint: {stored / MIB:,.0f} MiB of fp32 tensors, loaded as a {args.bits}-bit base on "
+              f"{args.accelerator}; one torch thread a rank (OMP_NUM_THREADS=1, as torchrun sets it)\n")
         print("| N | rank | read (MiB) | load (s) | quantizing (s) | G weights/s | private growth (MiB) "
               "| parameters held (MiB) |")
         print("|---|---|---|---|---|---|---|---|")
         totals = {}
-        for world in (1, 2, 4):
+        for world in args.ranks:
             out = Path(tmp) / f"n{world}"
             out.mkdir()
             run_distributed([__file__, "--worker", str(Path(tmp) / "model"), str(out), str(args.bits)], world,
-                            timeout=900, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
+                            timeout=900, env={"MALLOC_MMAP_THRESHOLD_": "65536",
+                                              "DS_ACCELERATOR": args.accelerator})
             reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
             for r in reports:
                 weights = sum(math.prod(q["shape"]) for q in r["quantization"])
                 print(f"| {world} | {r['rank']} | {r['bytes_read'] / MIB:,.1f} | {r['seconds']:.1f} | "
-                      f"{r['quantize_seconds']:.1f} | {weights / r['quantize_seconds'] / 1e9:.3f} | "
+                      f"{r['quantize_seconds']:.2f} | {weights / r['quantize_seconds'] / 1e9:.3f} | "
                       f"{(r['peak_private'] - r['private_before']) / MIB:,.1f} | {r['local_param_bytes'] / MIB:,.1f} |")
             totals[world] = sum(r["bytes_read"] for r in reports)
         print()

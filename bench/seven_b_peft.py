@@ -251,7 +251,7 @@ def main() -> None:
         with_int8_tables(base_config)
     plan = [sys.executable, "-m", "peft_dist.plan", "--model", str(model), "--config", str(base_config),
             "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem-gib", "24", "--seq-len", str(args.block),
-            "--global-batch", "2", "--tokens", "1e6", "--write", str(out / "P")]
+            "--global-batch", "2", "--tokens", "1e6", "--accelerator", "cpu", "--write", str(out / "P")]
     subprocess.run(plan, cwd=REPO, check=True, capture_output=True)
     config = out / "P.yaml"
     print(f"config: {' '.join(plan[1:])}\n")

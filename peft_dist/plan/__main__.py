@@ -62,6 +62,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--runtime-gib", type=float, default=1.5,
                    help="host memory of each rank's Python, torch and DeepSpeed: the memory/peak_rss_gib that a "
                         "run of builtin:tiny-llama logs (1.5 with CUDA torch on an H200, 0.7 with the CPU build)")
+    p.add_argument("--accelerator", choices=("gpu", "cpu"), default="gpu",
+                   help="what each rank runs on, so where it quantizes the base at load: gpu, or cpu to plan a "
+                        "DS_ACCELERATOR=cpu run (quantizing at the CPU's measured rate)")
     p.add_argument("--persistence-threshold", type=int, default=100_000,
                    help="ZeRO-3 stage3_param_persistence_threshold (elements)")
     p.add_argument("--dry-run", action="store_true",
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             raise PlanError(f"--bits {args.bits}: the config's quantization.enabled is false; enable it or drop --bits")
         hardware = Hardware(args.nodes, args.gpus_per_node, args.gpu_mem_gib, args.peak_tflops, args.efficiency,
                             args.net_gbs, args.nvlink_gbs, args.hbm_gbs, args.reserve_gib, args.pcie_gbs,
-                            args.host_mem_gib, args.disk_gbs, args.runtime_gib)
+                            args.host_mem_gib, args.disk_gbs, args.runtime_gib, args.accelerator)
         work = Workload(args.seq_len, args.global_batch, int(args.tokens))
         plan = make_plan(shape, cfg, hardware, work, args.persistence_threshold, args.dry_run,
                          shlex.join(a for a in argv if a != "--dry-run"))

@@ -22,10 +22,15 @@ INT8_BASE = QuantizationConfig()  # what callers that say nothing plan for: the 
 # (``swap_tensor/partitioned_param_swapper.py``) allocates its buffers in the model's float dtype.
 OFFLOADS = ("none", "optimizer", "param", "param+optimizer")
 REDUCE_BUCKET = 50_000_000  # elements: ds_configs/' reduce_bucket_size, the most a plan writes
-# Dense weights (G/s) one rank quantizes and measures the error of at load, by the base's bits: the loader does
-# it on the CPU, one thread (torchrun's default), 4-bit through bitsandbytes' CPU quantize_4bit. Measured on a
-# 4096 x 11008 bf16 weight, 2-core AVX-512 CPU, 2026-12-01; each run logs its own (load/quantize_seconds).
-QUANTIZE_GWS = {8: 0.30, 4: 0.036}
+# Dense weights (G/s) one rank quantizes and measures the error of at load; the loader does it on the rank's
+# accelerator, and each run logs its own (load/quantize_seconds).
+# On the CPU (DS_ACCELERATOR=cpu), by the base's bits: one thread (torchrun's default), 4-bit through bitsandbytes'
+# CPU quantize_4bit. Measured on a 4096 x 11008 bf16 weight, 2-core AVX-512 CPU, 2026-12-01.
+CPU_QUANTIZE_GWS = {8: 0.30, 4: 0.036}
+# On a GPU: an estimate, not yet measured (bench/gpu_check.sh's load step prints the rate). Per block of
+# SCRATCH_ELEMENTS weights, about 20 small kernels and the error report's 3 waits for the device, and about 100
+# bytes of memory traffic a weight; each dense weight also crosses PCIe in the checkpoint's dtype first.
+GPU_QUANTIZE_GWS = 10.0
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,7 @@ class Hardware:
     host_mem_gib: float = 256.0  # CPU memory per node for what is offloaded
     disk_gbs: float = 2.0  # what each node reads the checkpoint at (a parallel file system or local NVMe)
     runtime_gib: float = 1.5  # host memory of each rank's Python, torch, DeepSpeed and transformers
+    accelerator: str = "gpu"  # what each rank runs on, so where it quantizes at load: gpu, or cpu (DS_ACCELERATOR=cpu)
 
     @property
     def world(self) -> int:
@@ -333,7 +339,7 @@ class LoadCost:
     to_rank_0_s: float
     broadcast_s: float
     quantized_per_rank: int  # dense weights each rank quantizes (its turns' share)
-    quantize_s: float
+    quantize_s: float  # on a GPU with the copies of the dense weights to it
 
     @property
     def seconds(self) -> float:
@@ -345,16 +351,26 @@ class LoadCost:
 def load_cost(shape: ModelShape, held: RankBytes, hw: Hardware, base: QuantizationConfig | None,
               checkpoint_itemsize: int = 2, adapter_itemsize: int = 2) -> LoadCost:
     """``LoadCost`` for a checkpoint of ``checkpoint_itemsize``-byte floats (bf16 safetensors: 2) and adapters
-    saved in ``adapter_itemsize``-byte elements; each rank quantizes its share at ``QUANTIZE_GWS`` of ``base``'s
-    bits (an int8 embedding under a 4-bit base at the 4-bit rate: an overestimate of a few percent)."""
+    saved in ``adapter_itemsize``-byte elements; each rank quantizes its share at ``quantize_gws``."""
     checkpoint = shape.total_params() * checkpoint_itemsize
     broadcast = held.frozen_stored if hw.world > 1 else 0
     to_rank_0 = broadcast * (hw.world - 1) // hw.world
     resume = held.trainable_owned * MASTER_AND_ADAM_BYTES + held.trainable_numel * adapter_itemsize
     quantized = math.ceil(held.quantized_numel / hw.world)
-    quantize_s = quantized / (QUANTIZE_GWS[base.bits] * 1e9) if base is not None else 0.0
+    quantize_s = 0.0
+    if base is not None:
+        quantize_s = quantized / (quantize_gws(hw, base.bits) * 1e9)
+        if hw.accelerator == "gpu":
+            quantize_s += quantized * checkpoint_itemsize / (hw.pcie_gbs * 1e9)
     return LoadCost(checkpoint, to_rank_0, broadcast, resume, checkpoint / hw.nodes / (hw.disk_gbs * 1e9),
                     to_rank_0 / (hw.link_gbs * 1e9), broadcast / (hw.link_gbs * 1e9), quantized, quantize_s)
+
+
+def quantize_gws(hw: Hardware, bits: int) -> float:
+    """Dense weights (G/s) each rank quantizes at load, where ``hw``'s ranks run: ``CPU_QUANTIZE_GWS`` by
+    ``bits`` (an int8 embedding under a 4-bit base at the 4-bit rate: an overestimate of a few percent), or
+    ``GPU_QUANTIZE_GWS``."""
+    return CPU_QUANTIZE_GWS[bits] if hw.accelerator == "cpu" else GPU_QUANTIZE_GWS
 
 
 def steps_for(work: Workload) -> int:

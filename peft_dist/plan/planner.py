@@ -6,8 +6,8 @@ from typing import Any
 
 from peft_dist.config.schema import RunConfig
 from peft_dist.plan.dryrun import build_meta_model, meta_inventory
-from peft_dist.plan.estimate import (GIB, OFFLOADS, QUANTIZE_GWS, Choice, Hardware, LoadCost, Workload,
-                                     activation_bytes, base_name, choose, load_cost, planned_zero_stage, steps_for)
+from peft_dist.plan.estimate import (GIB, OFFLOADS, Choice, Hardware, LoadCost, Workload, activation_bytes,
+                                     base_name, choose, load_cost, planned_zero_stage, quantize_gws, steps_for)
 from peft_dist.plan.inventory import RankBytes, analytic_inventory, embedding_targeted, head_targeted, per_rank
 from peft_dist.plan.models import ModelShape
 
@@ -73,7 +73,8 @@ def make_plan(shape: ModelShape, cfg: RunConfig, hardware: Hardware, work: Workl
                           "gather (partition_parameters.py); a 4-bit base trains with it on 2 CPU ranks with the "
                           "losses of a run without (tests/distributed/test_plan_measured.py), not yet run on GPUs")
     if load.quantize_s > load.seconds / 2:
-        plan.notes.append(f"job start: quantizing on each rank's CPU is {load.quantize_s / load.seconds:.0%} of the "
+        plan.notes.append(f"job start: quantizing on each rank's {hardware.accelerator.upper()} is "
+                          f"{load.quantize_s / load.seconds:.0%} of the "
                           "load time, at every start and requeue; more ranks per job divide it (each quantizes its "
                           "share), and a longer --time-limit means fewer requeues")
     if choice.comm_s > choice.compute_s + choice.dequant_s:
@@ -161,8 +162,11 @@ def load_lines(plan: Plan) -> list[str]:
              f"  checkpoint read       {load.checkpoint_bytes / 1e9:10.2f} GB once in all (bf16 safetensors), about "
              f"1/{hw.world} by each rank -> {load.read_s:8.2f} s at {hw.disk_gbs:g} GB/s a node"]
     if w.base is not None:
+        where, rate = "CPU", f"{quantize_gws(hw, w.base.bits):g} G/s"
+        if hw.accelerator == "gpu":
+            where, rate = "GPU after PCIe", rate + " (an estimate)"
         lines.append(f"  quantize              {load.quantized_per_rank / 1e9:10.2f} G weights by each rank (its "
-                     f"turns' share, on the CPU) -> {load.quantize_s:8.2f} s at {QUANTIZE_GWS[w.base.bits]:g} G/s")
+                     f"turns' share, on its {where}) -> {load.quantize_s:8.2f} s at {rate}")
     if hw.world > 1:
         base = base_name(w.base, w.itemsize)
         lines += [f"  to rank 0             {load.to_rank_0_bytes / 1e9:10.2f} GB received by rank 0 (the {base} "

@@ -4,8 +4,9 @@ The model skeleton is built on the meta device (no weight memory) and its target
 for quantized linears there (``Int8Linear``, or ``FourBitLinear`` with ``quantization.bits: 4``). Then each
 module, innermost first, gets real tensors: read one tensor at a time from the safetensors checkpoint (or
 initialised the way transformers initialises that module, for a config-only model), quantized when it
-belongs to a quantized linear, and, under ZeRO-3, immediately handed to ``deepspeed.zero.Init(module=...)``,
-which broadcasts rank 0's values and keeps 1/N on each rank. Under ZeRO-3 the ranks take turns: of every N
+belongs to a quantized linear (on the rank's accelerator when training: a GPU quantizes a weight in
+milliseconds where one CPU thread takes seconds), and, under ZeRO-3, immediately handed to
+``deepspeed.zero.Init(module=...)``, which broadcasts rank 0's values and keeps 1/N on each rank. Under ZeRO-3 the ranks take turns: of every N
 consecutive modules, rank i reads and quantizes the i-th (all N at once), then sends it to rank 0 for
 ``zero.Init`` to broadcast, so the job reads and quantizes each tensor once, N ranks at a time. Peak host
 memory per rank is therefore about (quantized model / N) + one module, measured and reported.
@@ -55,6 +56,7 @@ class LoadReport:
     bytes_read: int  # checkpoint tensor bytes this rank read (about 1/N of them under ZeRO-3)
     seconds: float  # wall time of the streaming loop (read, quantize, send to rank 0, partition)
     quantization: tuple[QuantReport, ...]  # one per linear quantized on this rank, in load order
+    quantized_on: str  # the device that quantized them: the rank's accelerator when training, else cpu
 
     @property
     def quantize_seconds(self) -> float:
@@ -68,7 +70,7 @@ class LoadReport:
                 f"while loading; private +{(self.peak_private - self.private_before) / mib:.1f} MiB), "
                 f"parameters held {self.local_param_bytes / mib:.2f} MiB of {self.full_param_bytes / mib:.2f} MiB, "
                 f"checkpoint read {self.bytes_read / mib:.2f} MiB in {self.seconds:.1f} s "
-                f"({self.quantize_seconds:.1f} s quantizing)")
+                f"({self.quantize_seconds:.1f} s quantizing on {self.quantized_on})")
 
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -193,10 +195,14 @@ def _zero3_dtype(ds_config: dict) -> torch.dtype:
 @torch.no_grad()
 def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointReader | None, reads: bool,
           transposed: set[str], names_of: dict[int, list[str]], done: dict[int, nn.Parameter],
-          errors: list[QuantReport]) -> list[nn.Parameter]:
-    """Give ``module``'s own parameters and buffers real CPU tensors holding checkpoint (or init) values and
+          errors: list[QuantReport], quantize_on: torch.device) -> list[nn.Parameter]:
+    """Give ``module``'s own parameters and buffers real tensors holding checkpoint (or init) values and
     return the parameters created (not those tied to one already loaded); a quantized linear's quantization
     error goes to ``errors``.
+
+    A quantized linear's parameters are made on ``quantize_on``, and its dense weight (read, or drawn on the
+    CPU) is moved there to be quantized and measured; every other tensor is made on the CPU, so that the
+    config-only init draws the same numbers on every machine.
 
     Without ``reads`` (under ZeRO-3, the ranks that do not read this module) parameters stay uninitialised
     until the reading rank's values arrive. Buffers are not broadcast: every rank computes (or reads) its
@@ -213,7 +219,8 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
             module._parameters[key] = done[id(meta)]
             module._parameters[key]._is_hf_initialized = True  # transformers' init functions then skip it
             continue
-        param = nn.Parameter(torch.empty_like(meta, device="cpu"), requires_grad=meta.requires_grad)
+        device = quantize_on if isinstance(module, QUANTIZED_TYPES) else torch.device("cpu")
+        param = nn.Parameter(torch.empty_like(meta, device=device), requires_grad=meta.requires_grad)
         module._parameters[key] = done[id(meta)] = param
         fresh[key] = (param, names_of.get(id(meta), [prefix + key]))
     created = [param for param, _ in fresh.values()]
@@ -231,8 +238,9 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
             weight = weight.t() if name in transposed else weight
             bias = reader.get(prefix + "bias") if getattr(module, "bias", None) is not None else None
         began = time.perf_counter()
+        weight = weight.to(quantize_on)
         module.load_weight(weight)
-        error = quantization_error(name, weight, module)
+        error = quantization_error(name, weight, module)  # its .item() calls wait for the device: timed in full
         errors.append(replace(error, seconds=time.perf_counter() - began))
         if bias is not None:
             module.bias.copy_(bias)
@@ -298,16 +306,18 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
     rank = dist.get_rank() if zero3 else 0
     # Config-only, rank 0 draws every init value, in the order a single process draws them.
     readers = dist.get_world_size() if zero3 and reader is not None else 1
-    if zero3:
-        import deepspeed
+    device = torch.device("cpu")
+    if ds_config:  # training: quantize on the rank's accelerator, where the engine puts the parameters anyway
         from deepspeed.accelerator import get_accelerator
 
         device = torch.device(get_accelerator().current_device_name())
+    if zero3:
+        import deepspeed
     with torch.random.fork_rng():
         torch.manual_seed(0)
         for start in range(0, len(modules), readers):
             turn = modules[start:start + readers]  # rank i reads the i-th module of the turn
-            created = [_fill(model, name, module, reader, i == rank, transposed, names_of, done, errors)
+            created = [_fill(model, name, module, reader, i == rank, transposed, names_of, done, errors, device)
                        for i, (name, module) in enumerate(turn)]
             rss, private = resident_bytes()
             peak, peak_private = max(peak, rss), max(peak_private, private)
@@ -326,7 +336,7 @@ def load_quantized_base(model_cfg: ModelConfig, quant_cfg: QuantizationConfig,
                         dist.get_world_size() if dist.is_initialized() else 1, zero3, rss_before, peak,
                         private_before, peak_private, _param_bytes(model, local=True),
                         _param_bytes(model, local=False), reader.bytes_read if reader else 0,
-                        time.perf_counter() - began, tuple(errors))
+                        time.perf_counter() - began, tuple(errors), str(device))
     return model, report
 
 

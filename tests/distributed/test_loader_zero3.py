@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from peft_dist.config.schema import ModelConfig, QuantizationConfig
 from peft_dist.model import tiny_llama_config
 from peft_dist.plan.dryrun import build_meta_model, meta_inventory
-from peft_dist.plan.estimate import QUANTIZE_GWS, Hardware, load_cost
+from peft_dist.plan.estimate import CPU_QUANTIZE_GWS, Hardware, load_cost
 from peft_dist.plan.inventory import per_rank
 from peft_dist.plan.models import shape_from_hf
 from peft_dist.quant.loader import load_quantized_base
@@ -119,7 +119,8 @@ def test_the_planners_load_cost_is_what_the_loader_read_and_holds(zero3_run):
     directory, ranks, _, quant = zero3_run
     shape = shape_from_hf(AutoModelForCausalLM.from_pretrained(directory).config, "loader-test")
     held = per_rank(meta_inventory(build_meta_model(shape, [], "all-linear", "float32", quant)), 2, 0)
-    cost = load_cost(shape, held, Hardware(1, 2, gpu_mem_gib=80, peak_tflops=1), quant, checkpoint_itemsize=4)
+    cost = load_cost(shape, held, Hardware(1, 2, gpu_mem_gib=80, peak_tflops=1, accelerator="cpu"), quant,
+                     checkpoint_itemsize=4)
     assert cost.checkpoint_bytes == sum(rank["report"]["bytes_read"] for rank in ranks) == stored_bytes(directory)
     assert cost.to_rank_0_bytes == pytest.approx(ranks[1]["report"]["full_param_bytes"] / 2, rel=0.05)
     assert cost.broadcast_bytes == ranks[1]["report"]["full_param_bytes"]
@@ -127,7 +128,7 @@ def test_the_planners_load_cost_is_what_the_loader_read_and_holds(zero3_run):
     assert sum(quantized) == held.quantized_numel == sum(o * i for layer in range(shape.layers)
                                                          for _, o, i, _ in shape.linears(layer))
     assert all(q == pytest.approx(cost.quantized_per_rank, rel=0.1) for q in quantized), quantized
-    assert cost.quantize_s == cost.quantized_per_rank / (QUANTIZE_GWS[quant.bits] * 1e9)
+    assert cost.quantize_s == cost.quantized_per_rank / (CPU_QUANTIZE_GWS[quant.bits] * 1e9)
     assert all(q["seconds"] > 0 for rank in ranks for q in rank["report"]["quantization"])
 
 

@@ -1,7 +1,7 @@
 """Every path on this machine's accelerator: a ZeRO-3 int8 step for every method in bf16 and fp16, AdaLoRA
-masks through a checkpoint and resume, generate and export, accelerator memory in MLflow, and the int8
-matmul against its reference on the device. One rank (a lent machine has one GPU; the multi-rank logic is
-covered by the CPU tests in tests/distributed and by tests/unit/test_devices.py).
+masks through a checkpoint and resume, generate and export, accelerator memory in MLflow, the loader quantizing
+on the device, and the int8 matmul against its reference on the device. One rank (a lent machine has one GPU;
+the multi-rank logic is covered by the CPU tests in tests/distributed and by tests/unit/test_devices.py).
 
 Runs where CUDA is available. ``PEFT_DIST_GPU_TESTS=cpu`` runs the same tests on the CPU (gloo; fp32 and
 bf16, since DeepSpeed refuses fp16 on a CPU without it), which is how ``bench/gpu_check.sh --cpu`` proves
@@ -62,6 +62,15 @@ def test_tracked_generated_and_exported(runs, precision):
     assert "memory/peak_rss_gib/rank0" in tracked["metrics"] and "train/loss" in tracked["metrics"]
     assert tracked["generated"].startswith("the cat")
     assert tracked["export_gap"] < (1e-4 if precision == "fp32" else 3e-2)  # 16-bit rounding of the logits
+
+
+def test_the_loader_quantizes_on_the_device_as_the_cpu_does(runs):
+    """int8 codes and scales are computed in float32 everywhere: equal. bitsandbytes' CUDA NF4 kernel and its CPU
+    code may round a weight at a code boundary the other way: nearly all equal."""
+    for bits, loaded in runs["loaded"].items():
+        assert loaded["quantized_on"] == runs["device"]
+        least = 1.0 if bits == "8" else 0.999
+        assert all(share >= least for share in loaded["same"].values()), (bits, loaded["same"])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -3,7 +3,8 @@ with every ``torch.distributed`` collective checked to receive tensors on that d
 
 For each precision asked: every method trains a few steps of ZeRO-3 on the int8 tiny Llama; AdaLoRA stops
 after a checkpoint and resumes (its masks and importance travel through the checkpoint); the LoRA run is
-tracked in a local MLflow store, generated from and exported. Writes ``OUT/gpu.json``.
+tracked in a local MLflow store, generated from and exported. Then a checkpoint is loaded under ZeRO-3 as int8
+and NF4, quantized on the device. Writes ``OUT/gpu.json``.
 """
 from __future__ import annotations
 
@@ -17,10 +18,14 @@ from deepspeed.accelerator import get_accelerator
 from transformers import AutoModelForCausalLM
 
 from peft_dist.adapters.registry import methods
+from peft_dist.config.schema import ModelConfig, QuantizationConfig
 from peft_dist.distributed.env import exit_process
 from peft_dist.export import export
 from peft_dist.generate import generate
 from peft_dist.inference import load_for_inference
+from peft_dist.model import tiny_llama_config
+from peft_dist.quant.loader import load_quantized_base
+from peft_dist.quant.model import quantize_model
 from peft_dist.train.config import build_run_config
 from peft_dist.train.trainer import train
 from tests.collectives import collectives_on
@@ -72,6 +77,29 @@ def tracked_lora(precision: str, out: Path, corpus: Path) -> dict:
     return {"metrics": sorted(run.data.metrics), "generated": text, "export_gap": gap}
 
 
+def loaded_on_the_device(out: Path) -> dict:
+    """A saved checkpoint streamed in under ZeRO-3 as int8 and as NF4 (the loader quantizes on the rank's
+    accelerator): where it quantized, and for each parameter the fraction of its elements equal to quantizing the
+    same weights on the CPU."""
+    import deepspeed
+
+    directory = out / "checkpoint"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(directory)
+    zero3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    loaded = {}
+    for quant in (QuantizationConfig(), QuantizationConfig(bits=4, double_quant=True)):
+        model, report = load_quantized_base(ModelConfig(name_or_path=str(directory)), quant, zero3)
+        want = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        quantize_model(want, "all-linear", torch.float32, quant)
+        expected, same = dict(want.named_parameters()), {}
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param]):
+                same[name] = (param.data.cpu() == expected[name].data).double().mean().item()
+        loaded[quant.bits] = {"quantized_on": report.quantized_on, "same": same}
+    return loaded
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -86,6 +114,7 @@ def main() -> None:
             record[precision] = {"methods": every_method(precision, out, corpus),
                                  "adalora_resumed": adalora_resumed(precision, out, corpus),
                                  "tracked": tracked_lora(precision, out, corpus)}
+        record["loaded"] = loaded_on_the_device(out)
     (out / "gpu.json").write_text(json.dumps(record, indent=2))
 
 

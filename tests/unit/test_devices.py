@@ -14,7 +14,8 @@ CPU_ONLY = {
     "data": "tokenizing and batching on the host; batches are moved with .to(engine.device)",
     "plan": "planner arithmetic on the meta device or plain numbers",
     "assets": "builds the tokenizer file",
-    "quant/loader.py": "fills host tensors that zero.Init then places",
+    "quant/loader.py": "makes host tensors that zero.Init then places (a quantized linear's on the quantizing "
+                       "device, named)",
 }
 
 

@@ -57,6 +57,7 @@ def test_matches_from_pretrained_then_quantize(tmp_path, shard, quant):
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(model(input_ids=ids).logits, want(input_ids=ids).logits, atol=LOGITS_ATOL, rtol=0)
     assert not report.zero3 and report.world_size == 1
+    assert report.quantized_on == "cpu" and "quantizing on cpu)" in report.line()  # no DeepSpeed config
     assert report.local_param_bytes == report.full_param_bytes == sum(
         p.numel() * p.element_size() for p in model.parameters())
     assert [(r.name, r.rel_error, r.max_abs_error) for r in report.quantization] == [

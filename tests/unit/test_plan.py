@@ -304,13 +304,13 @@ def test_four_bit_analytic_matches_the_real_four_bit_layers(quant):
         assert per_rank(analytic, world, 100_000) == per_rank(meta, world, 100_000)
 
 
-def llama_70b_plan(*extra):
+def llama_70b_plan(*extra, **hardware):
     """The issue's case: llama-70b, one node of 2 x 24 GiB GPUs, 4-bit base (defaults otherwise)."""
     from peft_dist.plan.__main__ import default_overrides
     from peft_dist.plan.planner import make_plan
 
     cfg = load_config(None, default_overrides("llama-70b", "llama-70b") + ["quantization.bits=4", *extra])
-    return make_plan(PRESETS["llama-70b"], cfg, Hardware(1, 2, 24, 989), Workload(2048, 512, 10**9))
+    return make_plan(PRESETS["llama-70b"], cfg, Hardware(1, 2, 24, 989, **hardware), Workload(2048, 512, 10**9))
 
 
 def test_llama_70b_4bit_on_two_24gib_gpus_fits_only_with_the_base_offloaded_to_cpu():
@@ -395,6 +395,21 @@ def test_a_plan_that_fits_nowhere_names_the_term(capsys):
     capsys.readouterr()
     assert main(base + ["--gpu-mem-gib", "24", "--set", "quantization.enabled=false"]) == 2
     assert "quantization.enabled is false" in capsys.readouterr().err
+
+
+def test_quantizing_at_job_start_is_priced_where_the_ranks_run():
+    """The 70B NF4 plan: on the GPU each rank's 34.2 G weights cost the estimated device rate plus their bf16 bytes
+    over PCIe, seconds of a job start; on the CPU (DS_ACCELERATOR=cpu) the measured rate, most of it, and a note."""
+    from peft_dist.plan.estimate import CPU_QUANTIZE_GWS, GPU_QUANTIZE_GWS
+
+    gpu = llama_70b_plan()
+    weights = gpu.load.quantized_per_rank
+    assert weights / 1e9 == pytest.approx(34.23, abs=0.01)
+    assert gpu.load.quantize_s == pytest.approx(weights / (GPU_QUANTIZE_GWS * 1e9) + weights * 2 / 25e9)
+    assert gpu.load.quantize_s < 0.1 * gpu.load.seconds and not any("quantizing" in n for n in gpu.notes)
+    cpu = llama_70b_plan(accelerator="cpu")
+    assert cpu.load.quantize_s == pytest.approx(weights / (CPU_QUANTIZE_GWS[4] * 1e9))
+    assert any(n.startswith("job start: quantizing on each rank's CPU is 93% of the load time") for n in cpu.notes)
 
 
 def test_llama_70b_doc_shows_what_the_planner_prints(capsys):
