@@ -6,10 +6,11 @@ module, innermost first, gets real tensors: read one tensor at a time from the s
 initialised the way transformers initialises that module, for a config-only model), quantized when it
 belongs to a quantized linear (on the rank's accelerator when training: a GPU quantizes a weight in
 milliseconds where one CPU thread takes seconds), and, under ZeRO-3, immediately handed to
-``deepspeed.zero.Init(module=...)``, which broadcasts rank 0's values and keeps 1/N on each rank. Under ZeRO-3 the ranks take turns: of every N
-consecutive modules, rank i reads and quantizes the i-th (all N at once), then sends it to rank 0 for
-``zero.Init`` to broadcast, so the job reads and quantizes each tensor once, N ranks at a time. Peak host
-memory per rank is therefore about (quantized model / N) + one module, measured and reported.
+``deepspeed.zero.Init(module=...)``, which broadcasts rank 0's values and keeps 1/N on each rank. Under
+ZeRO-3 the ranks take turns: of every N consecutive modules, rank i reads and quantizes the i-th (all N at
+once), then sends it to rank 0 for ``zero.Init`` to broadcast, so the job reads and quantizes each tensor
+once, N ranks at a time. Peak host memory per rank is therefore about (quantized model / N) + one module,
+measured and reported.
 """
 from __future__ import annotations
 
