@@ -220,8 +220,8 @@ ADALORA_SCHEDULES: dict[float, dict] = {
 }
 
 # The large base's, from its own sweep (``--base-model large --sweep``: each grid starts around the small base's
-# rate for the same row, ``initial_grid``). The sweep of 2026-12-01 (this AVX-512 CPU, 64 minutes alongside other
-# work) was stopped after these 18 rows; `--base-model large --sweep --missing` does the rest.
+# rate for the same row, ``initial_grid``), 2026-12-01 on an AVX-512 CPU: 18 rows in 64 minutes alongside other
+# work, then the other 15 (``--sweep --missing``) in 42 minutes.
 LARGE_LEARNING_RATES: dict[tuple, float] = {  # by Row.key
     ('full', None): 0.001,  # 0.000333333: 3.038, 0.001: 3.030, 0.003: 3.097, 0.01: 3.429
     ('bitfit', None): 0.03,  # 0.009: 3.146, 0.03: 3.129, 0.1: 3.138, 0.3: 3.191
@@ -241,6 +241,21 @@ LARGE_LEARNING_RATES: dict[tuple, float] = {  # by Row.key
     ('krona_all', 0.01): 0.03,  # 0.01: 3.054, 0.03: 3.052, 0.1: 3.870
     ('krona_all', 0.01, 'lora_all'): 0.03,  # 0.01: 3.069, 0.03: 3.059, 0.1: 3.385
     ('krona_block', 0.001): 0.1,  # 0.0333333: 3.123, 0.1: 3.105, 0.3: 3.108, 1: 3.145
+    ('krona_block', 0.01): 0.1,  # 0.03: 3.100, 0.1: 3.089, 0.3: 3.094
+    ('krona_block_res', 0.001): 0.1,  # 0.0333333: 3.121, 0.1: 3.101, 0.3: 3.104, 1: 3.139
+    ('krona_block_res', 0.01): 0.1,  # 0.03: 3.101, 0.1: 3.086, 0.3: 3.093
+    ('parallel', 0.001): 0.1,  # 0.03: 3.124, 0.1: 3.122, 0.3: 3.127
+    ('parallel', 0.01): 0.03,  # 0.009: 3.101, 0.03: 3.084, 0.1: 3.090, 0.3: 3.173
+    ('scaled_parallel', 0.001): 0.03,  # 0.01: 3.126, 0.03: 3.115, 0.1: 3.133
+    ('scaled_parallel', 0.01): 0.03,  # 0.01: 3.090, 0.03: 3.075, 0.1: 3.127
+    ('prefix', 0.001): 1,  # 0.3: 3.215, 1: 3.187, 3: 3.189
+    ('prefix', 0.01): 1,  # 0.3: 3.209, 1: 3.181, 3: 3.234
+    ('prefix_gated', 0.001): 1,  # 0.1: 3.178, 0.3: 3.174, 1: 3.172, 3.33333: 3.376
+    ('prefix_gated', 0.01): 0.3,  # 0.1: 3.167, 0.3: 3.165, 1: 3.186
+    ('prefix_reparam', 0.001): 0.03,  # 0.01: 3.199, 0.03: 3.184, 0.1: 3.201
+    ('prefix_reparam', 0.01): 0.03,  # 0.01: 3.198, 0.03: 3.173, 0.1: 3.203
+    ('mam', 0.001): 0.1,  # 0.03: 3.126, 0.1: 3.118, 0.3: 3.141
+    ('mam', 0.01): 0.03,  # 0.01: 3.102, 0.03: 3.090, 0.1: 3.114
 }
 LARGE_ADALORA_SCHEDULES: dict[float, dict] = {
     0.001: {'init_ratio': 4.0, 'tfinal': 12},  # at lr 0.1: init_r 1.5 x, tfinal 12: 3.167, init_r 1.5 x, tfinal 32: 3.162, init_r 2 x, tfinal 12: 3.161, init_r 2 x, tfinal 32: 3.164, init_r 4 x, tfinal 12: 3.160, init_r 4 x, tfinal 32: 3.164
