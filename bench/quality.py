@@ -507,6 +507,12 @@ def pretrained_base(corpora: Corpora, name: str) -> tuple[dict, float, Path]:
     return state, mean_loss(model, corpora.b_test), path.relative_to(REPO) if path.is_relative_to(REPO) else path
 
 
+def shown(path: Path) -> str:
+    """A base's file as the results name it: relative to the repository (the shipped base) or to ~ (the large
+    base's cache), not this machine's home directory."""
+    return f"~/{path.relative_to(Path.home())}" if path.is_relative_to(Path.home()) else str(path)
+
+
 # ---- methods and budgets --------------------------------------------------------------------------
 
 def adalora_adapters(method: str, target_r: int, schedule: dict) -> list[dict]:
@@ -1037,8 +1043,8 @@ def bases_header(argv: str, minutes: float, path: Path, seeds: tuple[int, ...], 
         f"{torch.get_num_threads()}, torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}). CPU flags "
         "(`grep -m1 flags /proc/cpuinfo`):", "", "```", flags, "```", "",
         f"LoRA as the methods table sets it (`plan`'s configuration, `LEARNING_RATES`, the same data order), seeds "
-        f"{', '.join(map(str, seeds))}, {steps} steps, each from the same pretrained base ({path}) whose decoder "
-        "linears (q, k, v, o, gate, up and down of every layer: what the trainer's `all-linear` quantizes) are kept "
+        f"{', '.join(map(str, seeds))}, {steps} steps, each from the same pretrained base ({shown(path)}) whose "
+        "decoder linears (q, k, v, o, gate, up and down of every layer: what the trainer's `all-linear` quantizes) are kept "
         "as the \"decoder linears\" column says, quantized by peft_dist's `quantize_model` as the trainer calls it. "
         "Embeddings, norms and lm_head stay fp32 and every base computes in fp32, so the bases differ only in how "
         "those weights are stored; \"bf16\" is the fp32 weights rounded to bfloat16, the weights a 16-bit base "
@@ -1153,7 +1159,7 @@ def table(methods: tuple[str, ...], budgets: tuple[float, ...], rows: list[Row],
     skipped = "".join(f" Not run at {b:.1%} (no configuration within a factor {BUDGET_WINDOW:g} of it): "
                       f"{', '.join(names)}." for b, names in unreachable.items() if names)
     lines = [f"Base: {SHAPE.layers}-layer Llama, hidden {SHAPE.hidden}, FFN {SHAPE.intermediate}, vocab {SHAPE.vocab}, "
-             f"{SHAPE.total_params():,} parameters, pretrained {PRETRAIN['steps']} steps on A ({path}). "
+             f"{SHAPE.total_params():,} parameters, pretrained {PRETRAIN['steps']} steps on A ({shown(path)}). "
              f"Adaptation: {steps} steps of {BATCH} x {SEQ} tokens of B, seeds {', '.join(map(str, seeds))}; "
              f"{len(corpora.b_train)} training blocks of B, loss on all {len(corpora.b_test)} test blocks "
              f"({len(tokens)} documents, {sum(tokens):,} tokens). {torch.get_num_threads()} threads.{skipped}", "",
