@@ -1045,9 +1045,9 @@ def bases_header(argv: str, minutes: float, path: Path, seeds: tuple[int, ...], 
         f"LoRA as the methods table sets it (`plan`'s configuration, `LEARNING_RATES`, the same data order), seeds "
         f"{', '.join(map(str, seeds))}, {steps} steps, each from the same pretrained base ({shown(path)}) whose "
         "decoder linears (q, k, v, o, gate, up and down of every layer: what the trainer's `all-linear` quantizes) "
-        "are kept as the \"decoder linears\" column says, quantized by peft_dist's `quantize_model` as the trainer calls it. "
-        "Embeddings, norms and lm_head stay fp32 and every base computes in fp32, so the bases differ only in how "
-        "those weights are stored; \"bf16\" is the fp32 weights rounded to bfloat16, the weights a 16-bit base "
+        "are kept as the \"decoder linears\" column says, quantized by peft_dist's `quantize_model` as the trainer "
+        "calls it. Embeddings, norms and lm_head stay fp32 and every base computes in fp32, so the bases differ only "
+        "in how those weights are stored; \"bf16\" is the fp32 weights rounded to bfloat16, the weights a 16-bit base "
         "holds. \"before adaptation\" is the base's held-out loss on B: the storage's own cost, with a bootstrap "
         "over test documents of its difference to bf16.", ""]
 
