@@ -45,13 +45,12 @@ def write_model(directory: Path) -> int:
 def worker(checkpoint: str, out: str, bits: str) -> None:
     """One rank: DeepSpeed's one-time setup first (so the load line is the model's own cost), then load."""
     import deepspeed
+    from deepspeed.accelerator import get_accelerator
 
     from peft_dist.config.schema import ModelConfig, QuantizationConfig
     from peft_dist.distributed.env import exit_process
     from peft_dist.quant.loader import load_quantized_base
     from peft_dist.quant.model import quantize_linear
-
-    from deepspeed.accelerator import get_accelerator
 
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     deepspeed.zero.Init(module=torch.nn.Linear(2, 2), config_dict_or_path=DS_CONFIG)
@@ -69,7 +68,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, choices=(4, 8), default=8, help="int8 (default) or NF4 base")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="the N to load at")
-    parser.add_argument("--accelerator", default="cpu", help="DS_ACCELERATOR of the ranks (cpu, cuda)")
+    parser.add_argument("--accelerator", choices=("cpu", "cuda"), default="cpu", help="the ranks' DS_ACCELERATOR")
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
