@@ -730,6 +730,11 @@ def run_key(method: str, adapters: list[dict], lr: float, seed: int, steps: int,
     return json.dumps([method, adapters, lr, seed, steps, validate, base], sort_keys=True)
 
 
+def is_recorded(method: str, adapters: list[dict], lr: float, seed: int, steps: int) -> bool:
+    """Whether ``adapt`` has this methods-table run (test split, fp32 base) in RUNS already."""
+    return RUNS is not None and run_key(method, adapters, lr, seed, steps, False, "fp32") in recorded_runs(RUNS)
+
+
 def adapt(method: str, adapters: list[dict], state: dict, corpora: Corpora, lr: float, seed: int, steps: int,
           validate: bool = False, base: str = "fp32") -> dict:
     """Adapt a fresh copy of the base (its decoder linears kept as ``base`` says) to B; B's test loss (the mean
@@ -1169,8 +1174,11 @@ def table(methods: tuple[str, ...], budgets: tuple[float, ...], rows: list[Row],
              "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     results = {}
-    for row in rows:
+    todo = sum(not is_recorded(row.method, row.adapters, rates[row.key], seed, steps) for row in rows for seed in seeds)
+    began, ran = time.perf_counter(), 0
+    for number, row in enumerate(rows, 1):
         lr = rates[row.key]
+        ran += sum(not is_recorded(row.method, row.adapters, lr, seed, steps) for seed in seeds)
         runs = [adapt(row.method, row.adapters, state, corpora, lr, seed, steps) for seed in seeds]
         losses = [r["test"] for r in runs]
         spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
@@ -1182,6 +1190,10 @@ def table(methods: tuple[str, ...], budgets: tuple[float, ...], rows: list[Row],
                 f"{statistics.mean(losses):.3f} ± {spread:.3f} | {step_ms:.0f} |")
         lines.append(line)
         print(line, flush=True)
+        if ran:  # progress on stderr, so that stdout stays the table
+            minutes = (time.perf_counter() - began) / 60
+            print(f"  row {number}/{len(rows)}: {ran} of {todo} new runs (not recorded before), {minutes:.0f} min; "
+                  f"ETA {minutes * (todo - ran) / ran:.0f} min", file=sys.stderr, flush=True)
     return lines, claims(results, budgets, tokens)
 
 
