@@ -13,7 +13,8 @@
     python bench/quality.py --across-bases --write docs/RESULTS.md  # each claim's verdict on both bases
 
 Every run's result is recorded (RUNS_DIR, one file per base's weights): a sweep or table that is stopped resumes
-where it stopped when started again, so the large base's hours can be spread over several sittings, and
+where it stopped when started again (the table prints its progress and an ETA on stderr after each row), so the
+large base's hours can be spread over several sittings, and
 ``--across-bases`` (both tables, then one row per claim with its verdict on each base, written between
 ACROSS_MARKS below the hand-written reading) reruns nothing that the two tables have recorded.
 
