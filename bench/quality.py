@@ -14,9 +14,9 @@
 
 Every run's result is recorded (RUNS_DIR, one file per base's weights): a sweep or table that is stopped resumes
 where it stopped when started again (the table prints its progress and an ETA on stderr after each row), so the
-large base's hours can be spread over several sittings, and
-``--across-bases`` (both tables, then one row per claim with its verdict on each base, written between
-ACROSS_MARKS below the hand-written reading) reruns nothing that the two tables have recorded.
+large base's hours can be spread over several sittings, and ``--across-bases`` (both tables, then one row per
+claim with its verdict on each base, written between ACROSS_MARKS below the hand-written reading) reruns nothing
+that the two tables have recorded.
 
 Verdicts (bench/stats.py, fixed before the numbers): each claim "x beats y" is a paired comparison by seed (the
 two runs of a seed share data order and seed), judged by a paired t test with a 95% CI; the p-values of all
