@@ -74,9 +74,9 @@ def make_plan(shape: ModelShape, cfg: RunConfig, hardware: Hardware, work: Workl
                           "losses of a run without (tests/distributed/test_plan_measured.py), not yet run on GPUs")
     if load.quantize_s > load.seconds / 2:
         plan.notes.append(f"job start: quantizing on each rank's {hardware.accelerator.upper()} is "
-                          f"{load.quantize_s / load.seconds:.0%} of the "
-                          "load time, at every start and requeue; more ranks per job divide it (each quantizes its "
-                          "share), and a longer --time-limit means fewer requeues")
+                          f"{load.quantize_s / load.seconds:.0%} of the load time, at every start and requeue; more "
+                          "ranks per job divide it (each quantizes its share), and a longer --time-limit means fewer "
+                          "requeues")
     if choice.comm_s > choice.compute_s + choice.dequant_s:
         plan.notes.append("communication-bound: every micro-batch all-gathers the base for its forward and again "
                           "for its backward; a larger micro-batch (more memory per GPU) or fewer, larger nodes "

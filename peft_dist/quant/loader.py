@@ -215,12 +215,12 @@ def _fill(model: nn.Module, name: str, module: nn.Module, reader: CheckpointRead
         if buf is not None and buf.is_meta:
             module._buffers[key] = torch.empty_like(buf, device="cpu")
     fresh = {}  # key -> (new parameter, the checkpoint names it may be stored under)
+    device = quantize_on if isinstance(module, QUANTIZED_TYPES) else torch.device("cpu")
     for key, meta in module.named_parameters(recurse=False):
         if id(meta) in done:  # tied to a parameter already loaded (e.g. lm_head and embed_tokens)
             module._parameters[key] = done[id(meta)]
             module._parameters[key]._is_hf_initialized = True  # transformers' init functions then skip it
             continue
-        device = quantize_on if isinstance(module, QUANTIZED_TYPES) else torch.device("cpu")
         param = nn.Parameter(torch.empty_like(meta, device=device), requires_grad=meta.requires_grad)
         module._parameters[key] = done[id(meta)] = param
         fresh[key] = (param, names_of.get(id(meta), [prefix + key]))
