@@ -23,7 +23,8 @@ peak resident set (``VmHWM``, as the trainer logs it) every few seconds; a job s
 is stopped and reported as far as it got. On a CPU without native bf16 (AVX2) a bf16 step of this model
 takes over an hour (its backward GEMMs are emulated), so the peft rows stop inside their step: their peak
 is then a lower bound, and a ratio to it an upper bound. All three setups get the trainer's allocator
-setting (``return_freed_buffers_to_the_os``), so none pays for glibc's heap.
+setting (``return_freed_buffers_to_the_os``), so none pays for glibc's heap, and its process group
+(``init_distributed``: on gloo ZeRO-3's gathers are received in place), so none pays for gloo's second copy.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from peft_dist.config.schema import ModelConfig, QuantizationConfig
-from peft_dist.distributed.env import exit_process
+from peft_dist.distributed.env import exit_process, init_distributed, resolve_env
 from peft_dist.quant.loader import load_quantized_base
 from peft_dist.quant.model import quantize_model
 
@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--quant", default="{}")
     args = parser.parse_args()
     quant = QuantizationConfig(**json.loads(args.quant))
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed(resolve_env())  # the trainer's: ZeRO-3's gathers go through all_gather_in_place
     rank = torch.distributed.get_rank()
     # DeepSpeed's one-time setup (config parsing, the shm communication op) happens at the first
     # zero.Init; done here on a toy module so that the loader's RSS delta is the model's own cost.
