@@ -9,7 +9,7 @@
     python bench/quality.py --make-base               # pretrain the shipped base anew, print its sha256 (~10 min)
     python bench/quality.py --base-model large --make-base  # the second base (6 layers, hidden 384), ~1 hour
     python bench/quality.py --base-model large --sweep      # its rates, from around the small base's (~2 hours)
-    python bench/quality.py --base-model large --write docs/RESULTS_LARGE.md  # its table (~3 hours)
+    python bench/quality.py --base-model large --write docs/RESULTS_LARGE.md  # its table (~2 hours)
     python bench/quality.py --across-bases --write docs/RESULTS.md  # each claim's verdict on both bases
 
 Every run's result is recorded (RUNS_DIR, one file per base's weights): a sweep or table that is stopped resumes
