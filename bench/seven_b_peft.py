@@ -4,21 +4,23 @@ on 2 CPU ranks under ZeRO-3, each setup stopped at a time limit that reports how
     python bench/seven_b_peft.py                   # about 70 minutes: 3 jobs of up to --limit-s each
     python bench/seven_b_peft.py --limit-s 900
     python bench/seven_b_peft.py --baselines        # peft-dist's row alone (about 10 minutes)
+    python bench/seven_b_peft.py --steps 2          # every job 2 steps: the second prefetches, as later ones do
 
 1. ``python -m peft_dist.plan --model DIR --config 7b.yaml --nodes 1 --gpus-per-node 2 ... --write P`` writes
    the run config and DeepSpeed config (ZeRO-3, one layer prefetched, two live) that all three setups use:
    the same data (the 100M-token corpus of bench/data.py, block 64), micro-batch, LoRA r=8 on q,v, bf16.
-2. ``peft-dist``: ``torchrun --nproc_per_node 2 launcher/train.py --config P.yaml --set train.max_steps=1``,
+2. ``peft-dist``: ``torchrun --nproc_per_node 2 launcher/train.py --config P.yaml --set train.max_steps=STEPS``,
    the user's flow; its memory is what the run logged to MLflow (``memory/peak_rss_gib/rank*``). Its base is
    int8 with the (untied) token embedding and output head quantized too (``--tables bf16``: both in bf16, as
    ``all-linear`` leaves them).
 3. ``peft+bf16``: ``from_pretrained`` of the bf16 base under ``HfDeepSpeedConfig`` (partitioned while it loads,
-   as the HF Trainer does), ``get_peft_model``, ``deepspeed.initialize``, one ``train_step``.
+   as the HF Trainer does), ``get_peft_model``, ``deepspeed.initialize``, then ``train_step`` for each of the
+   ``--steps`` steps (default 1).
 4. ``peft+bnb8``: the same with ``BitsAndBytesConfig(load_in_8bit=True)``: transformers loads a quantized
    model whole on every rank and bitsandbytes keeps its int8 weights where ZeRO-3 does not partition them;
    its head stays bf16 (bitsandbytes' default ``llm_int8_skip_modules``).
 
-Each peft rank writes its phase (loading, forward through layer k, backward at layer k, step done) and its
+Each peft rank writes its phase (loading, forward through layer k, backward at layer k, steps done) and its
 peak resident set (``VmHWM``, as the trainer logs it) every few seconds; a job still running at ``--limit-s``
 is stopped and reported as far as it got. On a CPU without native bf16 (AVX2) a bf16 step of this model
 takes over an hour (its backward GEMMs are emulated), so the peft rows stop inside their step: their peak
@@ -96,8 +98,8 @@ def watch_layers(model: torch.nn.Module, progress: Progress) -> None:
         layer.register_forward_hook(hook(index))
 
 
-def worker(setup: str, config_path: str, status_dir: str) -> None:
-    """One rank of a peft setup: load, wrap, one training step, reporting as it goes."""
+def worker(setup: str, config_path: str, status_dir: str, steps: int) -> None:
+    """One rank of a peft setup: load, wrap, ``steps`` training steps, reporting as it goes."""
     import bitsandbytes  # noqa: F401  (imported before loading, as peft does)
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -136,9 +138,10 @@ def worker(setup: str, config_path: str, status_dir: str) -> None:
     watch_layers(model, progress)
     sampler = GlobalBatchSampler(len(blocks.train), cfg.train.micro_batch_size,
                                  cfg.train.gradient_accumulation_steps, env.world_size, env.rank, cfg.data.seed)
-    began = time.monotonic()
-    train_step(engine, blocks.train, sampler.micro_batches(0), [], 1, env.rank)
-    progress.update(phase="step done", layer=None, step_s=time.monotonic() - began)
+    for step in range(1, steps + 1):
+        began = time.monotonic()
+        train_step(engine, blocks.train, sampler.micro_batches(step - 1), [], step, env.rank)
+        progress.update(phase="steps done", steps=step, layer=None, step_s=time.monotonic() - began)
     del hf_ds_config
 
 
@@ -153,12 +156,12 @@ def kill_job(pid: int) -> None:
     psutil.wait_procs(processes, timeout=60)
 
 
-def run_setup(setup: str, config: Path, out: Path, limit_s: float) -> list[dict]:
+def run_setup(setup: str, config: Path, out: Path, limit_s: float, steps: int) -> list[dict]:
     """One torchrun job of 2 ranks, stopped at ``limit_s``; each rank's last report."""
     status = out / setup
     status.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__,
-           "--worker", setup, str(config), str(status)]
+           "--worker", setup, str(config), str(status), str(steps)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(out / f"{setup}.log", "w") as log:
         job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -172,9 +175,9 @@ def run_setup(setup: str, config: Path, out: Path, limit_s: float) -> list[dict]
     return [{**r, "exit": code} for r in reports]
 
 
-def ours(config: Path, out: Path) -> list[dict]:
-    """peft-dist through the CLI for one step; per rank: the peak MLflow logged, load and step time."""
-    code, wall = launch(config, out / "peft-dist.log", "train.max_steps=1", "checkpoint.exit_interval=0",
+def ours(config: Path, out: Path, steps: int) -> list[dict]:
+    """peft-dist through the CLI for ``steps`` steps; per rank: the peak MLflow logged, load and step time."""
+    code, wall = launch(config, out / "peft-dist.log", f"train.max_steps={steps}", "checkpoint.exit_interval=0",
                         f"checkpoint.output_dir={out / 'run'}", f"tracking.uri=sqlite:///{out / 'mlflow.db'}",
                         "tracking.experiment=peft-dist")
     log = (out / "peft-dist.log").read_text(errors="replace")
@@ -184,8 +187,8 @@ def ours(config: Path, out: Path) -> list[dict]:
     loads = [(float(p) - float(a), float(t)) for p, a, t in re.findall(
         r"load_quantized_base.*?peak RSS ([\d.]+) MiB \(\+([\d.]+) MiB while loading.* in ([\d.]+) s", log)]
     metrics = mlflow_metrics(out, "peft-dist")
-    done = "step done" if metrics["train/tokens_per_s"] else "no step logged"
-    return [{"exit": code, "phase": done, "peak_rss": max(metrics[f"memory/peak_rss_gib/rank{rank}"]) * GIB,
+    done = {"phase": "steps done", "steps": steps} if metrics["train/tokens_per_s"] else {"phase": "no step logged"}
+    return [{"exit": code, **done, "peak_rss": max(metrics[f"memory/peak_rss_gib/rank{rank}"]) * GIB,
              "rss_before_load": before * MIB, "load_s": seconds, "elapsed_s": wall}
             for rank, (before, seconds) in enumerate(loads)]
 
@@ -196,7 +199,8 @@ def describe(setup: str, reports: list[dict]) -> str:
         if "peak_rss" not in r:
             rows.append(f"| {setup} | {rank} | | | | | {r['phase']} (exit: {r['exit']}) |")
             continue
-        got = r["phase"] + (f" {r['layer']}" if r.get("layer") else "")
+        got = (f"step {r['steps']} done" if r["phase"] == "steps done"
+               else r["phase"] + (f" {r['layer']}" if r.get("layer") else ""))
         load = f"{r['load_s']:.0f} s" if "load_s" in r else "-"
         before = f"{r['rss_before_load'] / GIB:.2f}" if "rss_before_load" in r else "-"
         model_part = f"{(r['peak_rss'] - r['rss_before_load']) / GIB:.2f}" if "rss_before_load" in r else "-"
@@ -205,14 +209,14 @@ def describe(setup: str, reports: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def ratios(ours: list[dict], theirs: list[dict]) -> str:
+def ratios(ours: list[dict], theirs: list[dict], steps: int) -> str:
     """Per rank: peak RSS, and peak RSS less the resident set before loading (the model's part)."""
     if not all("rss_before_load" in r for r in ours + theirs):
         return "not comparable: a job reported no memory"
     whole = [o["peak_rss"] / t["peak_rss"] for o, t in zip(ours, theirs)]
     part = [(o["peak_rss"] - o["rss_before_load"]) / max(t["peak_rss"] - t["rss_before_load"], 1)
             for o, t in zip(ours, theirs)]
-    bound = "" if all(r["phase"] == "step done" for r in theirs) else " (upper bounds: its step did not finish)"
+    bound = "" if all(r.get("steps") == steps for r in theirs) else " (upper bounds: its steps did not finish)"
     return (", ".join(f"{x:.2f}x" for x in whole) + " peak RSS; " + ", ".join(f"{x:.2f}x" for x in part)
             + " the model's part" + bound)
 
@@ -237,15 +241,19 @@ def main() -> None:
                              "lists embed_tokens and lm_head)")
     parser.add_argument("--baselines", nargs="*", choices=SETUPS, default=list(SETUPS),
                         help="the peft setups to run after peft-dist (default both; none: peft-dist's row alone)")
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=1,
+                        help="training steps of every job (default 1: DeepSpeed records its trace; from the second "
+                             "it prefetches by it)")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(*args.worker)
+        worker(*args.worker[:3], int(args.worker[3]))
         from peft_dist.distributed.env import exit_process
 
         exit_process(0)
     model, corpus, out = bench_inputs(Path(args.work), "7b-peft")
-    print(f"{machine()}; peft jobs stopped at {args.limit_s:.0f} s; peft-dist's embedding and head {args.tables}",
+    print(f"{machine()}; {args.steps} steps; peft jobs stopped at {args.limit_s:.0f} s; peft-dist's embedding and head "
+          f"{args.tables}",
           flush=True)
     base_config = run_config(out, model, corpus, 2, args.block)
     if args.tables == "int8":
@@ -256,16 +264,16 @@ def main() -> None:
     subprocess.run(plan, cwd=REPO, check=True, capture_output=True)
     config = out / "P.yaml"
     print(f"config: {' '.join(plan[1:])}\n")
-    results = {"peft-dist": ours(config, out)}
+    results = {"peft-dist": ours(config, out, args.steps)}
     print("| setup | rank | peak RSS (GiB) | before loading (GiB) | model's part (GiB) | load | how far |")
     print("|---|---|---|---|---|---|---|")
     print(describe("peft-dist", results["peft-dist"]), flush=True)
     for setup in args.baselines:
-        results[setup] = run_setup(setup, config, out, args.limit_s)
+        results[setup] = run_setup(setup, config, out, args.limit_s, args.steps)
         print(describe(setup, results[setup]), flush=True)
     print()
     for setup in args.baselines:
-        print(f"peft-dist / {setup}, per rank: {ratios(results['peft-dist'], results[setup])}")
+        print(f"peft-dist / {setup}, per rank: {ratios(results['peft-dist'], results[setup], args.steps)}")
 
 
 if __name__ == "__main__":

@@ -381,11 +381,11 @@ def test_document_losses_count_each_token_for_its_own_document():
 
 def test_seven_b_peft_reports_how_far_a_stopped_baseline_got():
     """bench/seven_b_peft.py: the layer hooks report the forward and the backward layer by layer, and a ratio
-    to a baseline that did not finish its step is marked as an upper bound."""
+    to a baseline that did not finish its steps is marked as an upper bound."""
     sys.path.insert(0, str(REPO))
     from transformers import AutoModelForCausalLM
 
-    from bench.seven_b_peft import ratios, watch_layers
+    from bench.seven_b_peft import describe, ratios, watch_layers
     from peft_dist.model import tiny_llama_config
 
     model = AutoModelForCausalLM.from_config(tiny_llama_config())
@@ -397,9 +397,13 @@ def test_seven_b_peft_reports_how_far_a_stopped_baseline_got():
         [("backward", f"{i}/{layers}") for i in range(layers, 0, -1)]
 
     gib = 2**30
-    ours = [{"peak_rss": 5 * gib, "rss_before_load": 1 * gib, "phase": "step done"}]
-    finished = [{"peak_rss": 10 * gib, "rss_before_load": 2 * gib, "phase": "step done"}]
-    stopped = [{**finished[0], "phase": "backward"}]
-    assert ratios(ours, finished) == "0.50x peak RSS; 0.50x the model's part"
-    assert ratios(ours, stopped).endswith("(upper bounds: its step did not finish)")
-    assert ratios(ours, [{"phase": "no report"}]) == "not comparable: a job reported no memory"
+    ours = [{"peak_rss": 5 * gib, "rss_before_load": 1 * gib, "phase": "steps done", "steps": 2}]
+    finished = [{"peak_rss": 10 * gib, "rss_before_load": 2 * gib, "phase": "steps done", "steps": 2}]
+    stopped = [{**finished[0], "phase": "backward", "steps": 1}]  # stopped inside its second step
+    assert ratios(ours, finished, 2) == "0.50x peak RSS; 0.50x the model's part"
+    assert ratios(ours, stopped, 2).endswith("(upper bounds: its steps did not finish)")
+    assert ratios(ours, [{"phase": "no report"}], 2) == "not comparable: a job reported no memory"
+    assert describe("peft+bf16", [{**finished[0], "exit": 0, "elapsed_s": 60}]).endswith(
+        "| step 2 done after 60 s (exit: 0) |")
+    assert describe("peft+bf16", [{**stopped[0], "layer": "3/32", "exit": "stopped at the time limit", "elapsed_s": 90}]
+                    ).endswith("| backward 3/32 after 90 s (exit: stopped at the time limit) |")
