@@ -405,5 +405,5 @@ def test_seven_b_peft_reports_how_far_a_stopped_baseline_got():
     assert ratios(ours, [{"phase": "no report"}], 2) == "not comparable: a job reported no memory"
     assert describe("peft+bf16", [{**finished[0], "exit": 0, "elapsed_s": 60}]).endswith(
         "| step 2 done after 60 s (exit: 0) |")
-    assert describe("peft+bf16", [{**stopped[0], "layer": "3/32", "exit": "stopped at the time limit", "elapsed_s": 90}]
-                    ).endswith("| backward 3/32 after 90 s (exit: stopped at the time limit) |")
+    killed = {**stopped[0], "layer": "3/32", "exit": "stopped at the time limit", "elapsed_s": 90}
+    assert describe("peft+bf16", [killed]).endswith("| backward 3/32 after 90 s (exit: stopped at the time limit) |")
