@@ -246,15 +246,16 @@ def main() -> None:
                              "it prefetches by it)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps: got {args.steps}; a job must run at least 1 step")
     if args.worker:
         worker(*args.worker[:3], int(args.worker[3]))
         from peft_dist.distributed.env import exit_process
 
         exit_process(0)
     model, corpus, out = bench_inputs(Path(args.work), "7b-peft")
-    print(f"{machine()}; {args.steps} steps; peft jobs stopped at {args.limit_s:.0f} s; peft-dist's embedding and head "
-          f"{args.tables}",
-          flush=True)
+    print(f"{machine()}; {args.steps} steps; peft jobs stopped at {args.limit_s:.0f} s; "
+          f"peft-dist's embedding and head {args.tables}", flush=True)
     base_config = run_config(out, model, corpus, 2, args.block)
     if args.tables == "int8":
         with_int8_tables(base_config)

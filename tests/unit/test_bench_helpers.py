@@ -2,6 +2,7 @@
 scaling fit (bench/scaling.py) and the progress and ratios of bench/seven_b_peft.py."""
 import ast
 import math
+import subprocess
 import sys
 import types
 
@@ -407,3 +408,10 @@ def test_seven_b_peft_reports_how_far_a_stopped_baseline_got():
         "| step 2 done after 60 s (exit: 0) |")
     killed = {**stopped[0], "layer": "3/32", "exit": "stopped at the time limit", "elapsed_s": 90}
     assert describe("peft+bf16", [killed]).endswith("| backward 3/32 after 90 s (exit: stopped at the time limit) |")
+
+
+def test_seven_b_peft_refuses_a_job_of_no_steps():
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "seven_b_peft.py"), "--steps", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--steps: got 0; a job must run at least 1 step" in proc.stderr
