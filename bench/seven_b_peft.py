@@ -7,7 +7,8 @@ on 2 CPU ranks under ZeRO-3, each setup stopped at a time limit that reports how
     python bench/seven_b_peft.py --steps 2          # every job 2 steps: the second prefetches, as later ones do
 
 1. ``python -m peft_dist.plan --model DIR --config 7b.yaml --nodes 1 --gpus-per-node 2 ... --write P`` writes
-   the run config and DeepSpeed config (ZeRO-3, one layer prefetched, two live) that all three setups use:
+   the run config and DeepSpeed config (ZeRO-3, two layers live, and on these CPU ranks one parameter gathered at
+   a time, ``stage3_allgather_sequential``) that all three setups use:
    the same data (the 100M-token corpus of bench/data.py, block 64), micro-batch, LoRA r=8 on q,v, bf16.
 2. ``peft-dist``: ``torchrun --nproc_per_node 2 launcher/train.py --config P.yaml --set train.max_steps=STEPS``,
    the user's flow; its memory is what the run logged to MLflow (``memory/peak_rss_gib/rank*``). Its base is
@@ -210,15 +211,17 @@ def describe(setup: str, reports: list[dict]) -> str:
 
 
 def ratios(ours: list[dict], theirs: list[dict], steps: int) -> str:
-    """Per rank: peak RSS, and peak RSS less the resident set before loading (the model's part)."""
+    """Per rank: peak RSS, and peak RSS less the resident set before loading (the model's part); then the job's
+    largest peak against the other job's largest, the memory each rank of a job must be given."""
     if not all("rss_before_load" in r for r in ours + theirs):
         return "not comparable: a job reported no memory"
     whole = [o["peak_rss"] / t["peak_rss"] for o, t in zip(ours, theirs)]
     part = [(o["peak_rss"] - o["rss_before_load"]) / max(t["peak_rss"] - t["rss_before_load"], 1)
             for o, t in zip(ours, theirs)]
     bound = "" if all(r.get("steps") == steps for r in theirs) else " (upper bounds: its steps did not finish)"
+    largest = max(o["peak_rss"] for o in ours) / max(t["peak_rss"] for t in theirs)
     return (", ".join(f"{x:.2f}x" for x in whole) + " peak RSS; " + ", ".join(f"{x:.2f}x" for x in part)
-            + " the model's part" + bound)
+            + f" the model's part; the largest rank's {largest:.2f}x" + bound)
 
 
 def with_int8_tables(config: Path) -> None:

@@ -32,7 +32,11 @@ def ds_config(plan: Plan, base_path: str) -> dict:
     DeepSpeed keeps a used parameter gathered if it is reused within ``stage3_max_reuse_distance``
     elements, and its default (1e9) would keep a whole small model, or a billion elements of a large
     one, gathered from the end of the forward into the backward. Overlap communication with compute
-    (the step time assumes it). Batch sizes stay in the run config, where ``build_ds_config`` takes
+    (the step time assumes it). On CPU ranks, gather one parameter at a time
+    (``stage3_allgather_sequential``; DeepSpeed then prefetches one parameter ahead): a prefetch of several
+    parameters goes through one flat buffer and is then copied out, so for a moment it is held twice
+    (measured at 7B, docs/BENCHMARKS.md); on GPUs the cost of the shallower prefetch is not yet measured, so
+    they keep the coalesced one. Batch sizes stay in the run config, where ``build_ds_config`` takes
     them from. The plan's CPU offload, if any, as DeepSpeed's own ``offload_param`` / ``offload_optimizer``
     (pinned CPU memory); with the optimizer offloaded DeepSpeed runs the trainer's torch AdamW on the CPU
     partitions (``zero_force_ds_cpu_optimizer: false``, docs/MEMORY.md), and any offload the base file
@@ -50,6 +54,8 @@ def ds_config(plan: Plan, base_path: str) -> dict:
         zero.update({"stage3_prefetch_bucket_size": layer, "stage3_max_live_parameters": 2 * layer,
                      "stage3_max_reuse_distance": layer,
                      "stage3_param_persistence_threshold": plan.persistence_threshold})
+        if plan.hardware.accelerator == "cpu":
+            zero["stage3_allgather_sequential"] = True
     for kind in ("param", "optimizer"):
         if kind in plan.choice.offload:
             zero[f"offload_{kind}"] = {"device": "cpu", "pin_memory": True}

@@ -398,10 +398,12 @@ def test_seven_b_peft_reports_how_far_a_stopped_baseline_got():
         [("backward", f"{i}/{layers}") for i in range(layers, 0, -1)]
 
     gib = 2**30
-    ours = [{"peak_rss": 5 * gib, "rss_before_load": 1 * gib, "phase": "steps done", "steps": 2}]
-    finished = [{"peak_rss": 10 * gib, "rss_before_load": 2 * gib, "phase": "steps done", "steps": 2}]
+    ours = [{"peak_rss": 5 * gib, "rss_before_load": 1 * gib, "phase": "steps done", "steps": 2},
+            {"peak_rss": 4 * gib, "rss_before_load": 1 * gib, "phase": "steps done", "steps": 2}]
+    finished = [{"peak_rss": 10 * gib, "rss_before_load": 2 * gib, "phase": "steps done", "steps": 2},
+                {"peak_rss": 20 * gib, "rss_before_load": 2 * gib, "phase": "steps done", "steps": 2}]
     stopped = [{**finished[0], "phase": "backward", "steps": 1}]  # stopped inside its second step
-    assert ratios(ours, finished, 2) == "0.50x peak RSS; 0.50x the model's part"
+    assert ratios(ours, finished, 2) == "0.50x, 0.20x peak RSS; 0.50x, 0.17x the model's part; the largest rank's 0.25x"
     assert ratios(ours, stopped, 2).endswith("(upper bounds: its steps did not finish)")
     assert ratios(ours, [{"phase": "no report"}], 2) == "not comparable: a job reported no memory"
     assert describe("peft+bf16", [{**finished[0], "exit": 0, "elapsed_s": 60}]).endswith(

@@ -412,6 +412,16 @@ def test_quantizing_at_job_start_is_priced_where_the_ranks_run():
     assert any(n.startswith("job start: quantizing on each rank's CPU is 93% of the load time") for n in cpu.notes)
 
 
+def test_cpu_ranks_gather_one_parameter_at_a_time():
+    """A plan for CPU ranks writes ``stage3_allgather_sequential`` (a coalesced prefetch is held twice while it is
+    copied out: docs/BENCHMARKS.md, 7B); a GPU plan keeps DeepSpeed's coalesced prefetch, not measured against it."""
+    from peft_dist.plan.writers import ds_config
+
+    for accelerator, sequential in (("gpu", False), ("cpu", True)):
+        zero = ds_config(llama_70b_plan(accelerator=accelerator), "ds_configs/zero3.json")["zero_optimization"]
+        assert zero.get("stage3_allgather_sequential", False) is sequential
+
+
 def test_llama_70b_doc_shows_what_the_planner_prints(capsys):
     """docs/SCALING.md quotes the issue's 4-bit 70B plan; it must stay the planner's real output."""
     assert main(["--model", "llama-70b", "--nodes", "1", "--gpus-per-node", "2", "--gpu-mem-gib", "24",
