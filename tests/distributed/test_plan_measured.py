@@ -156,14 +156,16 @@ def test_a_planned_run_logs_the_memory_the_plan_predicts(model_dir, tmp_path, ca
 def test_the_planned_cpu_offload_trains_a_4bit_base_as_without_it(tmp_path_factory):
     """What the planner writes when a base does not fit the GPU (``offload_param``, optionally with
     ``offload_optimizer``) takes a 4-bit base, whose uint8 codes DeepSpeed then keeps in CPU partitions:
-    2 CPU ranks of launcher/train.py, every tensor partitioned, the same losses as without offload (that run is
-    test_n_invariance.py's, shared)."""
+    2 CPU ranks of launcher/train.py, every tensor partitioned and, as a plan for CPU ranks writes, gathered one
+    parameter at a time; the same losses as without either (that run is test_n_invariance.py's, shared)."""
     zero = "deepspeed.overrides.zero_optimization"
     param = f"{zero}.offload_param={{device: cpu, pin_memory: true}}"
+    sequential = f"{zero}.stage3_allgather_sequential=true"
     optimizer = [f"{zero}.offload_optimizer={{device: cpu, pin_memory: true}}",
                  "deepspeed.overrides.zero_force_ds_cpu_optimizer=false"]
     losses = {name: short_run(tmp_path_factory, 2, "quantization.bits=4", *extra)["losses"]
-              for name, extra in {"none": [], "param": [param], "param+optimizer": [param, *optimizer]}.items()}
+              for name, extra in {"none": [], "param": [param, sequential],
+                                  "param+optimizer": [param, sequential, *optimizer]}.items()}
     assert len(losses["none"]) == 4
     assert losses["param"] == pytest.approx(losses["none"], abs=1e-5)
     assert losses["param+optimizer"] == pytest.approx(losses["none"], abs=1e-5)
