@@ -221,10 +221,7 @@ class MlflowTracker:
                     finally:
                         self._tried.set()
                 self._send_all(client)
-                if self._failures:
-                    log.warning("tracking: MLflow at %s reachable again after %d failed attempts; buffered "
-                                "records sent", self.uri, self._failures)
-                self._failures = 0
+                self._announce_recovery()
                 if self._closing.is_set():
                     return
             except Exception as err:  # anything at all: the training loop must not notice
@@ -236,6 +233,14 @@ class MlflowTracker:
                 self.max_backoff, self.flush_interval * 2 ** self._failures)
             self._wake.wait(0.05 if self._closing.is_set() and not self._failures else delay)
             self._wake.clear()
+
+    def _announce_recovery(self) -> None:
+        """Say once that MLflow answers again. Called before the answered records leave the buffer, so
+        whoever sees the buffer drained (``flush``) also sees this line."""
+        if self._failures:
+            log.warning("tracking: MLflow at %s reachable again after %d failed attempts; buffered records "
+                        "are being sent", self.uri, self._failures)
+        self._failures = 0
 
     def _connect(self):
         import mlflow
@@ -304,6 +309,7 @@ class MlflowTracker:
                         self._write_backlog([record], append=True, rejected=_short(err))
                         log.warning("tracking: MLflow refused %s (%s); kept in %s", describe([record]),
                                     _short(err), self.run_dir / BACKLOG)
+            self._announce_recovery()
             with self._lock:
                 if self._abandoned:
                     return
