@@ -17,6 +17,7 @@ On a GPU, (b) adds bitsandbytes' own layers (its int8 and 4-bit kernels) as cand
 """
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from pathlib import Path
@@ -97,8 +98,12 @@ def device_layers(device: str) -> None:
 
 
 def main() -> None:
-    if "--device" in sys.argv:
-        device_layers(sys.argv[sys.argv.index("--device") + 1])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", help="(b) only, on this accelerator (cuda): the 1B bench's linear shapes, "
+                                         "with bitsandbytes' own layers as candidates")
+    args = parser.parse_args()
+    if args.device:
+        device_layers(args.device)
         return
     torch.set_num_threads(1)
     print(f"cpu flags: {cpu_flags()}; torch threads: {torch.get_num_threads()}")

@@ -13,6 +13,7 @@ output bytes, and (b) reads the engine's partitions with ``measured_model_state_
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -175,8 +176,11 @@ def layer_step_times(dtype: torch.dtype, d: int = 2048, tokens: int = 512) -> tu
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(*sys.argv[2:5])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)  # variant, model dir, output file
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
         return
     with tempfile.TemporaryDirectory() as tmp:
         write_bench_model(Path(tmp))
