@@ -1,5 +1,6 @@
-"""The commands README.md and docs/ show work as written: every flag is one its program accepts, and every
-``--set`` override (with the ``--config`` it goes with) passes the config's validation.
+"""The commands and configs README.md and docs/ show work as written: every flag is one its program accepts,
+every ``--set`` override (with the ``--config`` it goes with) and every ``yaml`` snippet passes the config's
+validation.
 
 Commands are read from fenced blocks (``bash`` or unmarked) and from inline code that runs ``python``. A
 flag is checked against the program's own ``--help``; ``sbatch`` scripts hand their arguments to
@@ -111,3 +112,14 @@ def test_a_documented_training_command_passes_config_validation(program, args):
         config = program.removesuffix(".sbatch") + ".yaml"
     overrides = [args[i + 1] for i, arg in enumerate(args) if arg == "--set"]
     load_config(REPO / config if config else None, overrides)  # raises ConfigError naming the key
+
+
+CONFIG_SNIPPETS = [pytest.param(snippet, id=f"{doc.name}: {snippet.splitlines()[0]}") for doc in DOCS
+                   for snippet in re.findall(r"```yaml\n(.*?)```", doc.read_text(), re.S)]
+
+
+@pytest.mark.parametrize("snippet", CONFIG_SNIPPETS)
+def test_a_documented_config_snippet_passes_validation(snippet, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # snippets name files as from the repository root
+    (tmp_path / "snippet.yaml").write_text(snippet)
+    load_config(tmp_path / "snippet.yaml")
