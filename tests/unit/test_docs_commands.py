@@ -59,9 +59,9 @@ def invocations(line: str) -> list[tuple[str, list[str]]]:
     return out
 
 
-def all_invocations() -> list[tuple[str, str, list[str]]]:
-    return [(f"{doc.name}: {line.strip()}", program, args) for doc in DOCS
-            for line in documented_commands(doc.read_text()) for program, args in invocations(line)]
+# (where, program, arguments) of every documented command, read once for all the tests below
+INVOCATIONS = [(f"{doc.name}: {line.strip()}", program, args) for doc in DOCS
+               for line in documented_commands(doc.read_text()) for program, args in invocations(line)]
 
 
 def help_text(program: str) -> str:
@@ -77,7 +77,7 @@ def target(program: str) -> str:
     return "launcher/train.py" if program.endswith(".sbatch") else program
 
 
-PROGRAMS = sorted({target(program) for _, program, _ in all_invocations()})
+PROGRAMS = sorted({target(program) for _, program, _ in INVOCATIONS})
 
 
 def test_the_docs_show_commands_of_every_kind():
@@ -90,7 +90,7 @@ def test_documented_commands_use_flags_their_program_has(program):
     """One test per program, so that each program's --help runs once."""
     known = set(re.findall(r"--[\w-]+", help_text(program)))
     wrong = []
-    for where, used, args in all_invocations():
+    for where, used, args in INVOCATIONS:
         if target(used) != program:
             continue
         if not used.startswith("-m ") and not (REPO / used).is_file():
@@ -101,7 +101,7 @@ def test_documented_commands_use_flags_their_program_has(program):
     assert not wrong, "\n".join(wrong)
 
 
-TRAINER_RUNS = [pytest.param(program, args, id=where) for where, program, args in all_invocations()
+TRAINER_RUNS = [pytest.param(program, args, id=where) for where, program, args in INVOCATIONS
                 if target(program) == "launcher/train.py" and not any(PLACEHOLDER.search(a) for a in args)]
 
 
